@@ -1,0 +1,335 @@
+"""The AIMv2 model (SPEC §1-§4): a ViT encoder with prefix attention and a causal multimodal decoder.
+
+    images (B, C, S, S) -> AIMv2Encoder -> (B, N, D)                       N = (S / 14)^2
+    [Linear(D -> Dd)(enc tokens) | CLS | text tokens] -> causal decoder -> pixel head, text head
+    loss = 0.4 * patch-normalised l2 (shifted by one, prefix excluded) + 1.0 * caption cross-entropy
+
+Module names follow Apple's ml-aim checkpoints (`preprocessor.*`, `trunk.blocks.b.*`), so those load
+by name; `aimv2.weights` maps the transformers and timm layouts onto them.
+`cfg.impl` picks the norm / SwiGLU / pixel-loss implementation ("torch" references or the fused
+Triton kernels of `aimv2.kernels`); `cfg.attn_backend` picks the attention ("sdpa" | "flex" | "triton").
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from aimv2 import kernels as K
+from aimv2.attention import AttentionMask
+from aimv2.config import ModelConfig
+
+
+# ----------------------------------------------------------------------------- input checks
+def check_images(images, cfg: ModelConfig) -> None:
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"images: expected a tensor, got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise ValueError(f"images: expected a float tensor (normalised pixels), got {images.dtype}")
+    exp = (cfg.in_chans, cfg.img_size, cfg.img_size)
+    if images.dim() != 4 or tuple(images.shape[1:]) != exp:
+        raise ValueError(f"images: expected shape (B, {exp[0]}, {exp[1]}, {exp[2]}) for {cfg.name}, "
+                         f"got {tuple(images.shape)}")
+
+
+def check_prefix_len(prefix_len, B: int, N: int, device):
+    """None | int in [0, N] | int tensor (B,). Values of a CPU tensor are range-checked (no GPU sync)."""
+    if prefix_len is None:
+        return None
+    if isinstance(prefix_len, bool):
+        raise ValueError("prefix_len: expected None, an int or an int tensor, got a bool")
+    if isinstance(prefix_len, int):
+        if not 0 <= prefix_len <= N:
+            raise ValueError(f"prefix_len: {prefix_len} outside [0, N={N}]")
+        return prefix_len
+    if not isinstance(prefix_len, torch.Tensor):
+        raise ValueError(f"prefix_len: expected None, an int or an int tensor, got {type(prefix_len).__name__}")
+    if prefix_len.is_floating_point() or prefix_len.dtype == torch.bool or prefix_len.is_complex():
+        raise ValueError(f"prefix_len: expected an integer tensor, got {prefix_len.dtype}")
+    if tuple(prefix_len.shape) != (B,):
+        raise ValueError(f"prefix_len: expected shape ({B},), got {tuple(prefix_len.shape)}")
+    if prefix_len.device.type == "cpu" and prefix_len.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(prefix_len.min()), int(prefix_len.max())
+        if lo < 0 or hi > N:
+            raise ValueError(f"prefix_len: values must lie in [0, N={N}], got min {lo}, max {hi}")
+    return prefix_len.to(device=device)
+
+
+def check_text(text, B: int, cfg: ModelConfig) -> None:
+    if not isinstance(text, torch.Tensor) or text.is_floating_point() or text.dtype == torch.bool:
+        raise ValueError(f"text: expected an integer tensor of token ids, got "
+                         f"{getattr(text, 'dtype', type(text).__name__)}")
+    if tuple(text.shape) != (B, cfg.text_len):
+        raise ValueError(f"text: expected shape ({B}, {cfg.text_len}), got {tuple(text.shape)}")
+    if text.device.type == "cpu" and text.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(text.min()), int(text.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"text: token ids must lie in [0, vocab_size={cfg.vocab_size}), "
+                             f"got min {lo}, max {hi}")
+
+
+# ----------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim; `add_forward` fuses the residual add of a pre-norm block."""
+
+    def __init__(self, dim: int, eps: float, impl: str = "torch"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.impl = eps, impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = K.rms_norm if self.impl == "triton" else K.rms_norm_ref
+        return fn(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None):
+        """Returns (rms_norm(x + residual), x + residual); residual None means s = x."""
+        if residual is None:
+            return self(x), x
+        fn = K.rms_norm if self.impl == "triton" else K.rms_norm_ref
+        return fn(x, self.weight, self.eps, residual=residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                     # 3 x (B, H, N, Dh)
+        o = mask(q, k, v)                                                   # (B, H, N, Dh)
+        return self.proj(o.transpose(1, 2).reshape(B, N, D))
+
+
+class SwiGLUFFN(nn.Module):
+    """fc2(silu(fc1(x)) * fc3(x)), no biases."""
+
+    def __init__(self, dim: int, hidden: int, impl: str = "torch"):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, dim, bias=False)
+        self.fc3 = nn.Linear(dim, hidden, bias=False)
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = K.swiglu if self.impl == "triton" else K.swiglu_ref
+        return self.fc2(act(self.fc1(x), self.fc3(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm block carrying the residual stream: returns (branch output, residual)."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, eps: float, impl: str):
+        super().__init__()
+        self.norm_1 = RMSNorm(dim, eps, impl)
+        self.attn = Attention(dim, heads)
+        self.norm_2 = RMSNorm(dim, eps, impl)
+        self.mlp = SwiGLUFFN(dim, hidden, impl)
+
+    def forward(self, x, residual, mask: AttentionMask):
+        h, residual = self.norm_1.add_forward(x, residual)
+        h, residual = self.norm_2.add_forward(self.attn(h, mask), residual)
+        return self.mlp(h), residual
+
+
+class Transformer(nn.Module):
+    def __init__(self, dim, depth, heads, hidden, eps, impl, final_norm_name: str):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, hidden, eps, impl) for _ in range(depth))
+        self.final_norm_name = final_norm_name
+        self.add_module(final_norm_name, RMSNorm(dim, eps, impl))
+
+    def forward(self, x: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        residual = None
+        for blk in self.blocks:
+            x, residual = blk(x, residual, mask)
+        return getattr(self, self.final_norm_name).add_forward(x, residual)[0]
+
+
+class Patchifier(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        p = cfg.patch_size
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.dim, kernel_size=p, stride=p, bias=True)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.impl)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.proj(images).flatten(2).transpose(1, 2)                   # (B, N, D)
+        return self.norm(x)
+
+
+class Preprocessor(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.patchifier = Patchifier(cfg)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.dim))  # (1, N, D)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.patchifier(images) + self.pos_embed
+
+
+# ----------------------------------------------------------------------------- encoder
+class AIMv2Encoder(nn.Module):
+    """ViT trunk: forward(images (B, C, S, S), prefix_len=None) -> (B, N, D), final-normed.
+
+    prefix_len: None (bidirectional, inference), an int, or an int tensor (B,) in [0, N].
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.preprocessor = Preprocessor(cfg)
+        self.trunk = Transformer(cfg.dim, cfg.depth, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps,
+                                 cfg.impl, "post_trunk_norm")
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """SPEC §1 init: xavier-uniform Linear and (flattened) conv weights, zero conv bias, norms 1,
+        position embedding N(0, 0.02)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+        proj = self.preprocessor.patchifier.proj
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        nn.init.zeros_(proj.bias)
+        nn.init.normal_(self.preprocessor.pos_embed, std=0.02)
+
+    def forward(self, images: torch.Tensor, prefix_len=None) -> torch.Tensor:
+        cfg = self.cfg
+        check_images(images, cfg)
+        B, N = images.shape[0], cfg.num_patches
+        prefix_len = check_prefix_len(prefix_len, B, N, images.device)
+        x = self.preprocessor(images)                                       # (B, N, D)
+        mask = AttentionMask(cfg.attn_backend, prefix_len, B, N, images.device)
+        return self.trunk(x, mask)
+
+
+# ----------------------------------------------------------------------------- decoder
+class AIMv2Decoder(nn.Module):
+    """Causal multimodal decoder (SPEC §3) over [proj(image tokens) | CLS | t_1 .. t_77]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dec_dim
+        self.proj = nn.Linear(cfg.dim, d, bias=True)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.text_embed = nn.Embedding(cfg.vocab_size, d)
+        self.text_pos_embed = nn.Parameter(torch.zeros(1, cfg.text_len + 1, d))     # over [CLS, t_1..t_77]
+        self.trunk = Transformer(d, cfg.dec_depth, cfg.dec_heads, cfg.dec_mlp_hidden, cfg.norm_eps,
+                                 cfg.impl, "norm")
+        self.pixel_head = nn.Linear(d, cfg.patch_dim, bias=False)
+        self.text_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.text_embed.weight, std=0.02)
+        nn.init.normal_(self.text_pos_embed, std=0.01)
+
+    def forward(self, enc_tokens: torch.Tensor, text: torch.Tensor):
+        """enc_tokens (B, N, D), text (B, T) -> pixel predictions (B, N, p*p*C), logits (B, T, V).
+
+        Pixel output i predicts patch i+1; text output at CLS predicts t_1, at t_k predicts t_{k+1}
+        (the output at t_T is dropped)."""
+        B, N, _ = enc_tokens.shape
+        T = self.cfg.text_len
+        img = self.proj(enc_tokens)                                          # (B, N, Dd)
+        txt = torch.cat([self.cls_token.expand(B, -1, -1).to(img.dtype),
+                         self.text_embed(text).to(img.dtype)], dim=1)         # (B, T+1, Dd)
+        x = torch.cat([img, txt + self.text_pos_embed.to(img.dtype)], dim=1)  # (B, N+T+1, Dd)
+        mask = AttentionMask(self.cfg.attn_backend, 0, B, N + T + 1, x.device)
+        x = self.trunk(x, mask)
+        return self.pixel_head(x[:, :N]), self.text_head(x[:, N:N + T])
+
+
+def text_loss_fn(logits: torch.Tensor, text: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Mean fp32 cross-entropy over non-padding targets; logits (B, T, V) predict text (B, T)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), text.flatten(), reduction="none")  # (B*T,)
+    valid = (text.flatten() != pad_id).to(ce.dtype)
+    return (ce * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+class AIMv2Pretrainer(nn.Module):
+    """Encoder + decoder + losses: forward(images, text, prefix_len) -> dict(loss, pixel_loss, text_loss).
+
+    The total loss is differentiable and computed without host syncs (token-weighted means are
+    device-side divisions)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.encoder = AIMv2Encoder(cfg)
+        self.decoder = AIMv2Decoder(cfg)
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor, prefix_len) -> dict:
+        cfg = self.cfg
+        check_images(images, cfg)
+        check_text(text, images.shape[0], cfg)
+        N = cfg.num_patches
+        prefix_len = check_prefix_len(prefix_len, images.shape[0], N, images.device)
+        enc = self.encoder(images, prefix_len)                               # (B, N, D)
+        pixels, logits = self.decoder(enc, text)
+        plen = N if prefix_len is None else prefix_len
+        loss_fn = K.patch_l2_loss if cfg.impl == "triton" else K.patch_l2_loss_ref
+        pixel_loss = loss_fn(pixels, images, plen, cfg.patch_size, cfg.patch_norm_eps)
+        text_loss = text_loss_fn(logits, text, cfg.pad_id)
+        loss = cfg.pixel_loss_weight * pixel_loss + cfg.text_loss_weight * text_loss
+        return {"loss": loss, "pixel_loss": pixel_loss, "text_loss": text_loss}
+
+
+# ----------------------------------------------------------------------------- accounting
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _prefix_pairs(N: int) -> float:
+    """Expected unmasked (query, key) pairs of the prefix mask with P ~ U{1, ..., N-1}."""
+    if N < 2:
+        return float(N * N)
+    tot = 0
+    for P in range(1, N):
+        tot += P * P + (N * (N + 1) - P * (P + 1)) // 2     # prefix rows see P keys; row i >= P sees i+1
+    return tot / (N - 1)
+
+
+def forward_flops(cfg: ModelConfig, prefix: str = "random") -> dict:
+    """Forward matmul FLOPs per image (2 per multiply-add), by part.
+
+    prefix: "random" (training, P ~ U{1..N-1}), "none" (bidirectional inference) or "causal".
+    Attention counts only the unmasked (i, j) pairs: 4 * head_dim * heads per pair (QK^T and PV)."""
+    N, D, T = cfg.num_patches, cfg.dim, cfg.text_len
+    Dd, L = cfg.dec_dim, cfg.num_patches + cfg.text_len + 1
+    enc_pairs = {"random": _prefix_pairs(N), "none": float(N * N), "causal": N * (N + 1) / 2}[prefix]
+
+    def blocks(tokens, dim, hidden, depth, pairs):
+        linear = 2 * tokens * (4 * dim * dim + 3 * dim * hidden)
+        return depth * (linear + 4 * dim * pairs)
+
+    out = {
+        "patch_embed": 2.0 * N * D * cfg.patch_dim,
+        "encoder": float(blocks(N, D, cfg.mlp_hidden, cfg.depth, enc_pairs)),
+        "decoder": float(2 * N * D * Dd + blocks(L, Dd, cfg.dec_mlp_hidden, cfg.dec_depth, L * (L + 1) / 2)),
+        "heads": 2.0 * N * Dd * cfg.patch_dim + 2.0 * T * Dd * cfg.vocab_size,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def flops_per_sample(cfg: ModelConfig) -> float:
+    """Training FLOPs per image (forward + backward = 3x forward), prefix mask's unmasked work only."""
+    return 3.0 * forward_flops(cfg, "random")["total"]

@@ -1,0 +1,12 @@
+"""aimv2.kernels: standalone Triton kernels for AIMv2 (never imports model, data or training code).
+
+Ops (each with a plain-PyTorch `<op>_ref`):
+- rms_norm(x, weight, eps, residual=None)     fused RMSNorm (+ residual add)
+- swiglu(gate, up)                            silu(gate) * up
+- patch_l2_loss(pred, images, prefix_len, p)  AIMv2 patch-normalised l2 pixel loss
+- prefix_attention(q, k, v, prefix_len)       prefix-causal flash attention
+"""
+from .patch_l2_loss import patch_l2_loss_ref, patchify
+from .prefix_attention import prefix_attention_ref, prefix_mask
+from .rms_norm import rms_norm_ref
+from .swiglu import swiglu_ref

@@ -1,0 +1,49 @@
+"""Shared helpers for the kernel library: input checks and launch-environment facts."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def is_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_float(name: str, t, dtypes=FLOAT_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_same_device(**tensors) -> None:
+    devs = {n: t.device for n, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devs.values())) > 1:
+        desc = ", ".join(f"{n} on {d}" for n, d in devs.items())
+        raise ValueError(f"all inputs must be on one device, got {desc}")
+
+
+def check_launchable(t: torch.Tensor) -> None:
+    """Triton kernels need a GPU tensor, or a CPU tensor under the interpreter."""
+    if t.device.type == "cpu" and not is_interpreting():
+        raise RuntimeError(
+            "aimv2.kernels: Triton kernels need a CUDA tensor; on a CPU set TRITON_INTERPRET=1 before "
+            "importing aimv2.kernels (slow, for testing) or use the model's impl='torch'")
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Return t if its last dim has stride 1, else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def num_programs_hint(device: torch.device) -> int:
+    """A persistent-grid size: 4 programs per SM on a GPU, 4 under the interpreter (each program is
+    a Python loop there, so few is fast)."""
+    if device.type != "cuda":
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
