@@ -6,7 +6,7 @@ Ops (each with a plain-PyTorch `<op>_ref`):
 - patch_l2_loss(pred, images, prefix_len, p)  AIMv2 patch-normalised l2 pixel loss
 - prefix_attention(q, k, v, prefix_len)       prefix-causal flash attention
 """
-from .patch_l2_loss import patch_l2_loss_ref, patchify
+from .patch_l2_loss import patch_l2_loss, patch_l2_loss_ref, patchify
 from .prefix_attention import prefix_attention_ref, prefix_mask
-from .rms_norm import rms_norm_ref
-from .swiglu import swiglu_ref
+from .rms_norm import rms_norm, rms_norm_ref
+from .swiglu import swiglu, swiglu_ref

@@ -8,8 +8,15 @@ Shapes: q, k, v (B, H, N, D); prefix_len an int or an int tensor (B,) with value
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
+
+from ._utils import check_float, check_launchable, check_same_device, is_interpreting, last_dim_contiguous
+
+_LOG2E = 1.4426950408889634
 
 
 def prefix_mask(prefix_len, B: int, N: int, device=None) -> torch.Tensor:
@@ -32,3 +39,468 @@ def prefix_attention_ref(q, k, v, prefix_len, scale: float | None = None) -> tor
     s = s.masked_fill(~prefix_mask(prefix_len, B, N, q.device), float("-inf"))
     p = torch.softmax(s, dim=-1)
     return torch.einsum("bhij,bhjd->bhid", p, v.to(cdt)).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+# Scores are kept in log2 units: s2 = (q . k) * scale * log2(e), p = exp2(s2 - m). The saved
+# LSE is in the same units: lse2 = m + log2(l), so the backward recomputes p = exp2(s2 - lse2).
+# Visibility of key j to query i:  (j < P) | (j <= i)  -- applied only on tiles that need it.
+
+
+@triton.jit
+def _fwd_key_tiles(acc, l_i, m_i, q, K, stride_kn, V, stride_vn, offs_m, offs_d, P, N, lo, hi,
+                   qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update of one query tile over key tiles [lo, hi) (lo a multiple of BLOCK_N)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None]           # (D, BLOCK_N)
+        v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]            # (BLOCK_N, D)
+        if MASKED:
+            kT = tl.load(kT_ptrs, mask=offs_n[None, :] < N, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < N, other=0.0)
+        else:
+            kT = tl.load(kT_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale            # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            visible = ((offs_n[None, :] < P) | (offs_n[None, :] <= offs_m[:, None])) & (offs_n[None, :] < N)
+            s = tl.where(visible, s, float("-inf"))
+        # every row sees key 0, which lies in the first tile visited, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _prefix_attention_fwd_kernel(
+        Q, K, V, PLEN, OUT, LSE, qk_scale, N,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """One program = one query tile of one (b, h). Grid (cdiv(N, BLOCK_M), H, B)."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)       # heavy (late) query tiles first
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    n_heads = tl.num_programs(1)
+    P = tl.minimum(tl.maximum(tl.load(PLEN + off_b).to(tl.int32), 0), N)   # clamp: no OOB on bad P
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    OUT += off_b * stride_ob + off_h * stride_oh
+    LSE += (off_b * n_heads + off_h) * N
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # A key tile [n, n + BLOCK_N) is seen whole by every query of the tile iff n + BLOCK_N <= P
+    # (all in the prefix) or n + BLOCK_N <= start_m + 1 (all at or below the first query).
+    full_end = (tl.maximum(P, start_m + 1) // BLOCK_N) * BLOCK_N
+    # No query of the tile sees keys at or past max(P, last query + 1).
+    hi = tl.minimum(tl.maximum(P, start_m + BLOCK_M), N)
+    acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, K, stride_kn, V, stride_vn, offs_m, offs_d, P, N,
+                                   0, full_end, qk_scale, BLOCK_N, False, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, K, stride_kn, V, stride_vn, offs_m, offs_d, P, N,
+                                   full_end, hi, qk_scale, BLOCK_N, True, DOT_PRECISION)
+
+    out = acc / l_i[:, None]
+    tl.store(OUT + offs_m[:, None] * stride_on + offs_d[None, :], out.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _prefix_attention_bwd_delta_kernel(
+        OUT, DO, DELTA, N, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[b, h, i] = sum_d dO * O (fp32). Grid (cdiv(N, BLOCK_M), H, B)."""
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+    o = tl.load(OUT + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_db + off_h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + (off_b * tl.num_programs(1) + off_h) * N + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_don, LSE, DELTA, offs_n, offs_d, P, N,
+                      lo, hi, qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """Accumulate dk, dv of one key tile over query tiles starting at lo, lo + BLOCK_M, ... < hi."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        qT_ptrs = Q + offs_m[None, :] * stride_qn + offs_d[:, None]           # (D, BLOCK_M)
+        do_ptrs = DO + offs_m[:, None] * stride_don + offs_d[None, :]         # (BLOCK_M, D)
+        if MASKED:
+            row_ok = offs_m < N
+            qT = tl.load(qT_ptrs, mask=row_ok[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+        else:
+            qT = tl.load(qT_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(LSE + offs_m)
+            delta = tl.load(DELTA + offs_m)
+        sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale          # (BLOCK_N, BLOCK_M)
+        pT = tl.math.exp2(sT - lse[None, :])
+        if MASKED:
+            visible = ((offs_n[:, None] < P) | (offs_n[:, None] <= offs_m[None, :])) & (offs_m[None, :] < N)
+            pT = tl.where(visible, pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)          # (BLOCK_N, BLOCK_M)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _prefix_attention_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, PLEN, DK, DV, sm_scale, qk_scale, N,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
+        stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """One program = one key tile of one (b, h): dk, dv. Grid (cdiv(N, BLOCK_N), H, B)."""
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    n_heads = tl.num_programs(1)
+    P = tl.minimum(tl.maximum(tl.load(PLEN + off_b).to(tl.int32), 0), N)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    DO += off_b * stride_db + off_h * stride_dh
+    DK += off_b * stride_dkb + off_h * stride_dkh
+    DV += off_b * stride_dvb + off_h * stride_dvh
+    LSE += (off_b * n_heads + off_h) * N
+    DELTA += (off_b * n_heads + off_h) * N
+
+    start_n = tl.program_id(0) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < N
+    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    # (Padded keys >= N only produce dk/dv rows that are never stored.)
+    # Queries that see some key of this tile: all of them if the tile starts inside the prefix,
+    # else only queries >= start_n.
+    q_lo = tl.where(start_n < P, 0, start_n)
+    # Query tile [m, m + BLOCK_M) sees the whole key tile iff the tile lies in the prefix or
+    # m >= its last key; full_lo is the first such tile start on the q_lo + k * BLOCK_M grid.
+    full_lo = tl.where(start_n + BLOCK_N <= P, 0,
+                       q_lo + tl.cdiv(start_n + BLOCK_N - 1 - q_lo, BLOCK_M) * BLOCK_M)
+    full_hi = full_lo + tl.maximum(N - full_lo, 0) // BLOCK_M * BLOCK_M   # whole tiles inside N
+    dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_dn, LSE, DELTA, offs_n, offs_d,
+                               P, N, q_lo, tl.minimum(full_lo, N), qk_scale, BLOCK_M, True, DOT_PRECISION)
+    dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_dn, LSE, DELTA, offs_n, offs_d,
+                               P, N, full_lo, full_hi, qk_scale, BLOCK_M, False, DOT_PRECISION)
+    dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_dn, LSE, DELTA, offs_n, offs_d,
+                               P, N, full_hi, N, qk_scale, BLOCK_M, True, DOT_PRECISION)
+    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=key_ok[:, None])
+    tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=key_ok[:, None])
+
+
+@triton.jit
+def _dq_key_tiles(dq, q, do, lse, delta, K, stride_kn, V, stride_vn, offs_m, offs_d, P, N, lo, hi,
+                  qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dq of one query tile over key tiles [lo, hi) (lo a multiple of BLOCK_N)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None]           # (D, BLOCK_N)
+        vT_ptrs = V + offs_n[None, :] * stride_vn + offs_d[:, None]           # (D, BLOCK_N)
+        if MASKED:
+            kT = tl.load(kT_ptrs, mask=offs_n[None, :] < N, other=0.0)
+            vT = tl.load(vT_ptrs, mask=offs_n[None, :] < N, other=0.0)
+        else:
+            kT = tl.load(kT_ptrs)
+            vT = tl.load(vT_ptrs)
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale            # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            visible = ((offs_n[None, :] < P) | (offs_n[None, :] <= offs_m[:, None])) & (offs_n[None, :] < N)
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)                    # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _prefix_attention_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, PLEN, DQ, sm_scale, qk_scale, N,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
+        stride_dqb, stride_dqh, stride_dqn,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """One program = one query tile of one (b, h): dq. Grid (cdiv(N, BLOCK_M), H, B)."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    n_heads = tl.num_programs(1)
+    P = tl.minimum(tl.maximum(tl.load(PLEN + off_b).to(tl.int32), 0), N)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    DO += off_b * stride_db + off_h * stride_dh
+    DQ += off_b * stride_dqb + off_h * stride_dqh
+    LSE += (off_b * n_heads + off_h) * N
+    DELTA += (off_b * n_heads + off_h) * N
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    full_end = (tl.maximum(P, start_m + 1) // BLOCK_N) * BLOCK_N           # as in the forward
+    hi = tl.minimum(tl.maximum(P, start_m + BLOCK_M), N)
+    dq = _dq_key_tiles(dq, q, do, lse, delta, K, stride_kn, V, stride_vn, offs_m, offs_d, P, N,
+                       0, full_end, qk_scale, BLOCK_N, False, DOT_PRECISION)
+    dq = _dq_key_tiles(dq, q, do, lse, delta, K, stride_kn, V, stride_vn, offs_m, offs_d, P, N,
+                       full_end, hi, qk_scale, BLOCK_N, True, DOT_PRECISION)
+    tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------- host launchers
+@dataclass(frozen=True)
+class _Tiles:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _tile_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, _Tiles]:
+    """Tile shapes per kernel ("fwd", "dkdv", "dq"): fixed tables, no autotuning.
+
+    Interpreter: the cost is per program x op, so tiles are large, but BLOCK_M != BLOCK_N so the
+    diagonal crosses several key tiles and every loop (unmasked, masked, N tail) runs on N ~ 17-97.
+    GPU: NOTE the H100 tables follow the usual FA2-in-Triton shapes (fwd 128x64, dk/dv kernel with
+    wide key tiles, dq kernel with tall query tiles; 8 warps at D=128 to spread the fp32
+    accumulators); they were not tuned on a GPU in this session (none was available).
+    """
+    if is_interpreting():
+        return {"fwd": _Tiles(32, 16, 4, 1), "dkdv": _Tiles(16, 32, 4, 1), "dq": _Tiles(32, 16, 4, 1)}
+    major = torch.cuda.get_device_capability(device)[0]
+    stages = 3 if major >= 9 else 2
+    if dtype == torch.float32:      # 2x the bytes per tile: halve the tiles, fewer stages
+        return {"fwd": _Tiles(64, 32, 4, 2), "dkdv": _Tiles(32, 64, 4, 2), "dq": _Tiles(64, 32, 4, 2)}
+    if head_dim <= 64:
+        return {"fwd": _Tiles(128, 64, 4, stages), "dkdv": _Tiles(32, 128, 4, stages),
+                "dq": _Tiles(128, 32, 4, stages)}
+    if major < 8:                   # small shared memory (e.g. T4): small tiles
+        return {"fwd": _Tiles(64, 32, 4, 2), "dkdv": _Tiles(32, 64, 4, 2), "dq": _Tiles(64, 32, 4, 2)}
+    return {"fwd": _Tiles(128, 64, 8, stages), "dkdv": _Tiles(32, 128, 8, 2), "dq": _Tiles(128, 32, 8, 2)}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: true fp32 products (TF32 would be ~1e3x less accurate than fp32 SDPA).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _bhnd_like(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Empty (B, H, N, D) tensor stored as (B, N, H, D): `.transpose(1, 2).reshape(B, N, H * D)` is free."""
+    B, H, N, D = t.shape
+    return t.new_empty(B, N, H, D, dtype=dtype).permute(0, 2, 1, 3)      # (B, H, N, D) view
+
+
+def _launch_fwd(q, k, v, plen, scale: float, out=None, lse=None):
+    """q, k, v (B, H, N, D) (last dim contiguous), plen int (B,) -> out (B, H, N, D), lse (B, H, N) fp32.
+
+    out / lse may be given (tests poison them); lse must be contiguous.
+    """
+    B, H, N, D = q.shape
+    out = _bhnd_like(q) if out is None else out
+    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if lse is None else lse
+    t = _tile_configs(D, q.dtype, q.device)["fwd"]
+    grid = (triton.cdiv(N, t.block_m), H, B)
+    _prefix_attention_fwd_kernel[grid](
+        q, k, v, plen, out, lse, scale * _LOG2E, N,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=t.num_warps, num_stages=t.num_stages)
+    return out, lse
+
+
+def _launch_bwd(dout, q, k, v, out, lse, plen, scale: float, dq=None, dk=None, dv=None):
+    """Gradients (dq, dk, dv), each (B, H, N, D) in q's dtype: delta pre-pass, dk/dv kernel, dq kernel."""
+    B, H, N, D = q.shape
+    dq = _bhnd_like(q) if dq is None else dq
+    dk = _bhnd_like(q) if dk is None else dk
+    dv = _bhnd_like(q) if dv is None else dv
+    cfg = _tile_configs(D, q.dtype, q.device)
+    prec = _dot_precision(q.dtype)
+    delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    bm = cfg["dq"].block_m
+    _prefix_attention_bwd_delta_kernel[(triton.cdiv(N, bm), H, B)](
+        out, dout, delta, N, *out.stride()[:3], *dout.stride()[:3], HEAD_DIM=D, BLOCK_M=bm)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+    t = cfg["dkdv"]
+    _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(N, t.block_n), H, B)](
+        q, k, v, dout, lse, delta, plen, dk, dv, scale, scale * _LOG2E, N,
+        *strides, *dk.stride()[:3], *dv.stride()[:3],
+        HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DOT_PRECISION=prec,
+        num_warps=t.num_warps, num_stages=t.num_stages)
+    t = cfg["dq"]
+    _prefix_attention_bwd_dq_kernel[(triton.cdiv(N, t.block_m), H, B)](
+        q, k, v, dout, lse, delta, plen, dq, scale, scale * _LOG2E, N,
+        *strides, *dq.stride()[:3],
+        HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DOT_PRECISION=prec,
+        num_warps=t.num_warps, num_stages=t.num_stages)
+    return dq, dk, dv
+
+
+def _check_prefix_values(prefix_len: torch.Tensor, N: int) -> None:
+    """Range check for CPU tensors only: on CUDA it would be a host sync (the kernels clamp to [0, N])."""
+    if prefix_len.device.type == "cpu" and prefix_len.numel():
+        lo, hi = int(prefix_len.min()), int(prefix_len.max())
+        if lo < 0 or hi > N:
+            raise ValueError(f"prefix_len: values must lie in [0, N={N}], got min {lo}, max {hi}")
+
+
+def _interpreter_needs_fp32(t: torch.Tensor) -> bool:
+    # bf16 tl.dot gives garbage in the Triton interpreter: compute in fp32 there, store bf16.
+    return t.dtype == torch.bfloat16 and is_interpreting()
+
+
+# ----------------------------------------------------------------------------- registered ops
+@torch.library.custom_op("aimv2::prefix_attention_fwd", mutates_args=())
+def _prefix_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: torch.Tensor,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> out (B, H, N, D) stored as (B, N, H, D), lse (B, H, N) fp32 in log2 units (scaled scores)."""
+    B, H, N, D = q.shape
+    _check_prefix_values(prefix_len, N)
+    if q.numel() == 0:
+        return _bhnd_like(q), q.new_zeros(B, H, N, dtype=torch.float32)
+    if _interpreter_needs_fp32(q):
+        out32, lse = _launch_fwd(q.float(), k.float(), v.float(), prefix_len, scale)
+        return _bhnd_like(q).copy_(out32), lse
+    return _launch_fwd(q, k, v, prefix_len, scale)
+
+
+@_prefix_attention_fwd_op.register_fake
+def _(q, k, v, prefix_len, scale):
+    B, H, N, D = q.shape
+    return _bhnd_like(q), q.new_empty(B, H, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("aimv2::prefix_attention_bwd", mutates_args=())
+def _prefix_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: torch.Tensor, lse: torch.Tensor, prefix_len: torch.Tensor,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv, each (B, H, N, D) stored as (B, N, H, D)."""
+    if q.numel() == 0:
+        return _bhnd_like(q).zero_(), _bhnd_like(q).zero_(), _bhnd_like(q).zero_()
+    dout = last_dim_contiguous(dout)
+    if _interpreter_needs_fp32(q):
+        grads = _launch_bwd(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, prefix_len, scale)
+        return tuple(_bhnd_like(q).copy_(g) for g in grads)
+    return _launch_bwd(dout, q, k, v, out, lse, prefix_len, scale)
+
+
+@_prefix_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, prefix_len, scale):
+    return _bhnd_like(q), _bhnd_like(q), _bhnd_like(q)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_len, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_len, out, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, dout, dlse):
+    # lse is an internal output (the public op returns only `out`): its gradient is never used.
+    q, k, v, prefix_len, out, lse = ctx.saved_tensors
+    dq, dk, dv = _prefix_attention_bwd_op(dout, q, k, v, out, lse, prefix_len, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_prefix_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public op
+_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _check_inputs(q, k, v, prefix_len) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor (B, H, N, D), got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v: expected one shape (B, H, N, D), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, N, D = q.shape
+    if D not in _HEAD_DIMS:
+        raise ValueError(f"q: head dim D={D} not supported, expected one of {_HEAD_DIMS}")
+    if B > 65535 or H > 65535:
+        raise ValueError(f"q: B={B} and H={H} must each be <= 65535 (launch grid limit)")
+    check_same_device(q=q, k=k, v=v, prefix_len=prefix_len)
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, torch.Tensor)):
+        raise TypeError(f"prefix_len: expected an int or an int tensor (B,), got {type(prefix_len).__name__}")
+    if isinstance(prefix_len, int):
+        if not 0 <= prefix_len <= N:
+            raise ValueError(f"prefix_len: {prefix_len} outside [0, N={N}]")
+    else:
+        if prefix_len.is_floating_point() or prefix_len.is_complex() or prefix_len.dtype == torch.bool:
+            raise TypeError(f"prefix_len: expected an integer tensor, got {prefix_len.dtype}")
+        if tuple(prefix_len.shape) != (B,):
+            raise ValueError(f"prefix_len: expected shape ({B},), got {tuple(prefix_len.shape)}")
+    check_launchable(q)
+
+
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len,
+                     scale: float | None = None) -> torch.Tensor:
+    """Prefix-causal flash attention: query i of sample b sees key j iff j < P_b or j <= i.
+
+    q, k, v: (B, H, N, D), fp16 / bf16 / fp32, D in (16, 32, 64, 128), any strides with a contiguous
+    last dim (e.g. `qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)`, no copies).
+    prefix_len: int or int tensor (B,) on q's device, values in [0, N] (0 causal, N bidirectional;
+    a CUDA tensor is not range-checked, which would sync: out-of-range values act as clamped).
+    scale: default 1 / sqrt(D). Returns (B, H, N, D) in q's dtype, stored as (B, N, H, D).
+    Differentiable in q, k, v; works under torch.compile(fullgraph=True).
+    Equivalent PyTorch: prefix_attention_ref(q, k, v, prefix_len, scale).
+    """
+    _check_inputs(q, k, v, prefix_len)
+    B, H, N, D = q.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a Python float or None, got {type(scale).__name__}")
+    if isinstance(prefix_len, int):
+        plen = torch.full((B,), prefix_len, dtype=torch.int32, device=q.device)     # (B,)
+    else:
+        plen = prefix_len.contiguous()
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    out, _ = _prefix_attention_fwd_op(q, k, v, plen, float(scale))
+    return out

@@ -2,11 +2,26 @@
 
 Shapes: gate, up (..., H), any leading shape; strided views (e.g. halves of a fused gate/up
 projection output) are accepted as long as the last dim is contiguous.
+
+With sig = sigmoid(gate) and d = d_out:
+
+    out    = gate * sig * up
+    d_gate = d * up * sig * (1 + gate * (1 - sig))
+    d_up   = d * gate * sig
+
+All arithmetic in fp32; the backward recomputes sig from gate (nothing is stored but the inputs).
+gate and up must share one dtype; out, d_gate, d_up come back in it (d_gate, d_up contiguous).
+Equivalent PyTorch: `swiglu_ref` below.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._utils import check_float, check_launchable, check_same_device, is_interpreting, \
+    last_dim_contiguous
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -14,3 +29,140 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g = gate.float() if gate.dtype != torch.float64 else gate
     u = up.to(g.dtype)
     return (F.silu(g) * u).to(gate.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels: 2-D tiles over (rows, hidden); each input has its own row stride
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _swiglu_fwd_kernel(G, U, OUT, M, H, stride_g, stride_u, stride_o,
+                       BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (rows < M)[:, None] & (cols < H)[None, :]
+    g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = g * tl.sigmoid(g) * u
+    tl.store(OUT + rows[:, None] * stride_o + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(DOUT, G, U, DG, DU, M, H, stride_do, stride_g, stride_u, stride_dg, stride_du,
+                       BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (rows < M)[:, None] & (cols < H)[None, :]
+    d = tl.load(DOUT + rows[:, None] * stride_do + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    dg = d * u * sig * (1.0 + g * (1.0 - sig))
+    tl.store(DG + rows[:, None] * stride_dg + cols[None, :], dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + rows[:, None] * stride_du + cols[None, :], (d * silu).to(DU.dtype.element_ty),
+             mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host launchers: 2-D (M, H) inputs, contiguous last dim, any row stride
+# --------------------------------------------------------------------------------------------
+def _blocks(H: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_H, num_warps): 4k-element tiles on a GPU (32 elements a thread with 4 warps,
+    wide vector loads), 16k under the interpreter (fewer Python steps)."""
+    BLOCK_H = min(triton.next_power_of_2(H), 1024)
+    tile = 16384 if is_interpreting() else 4096
+    BLOCK_M = max(1, tile // BLOCK_H)
+    return BLOCK_M, BLOCK_H, 4
+
+
+def _grid(M, H, BLOCK_M, BLOCK_H):
+    return (triton.cdiv(M, BLOCK_M), triton.cdiv(H, BLOCK_H))
+
+
+def _fwd_launch(gate, up):
+    M, H = gate.shape
+    out = torch.empty((M, H), dtype=gate.dtype, device=gate.device)
+    if M == 0 or H == 0:
+        return out
+    BLOCK_M, BLOCK_H, num_warps = _blocks(H)
+    _swiglu_fwd_kernel[_grid(M, H, BLOCK_M, BLOCK_H)](
+        gate, up, out, M, H, gate.stride(0), up.stride(0), out.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, num_warps=num_warps)
+    return out
+
+
+def _bwd_launch(dout, gate, up):
+    M, H = gate.shape
+    dg = torch.empty((M, H), dtype=gate.dtype, device=gate.device)
+    du = torch.empty((M, H), dtype=up.dtype, device=up.device)
+    if M == 0 or H == 0:
+        return dg, du
+    BLOCK_M, BLOCK_H, num_warps = _blocks(H)
+    _swiglu_bwd_kernel[_grid(M, H, BLOCK_M, BLOCK_H)](
+        dout, gate, up, dg, du, M, H, dout.stride(0), gate.stride(0), up.stride(0), dg.stride(0),
+        du.stride(0), BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, num_warps=num_warps)
+    return dg, du
+
+
+# --------------------------------------------------------------------------------------------
+# Registered ops (opaque to torch.compile, fixed rank 2) and autograd
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("aimv2::swiglu_fwd", mutates_args=())
+def _swiglu_fwd_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up (M, H) with unit column stride -> out (M, H) contiguous."""
+    return _fwd_launch(last_dim_contiguous(gate), last_dim_contiguous(up))
+
+
+@_swiglu_fwd_op.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("aimv2::swiglu_bwd", mutates_args=())
+def _swiglu_bwd_op(dout: torch.Tensor, gate: torch.Tensor,
+                   up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dout, gate, up (M, H) -> d_gate, d_up (M, H) contiguous."""
+    return _bwd_launch(last_dim_contiguous(dout), last_dim_contiguous(gate), last_dim_contiguous(up))
+
+
+@_swiglu_bwd_op.register_fake
+def _(dout, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _swiglu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_backward(ctx, dout):
+    gate, up = ctx.saved_tensors
+    return torch.ops.aimv2.swiglu_bwd(dout, gate, up)
+
+
+_swiglu_fwd_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public op
+# --------------------------------------------------------------------------------------------
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., H) -> (M, H), a view whenever the leading dims collapse (e.g. a half of a fused
+    (..., 2H) projection output), else a copy."""
+    return last_dim_contiguous(t).reshape(-1, t.shape[-1])
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate, up (..., H) of one dtype; returns a contiguous (..., H) tensor.
+
+    Equivalent PyTorch: `swiglu_ref(gate, up)` (= F.silu(gate.float()) * up.float(), cast back).
+    """
+    check_float("gate", gate)
+    check_float("up", up)
+    if gate.dtype != up.dtype:
+        raise TypeError(f"up: expected the dtype of gate ({gate.dtype}), got {up.dtype}")
+    if gate.shape != up.shape or gate.dim() < 1:
+        raise ValueError(f"up: expected the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
+    check_same_device(gate=gate, up=up)
+    check_launchable(gate)
+    out = torch.ops.aimv2.swiglu_fwd(_rows(gate), _rows(up))                    # (M, H)
+    return out.view(gate.shape)                                                  # (..., H)

@@ -1,0 +1,50 @@
+# aimv2: `make test` and `make demo` do all set-up on a fresh machine.
+#
+#   make test                 create .venv, install torch / triton / the package + test extras, run the suite
+#   make demo                 the main job on the embedded synthetic dataset (train, then probe)
+#   make bench                the GPU benchmarks (writes benchmarks/results/*.json)
+#   TORCH_SPEC=torch==2.11.0 make test    pick another torch (kept if one is already importable)
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TRITON_CPU ?= triton==3.7.1
+DALI_SPEC  ?= nvidia-dali-cuda130
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.aimv2-installed
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  echo "[setup] torch already importable: $$($(PYTHON) -c 'import torch; print(torch.__version__)') (kept)"; \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	  $(PYTHON) -m venv $(VENV); \
+	fi
+	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+	  echo "[setup] installing $(TORCH_SPEC)"; $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
+	@if ! $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
+	   && ! $(BIN)/python -c "import triton" 2>/dev/null; then \
+	  echo "[setup] CPU-only machine: installing $(TRITON_CPU) (kernels run in the Triton interpreter)"; \
+	  $(BIN)/pip install -q "$(TRITON_CPU)"; fi
+	$(BIN)/pip install -q -e ".[test]"
+	@if ! $(BIN)/python -c "import nvidia.dali" 2>/dev/null; then \
+	  echo "[setup] installing $(DALI_SPEC) (optional: the DALI data backend)"; \
+	  $(BIN)/pip install -q "$(DALI_SPEC)" || echo "[setup] DALI not installed: the torch data backend is used"; fi
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/aimv2 demo
+
+bench: setup
+	$(BIN)/python -m pytest benchmarks -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

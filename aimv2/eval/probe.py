@@ -1,0 +1,362 @@
+"""Attentive probe on a frozen AIMv2 trunk (SPEC §6).
+
+Features: the encoder's last-layer output, fully bidirectional, tokens x (B, N, D). The probe:
+
+    x_hat = BatchNorm1d(D, affine=False, eps=1e-6)(x)          per channel over (B, N)
+    k, v  = x_hat W_k, x_hat W_v                                no biases, H heads of D/H
+    o_h   = softmax(q_h k_h^T / sqrt(D/H)) v_h                  one learned query q (1, D), no q projection
+    logits = Linear(D -> classes)(concat_h o_h)
+
+Heads rule: H = D // 128 (head dim 128, as in the trunk); for D < 128 H = 1; when 128 does not divide D,
+H is the largest divisor of D not above max(1, D // 128), so the head dim is >= 128.
+
+Protocol (`run_probe`): features of the train and val shards are extracted once with the frozen encoder
+(in memory, optionally cached on disk), then one probe per learning rate of a small grid is trained side
+by side in the same passes over the features (AdamW, linear warm-up then cosine to 0). When the grid has
+more than one rate, a seeded `holdout` fraction of train is held out and the rate is picked on it; the
+reported top-1 is the picked probe's accuracy on val (val top-1 of every rate is reported too, but picking
+on it would be optimistic). `random_init=True` probes a randomly initialised encoder of the same config
+(fixed seed): the baseline a probe number is read against.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LRS = (3e-4, 1e-3, 3e-3)
+
+
+# ----------------------------------------------------------------------------- the probe
+def probe_heads(dim: int) -> int:
+    """Heads of the probe for width `dim`: D // 128, at least 1, lowered until it divides D."""
+    if not isinstance(dim, int) or dim <= 0:
+        raise ValueError(f"dim: expected a positive int, got {dim!r}")
+    h = max(1, dim // 128)
+    while dim % h:
+        h -= 1
+    return h
+
+
+class AttentiveProbe(nn.Module):
+    """forward(tokens (B, N, D)) -> logits (B, classes). See the module docstring for the math."""
+
+    def __init__(self, dim: int, num_classes: int, num_heads: int | None = None):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes: expected >= 2, got {num_classes}")
+        self.num_heads = probe_heads(dim) if num_heads is None else num_heads
+        if dim % self.num_heads:
+            raise ValueError(f"num_heads: {self.num_heads} does not divide dim {dim}")
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.query = nn.Parameter(torch.empty(1, 1, dim))
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.normal_(self.query, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 3 or tokens.shape[-1] != self.query.shape[-1]:
+            raise ValueError(f"tokens: expected shape (B, N, {self.query.shape[-1]}), got {tuple(tokens.shape)}")
+        B, N, D = tokens.shape
+        H = self.num_heads
+        x = self.norm(tokens.transpose(1, 2)).transpose(1, 2)                # (B, N, D)
+        k = self.k(x).view(B, N, H, D // H).transpose(1, 2)                  # (B, H, N, Dh)
+        v = self.v(x).view(B, N, H, D // H).transpose(1, 2)                  # (B, H, N, Dh)
+        q = self.query.view(1, H, 1, D // H).expand(B, -1, -1, -1)           # (B, H, 1, Dh)
+        o = F.scaled_dot_product_attention(q, k, v)                          # (B, H, 1, Dh)
+        return self.head(o.reshape(B, D))                                    # (B, classes)
+
+
+# ----------------------------------------------------------------------------- training
+def _batches(n: int, batch_size: int, generator: torch.Generator | None):
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for i in range(0, n, batch_size):
+        yield order[i:i + batch_size]
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def train_probes(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, lrs: Sequence[float], *,
+                 epochs: int = 30, batch_size: int = 128, weight_decay: float = 0.05,
+                 warmup_frac: float = 0.05, device=None, seed: int = 0,
+                 progress: bool = True) -> list[AttentiveProbe]:
+    """Train one `AttentiveProbe` per learning rate on the same shuffled batches.
+
+    feats (M, N, D) any float dtype (cast to fp32 per batch), labels (M,) int64 in [0, num_classes).
+    AdamW (betas 0.9, 0.999), weight decay on the K/V/classifier weights only, `warmup_frac` of the steps
+    of linear warm-up then cosine to 0. The probes share nothing but the batches (their losses are summed,
+    so each gets exactly its own gradient). Returns the probes in eval mode.
+    """
+    from tqdm.auto import tqdm
+
+    _check_features(feats, labels, "feats")
+    if not lrs or any(not (isinstance(lr, (int, float)) and lr > 0) for lr in lrs):
+        raise ValueError(f"lrs: expected a non-empty sequence of positive floats, got {lrs!r}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    device = torch.device(device or feats.device)
+    M, _, D = feats.shape
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probes = nn.ModuleList(AttentiveProbe(D, num_classes) for _ in lrs).to(device)
+    groups = []
+    for probe, lr in zip(probes, lrs):
+        decay = [p for n, p in probe.named_parameters() if p.dim() >= 2 and n != "query"]
+        other = [p for n, p in probe.named_parameters() if not (p.dim() >= 2 and n != "query")]
+        groups += [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+                   {"params": other, "lr": lr, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+    steps_per_epoch = math.ceil(M / batch_size)
+    total = epochs * steps_per_epoch
+    warmup = max(1, int(warmup_frac * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup))
+    probes.train()
+    bar = tqdm(total=total, desc="train probe", unit="step", disable=not progress, leave=False)
+    for _ in range(epochs):
+        for idx in _batches(M, batch_size, gen):
+            x = feats[idx].to(device, torch.float32, non_blocking=True)       # (b, N, D)
+            y = labels[idx].to(device, non_blocking=True)
+            loss = sum(F.cross_entropy(p(x), y) for p in probes)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            if bar.n % 20 == 0 or bar.n == total:
+                bar.set_postfix(loss=f"{loss.item() / len(probes):.3f}")
+    bar.close()
+    return list(probes.eval())
+
+
+@torch.no_grad()
+def predict(probes: Sequence[AttentiveProbe], feats: torch.Tensor, batch_size: int = 256,
+            device=None) -> torch.Tensor:
+    """Arg-max predictions of each probe: (len(probes), M) int64 on the CPU."""
+    device = torch.device(device or next(probes[0].parameters()).device)
+    out = []
+    for idx in _batches(feats.shape[0], batch_size, None):
+        x = feats[idx].to(device, torch.float32)
+        out.append(torch.stack([p.eval()(x).argmax(-1) for p in probes]).cpu())
+    return torch.cat(out, dim=1) if out else torch.empty(len(probes), 0, dtype=torch.long)
+
+
+def top1(pred: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent (pred (..., M) vs labels (M,)); NaN for M = 0."""
+    if labels.numel() == 0:
+        return float("nan")
+    return float((pred == labels.to(pred.device)).float().mean(-1).mul(100.0).item())
+
+
+# ----------------------------------------------------------------------------- features
+def _check_features(feats, labels, name):
+    if not isinstance(feats, torch.Tensor) or feats.dim() != 3 or not feats.is_floating_point():
+        raise ValueError(f"{name}: expected a float tensor (M, N, D), got "
+                         f"{tuple(getattr(feats, 'shape', ()))} {getattr(feats, 'dtype', type(feats).__name__)}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != feats.shape[:1] or labels.dtype != torch.long:
+        raise ValueError(f"labels: expected an int64 tensor ({feats.shape[0]},), got "
+                         f"{tuple(getattr(labels, 'shape', ()))} {getattr(labels, 'dtype', None)}")
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, batches: Iterable[dict], *, desc: str = "features",
+                     label_key: str | None = "label", store_dtype=torch.float16, store_device="cpu",
+                     progress: bool = True, total: int | None = None):
+    """Run the frozen encoder (fully bidirectional) over `batches` of {"images": (B, 3, S, S), "labels": (B,)}.
+
+    Returns (feats (M, N, D) in `store_dtype` on `store_device`, labels (M,) int64 or None when
+    label_key is None). fp16 storage halves memory; features are RMS-normalised (|x| ~ 1 * norm weight),
+    well inside fp16's range.
+    """
+    from tqdm.auto import tqdm
+
+    p = next(encoder.parameters())
+    encoder.eval()
+    feats, labels = [], []
+    bar = tqdm(batches, desc=desc, unit="batch", total=total, disable=not progress, leave=False)
+    for batch in bar:
+        images = batch["images"]
+        if label_key is not None:
+            if "labels" not in batch:
+                raise ValueError(f"label_key: no labels in the batch: the samples' JSON has no "
+                                 f"{label_key!r} field")
+            labels.append(torch.as_tensor(batch["labels"]).reshape(-1).long().cpu())
+        x = encoder(images.to(p.device, p.dtype, non_blocking=True))       # (B, N, D)
+        feats.append(x.to(store_device, store_dtype))
+    bar.close()
+    if not feats:
+        raise ValueError(f"{desc}: no images found (empty shards?)")
+    f = torch.cat(feats)                                                    # (M, N, D)
+    return f, (torch.cat(labels) if label_key is not None else None)
+
+
+def _shard_loader(shards, encoder_cfg, label_key: str, batch_size: int, num_workers: int, device):
+    from aimv2.data import DataConfig, build_loader
+
+    cfg = DataConfig(shards=shards, image_size=encoder_cfg.img_size, patch_size=encoder_cfg.patch_size,
+                     batch_size=batch_size, num_workers=num_workers, train=False, label_key=label_key,
+                     device=str(device))
+    return build_loader(cfg)
+
+
+def _cached_features(cache_dir, split, identity: dict, compute):
+    """Load (feats, labels) from cache_dir/<split>.safetensors when its identity matches, else compute+save."""
+    if cache_dir is None:
+        return compute()
+    from safetensors.torch import load_file, safe_open, save_file
+
+    path = os.path.join(cache_dir, f"{split}.safetensors")
+    ident = json.dumps(identity, sort_keys=True, default=str)
+    if os.path.exists(path):
+        with safe_open(path, "pt") as f:
+            same = (f.metadata() or {}).get("identity") == ident
+        if same:
+            d = load_file(path)
+            log.info("probe: loaded cached %s features from %s", split, path)
+            return d["feats"], d["labels"]
+        log.info("probe: cache %s was made for other inputs; recomputing", path)
+    feats, labels = compute()
+    os.makedirs(cache_dir, exist_ok=True)
+    save_file({"feats": feats.contiguous(), "labels": labels.contiguous()}, path, metadata={"identity": ident})
+    return feats, labels
+
+
+# ----------------------------------------------------------------------------- encoder for the probe
+def random_encoder_like(encoder: nn.Module, seed: int = 0) -> nn.Module:
+    """A fresh `AIMv2Encoder` with encoder's config, initialised (SPEC §1 init) from `seed`, same device/dtype."""
+    from aimv2.model import AIMv2Encoder
+
+    p = next(encoder.parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        rnd = AIMv2Encoder(encoder.cfg)
+    return rnd.to(p.device, p.dtype).eval()
+
+
+def _probe_encoder(checkpoint, encoder, preset, random_init, device, seed):
+    if encoder is None and checkpoint is None and preset is None:
+        raise ValueError("run_probe: give a checkpoint, an encoder, or (with random_init) a preset")
+    if encoder is not None and checkpoint is not None:
+        raise ValueError("run_probe: give either checkpoint or encoder, not both")
+    if encoder is None and checkpoint is None:
+        if not random_init:
+            raise ValueError("run_probe: preset without a checkpoint only makes sense with random_init=True")
+        from aimv2.model import AIMv2Encoder
+        from aimv2.presets import get_preset
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = AIMv2Encoder(get_preset(preset))
+        return _to_inference(encoder, device), f"random:{preset}"
+    if encoder is None:
+        from aimv2.eval.hub import from_pretrained
+        encoder = from_pretrained(checkpoint, device=device, preset=preset)
+        name = str(checkpoint)
+    else:
+        encoder = _to_inference(encoder, device) if device is not None else encoder.eval()
+        name = f"encoder:{encoder.cfg.name}"
+    if random_init:
+        return random_encoder_like(encoder, seed), f"random:{name}"
+    return encoder, name
+
+
+def _to_inference(encoder, device):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return encoder.to(device, dtype).eval()
+
+
+# ----------------------------------------------------------------------------- the protocol
+def run_probe(checkpoint=None, *, encoder: nn.Module | None = None, train_shards, val_shards,
+              label_key: str = "label", random_init: bool = False, preset: str | None = None,
+              lrs: Sequence[float] = DEFAULT_LRS, epochs: int = 30, batch_size: int = 128,
+              weight_decay: float = 0.05, holdout: float = 0.1, extract_batch_size: int = 64,
+              num_workers: int = 2, device=None, seed: int = 0, feature_cache: str | None = None,
+              progress: bool = True) -> dict:
+    """Attentive-probe top-1 of a frozen encoder (see the module docstring for the protocol).
+
+    checkpoint: anything `aimv2.weights.load_encoder` reads (weights file, HF dir, training run dir or
+    checkpoint); or pass `encoder` (an AIMv2Encoder). random_init: probe a randomly initialised encoder of
+    the same config instead (seed `seed`). train_shards / val_shards: webdataset shards (str, glob, list)
+    whose JSON holds an integer class under `label_key`.
+
+    Returns dict(top1 (val, %, picked rate), best_lr, per_lr {lr: {"val_top1", "select_top1"}},
+    num_train, num_holdout, num_val, num_classes, selected_on ("holdout" | "train" | "only"), encoder).
+    """
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout: expected a fraction in [0, 1), got {holdout}")
+    lrs = tuple(float(lr) for lr in (lrs if isinstance(lrs, (list, tuple)) else [lrs]))
+    enc, name = _probe_encoder(checkpoint, encoder, preset, random_init, device, seed)
+    dev = next(enc.parameters()).device
+    store = dev if dev.type == "cuda" else torch.device("cpu")
+
+    def split_features(split, shards):
+        def compute():
+            loader = _shard_loader(shards, enc.cfg, label_key, extract_batch_size, num_workers, dev)
+            return extract_features(enc, loader, desc=f"{split} features", label_key=label_key,
+                                    store_device=store, progress=progress)
+        ident = {"encoder": name, "seed": seed, "shards": shards, "label_key": label_key,
+                 "img_size": enc.cfg.img_size}
+        try:
+            return _cached_features(feature_cache, split, ident, compute)
+        except ValueError as e:
+            raise ValueError(f"{split} shards {shards!r}: {e}") from e
+
+    tr_x, tr_y = split_features("train", train_shards)
+    va_x, va_y = split_features("val", val_shards)
+    classes = torch.unique(tr_y)
+    if classes.numel() < 2:
+        raise ValueError(f"train shards: a probe needs >= 2 classes under {label_key!r}, "
+                         f"found {classes.tolist()}")
+    lo = min(int(tr_y.min()), int(va_y.min()))
+    if lo < 0:
+        raise ValueError(f"{label_key!r}: class labels must be integers >= 0, got {lo}")
+    num_classes = max(int(tr_y.max()), int(va_y.max())) + 1
+
+    # hold out part of train to pick the learning rate (seeded, independent of the training shuffle)
+    M = tr_x.shape[0]
+    n_hold = 0
+    if len(lrs) > 1 and holdout > 0:
+        n_hold = min(M - 2, max(1, round(holdout * M))) if M >= 4 else 0
+    perm = torch.randperm(M, generator=torch.Generator().manual_seed(seed + 1))
+    fit_idx, hold_idx = perm[n_hold:].sort().values, perm[:n_hold].sort().values
+    fit_x, fit_y = tr_x[fit_idx.to(tr_x.device)], tr_y[fit_idx]
+    if torch.unique(fit_y).numel() < 2:                 # tiny sets: never fit on a single class
+        fit_x, fit_y, hold_idx, n_hold = tr_x, tr_y, hold_idx[:0], 0
+
+    probes = train_probes(fit_x, fit_y, num_classes, lrs, epochs=epochs, batch_size=batch_size,
+                          weight_decay=weight_decay, device=dev, seed=seed, progress=progress)
+    val_pred = predict(probes, va_x)                                        # (L, M_val)
+    val_acc = [top1(p, va_y) for p in val_pred]
+    if n_hold:
+        sel_pred = predict(probes, tr_x[hold_idx.to(tr_x.device)])
+        sel_acc, selected_on = [top1(p, tr_y[hold_idx]) for p in sel_pred], "holdout"
+    elif len(lrs) > 1:
+        sel_acc, selected_on = [top1(p, fit_y) for p in predict(probes, fit_x)], "train"
+    else:
+        sel_acc, selected_on = [float("nan")], "only"
+    best = max(range(len(lrs)), key=lambda i: (sel_acc[i] if not math.isnan(sel_acc[i]) else -1.0, -i))
+    return {
+        "top1": val_acc[best],
+        "best_lr": lrs[best],
+        "per_lr": {lr: {"val_top1": v, "select_top1": s} for lr, v, s in zip(lrs, val_acc, sel_acc)},
+        "num_train": int(fit_x.shape[0]),
+        "num_holdout": int(n_hold),
+        "num_val": int(va_x.shape[0]),
+        "num_classes": num_classes,
+        "selected_on": selected_on,
+        "encoder": name,
+    }

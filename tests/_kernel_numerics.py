@@ -1,0 +1,58 @@
+"""Shared numerics checks for the kernel tests (imported by tests/test_rms_norm.py,
+test_swiglu.py, test_patch_l2_loss.py; pytest puts tests/ on sys.path through its conftest).
+
+The rule (flash-attention's): truth is the reference run in fp64 on the same (already rounded)
+input values; the kernel's max error against it must be within FACTOR x the max error that the
+same-dtype PyTorch reference makes, plus a floor of FLOOR_ULPS units in the last place of the
+output dtype times max|truth|.
+
+Why these numbers:
+- FACTOR = 2: both compute in fp32 and round once to the output dtype; the Triton interpreter
+  truncates fp32 -> bf16 (up to 1 ulp) where torch rounds to nearest (0.5 ulp), i.e. at most 2x.
+- FLOOR_ULPS = 2: covers outputs where the torch error happens to be ~0 (exactly representable
+  results) and fp32 reductions summed in a different order (block partials vs torch's order):
+  a couple of fp32 ulps of the largest value, far below any real bug (a wrong mask, a missing
+  term, a wrong eps or an unwritten element is >= 1e-3 relative).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+FACTOR = 2.0
+FLOOR_ULPS = 2.0
+
+
+def ulp(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def assert_close_to_truth(name: str, got: torch.Tensor, torch_same: torch.Tensor,
+                          truth: torch.Tensor) -> None:
+    """got: kernel output; torch_same: the reference in the same dtype; truth: fp64 reference."""
+    assert got.shape == truth.shape, f"{name}: shape {tuple(got.shape)} != {tuple(truth.shape)}"
+    assert got.dtype == torch_same.dtype, f"{name}: dtype {got.dtype} != {torch_same.dtype}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten or overflowed)"
+    truth = truth.double()
+    err = (got.double() - truth).abs().max().item() if got.numel() else 0.0
+    err_ref = (torch_same.double() - truth).abs().max().item() if got.numel() else 0.0
+    scale = truth.abs().max().item() if got.numel() else 0.0
+    bound = FACTOR * err_ref + FLOOR_ULPS * ulp(got.dtype) * scale
+    assert err <= bound, (f"{name} ({got.dtype}): kernel max err {err:.3e} > {FACTOR} x torch err "
+                          f"{err_ref:.3e} + {FLOOR_ULPS} ulp x max|truth| {scale:.3e} = {bound:.3e}")
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Every torch.empty during the test is filled with NaN (floats) or -12345 (ints), so an
+    element a kernel forgets to write shows up as non-finite / wrong."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.device.type != "meta" and t.numel():
+            t.fill_(float("nan") if t.dtype.is_floating_point else -12345)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    yield
