@@ -7,6 +7,6 @@ Ops (each with a plain-PyTorch `<op>_ref`):
 - prefix_attention(q, k, v, prefix_len)       prefix-causal flash attention
 """
 from .patch_l2_loss import patch_l2_loss, patch_l2_loss_ref, patchify
-from .prefix_attention import prefix_attention_ref, prefix_mask
+from .prefix_attention import prefix_attention, prefix_attention_ref, prefix_mask
 from .rms_norm import rms_norm, rms_norm_ref
 from .swiglu import swiglu, swiglu_ref

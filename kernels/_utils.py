@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -47,3 +49,16 @@ def num_programs_hint(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@triton.jit
+def cast_rtne(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """x (fp32) -> DTYPE, rounding to nearest even. Compiled Triton already does; the interpreter
+    truncates fp32 -> bf16, which biases sums of stored values (e.g. d_weight over rows of a stored
+    bf16 residual stream), so there the rounding is done on the fp32 bits first (exact after it)."""
+    if INTERPRET:
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)

@@ -1,12 +1,36 @@
-"""Prefix-causal attention (SPEC section 2).
+"""Prefix-causal flash attention (SPEC section 2): Triton forward and backward, per-sample prefixes.
 
 Query i of sample b sees key j iff  j < P_b  or  j <= i.
 P_b = 0 is causal attention; P_b = N is full bidirectional attention.
 
-Shapes: q, k, v (B, H, N, D); prefix_len an int or an int tensor (B,) with values in [0, N].
+    S = scale * Q K^T  (masked to -inf where invisible),  A = softmax(S, -1),  O = A V
+    dV = A^T dO,  dA = dO V^T,  dS = A * (dA - delta),  delta = rowsum(dO * O),
+    dQ = scale * dS K,  dK = scale * dS^T Q
+
+Shapes: q, k, v (B, H, N, D), any strides with a contiguous last dim (views of a fused qkv
+projection work without copies), fp16 / bf16 / fp32, D in (16, 32, 64, 128), any N >= 1;
+prefix_len an int or an int tensor (B,) with values in [0, N]. Output (B, H, N, D) in q's dtype,
+stored as (B, N, H, D) so `out.transpose(1, 2).reshape(B, N, H * D)` is free.
+
+Flash-style (FA2): one program per (query tile, h, b) runs an online softmax in fp32 with exp2
+(log2(e) folded into the scale) and saves the log-sum-exp (B, H, N) for the backward; no N x N
+tensor exists. Per query tile [m, m + BLOCK_M) the visible keys are [0, max(P, m + BLOCK_M)):
+key tiles past that are never loaded; key tiles every query of the tile sees whole (inside the
+prefix, or at or below the tile's first query) run a loop with no per-element mask; only tiles
+crossing the prefix edge, the diagonal or N are masked. Backward: the delta pre-pass, a dk/dv
+kernel (one program per key tile; it visits the query tiles that see it: all queries when the
+tile starts inside the prefix, else queries >= its first key) and a dq kernel (the forward's key
+tiles), with the same split into unmasked and masked loops. fp32 inputs use true fp32 dots.
+
+Registered as torch.library custom ops aimv2::prefix_attention_fwd / _bwd (fake + autograd), so
+torch.compile(fullgraph=True) traces through with no graph break.
+Limits: B, H <= 65535 (launch grid); a CUDA prefix tensor is not range-checked (that would sync
+the host): out-of-range values act as clamped to [0, N]. In the Triton interpreter bf16 inputs
+are computed in fp32 (the interpreter's bf16 tl.dot is broken) and stored as bf16.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -199,14 +223,14 @@ def _prefix_attention_bwd_dkdv_kernel(
     v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    # (Padded keys >= N only produce dk/dv rows that are never stored.)
+    # (Padded keys >= N only produce dk/dv rows that are never stored: no key masking needed.)
     # Queries that see some key of this tile: all of them if the tile starts inside the prefix,
     # else only queries >= start_n.
     q_lo = tl.where(start_n < P, 0, start_n)
-    # Query tile [m, m + BLOCK_M) sees the whole key tile iff the tile lies in the prefix or
-    # m >= its last key; full_lo is the first such tile start on the q_lo + k * BLOCK_M grid.
-    full_lo = tl.where(start_n + BLOCK_N <= P, 0,
-                       q_lo + tl.cdiv(start_n + BLOCK_N - 1 - q_lo, BLOCK_M) * BLOCK_M)
+    # Query tile [m, m + BLOCK_M) sees every real key of the tile iff its last real key is in the
+    # prefix or m >= that key; full_lo is the first such tile start on the q_lo + k * BLOCK_M grid.
+    last_key = tl.minimum(start_n + BLOCK_N, N) - 1
+    full_lo = tl.where(last_key < P, 0, q_lo + tl.cdiv(last_key - q_lo, BLOCK_M) * BLOCK_M)
     full_hi = full_lo + tl.maximum(N - full_lo, 0) // BLOCK_M * BLOCK_M   # whole tiles inside N
     dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_dn, LSE, DELTA, offs_n, offs_d,
                                P, N, q_lo, tl.minimum(full_lo, N), qk_scale, BLOCK_M, True, DOT_PRECISION)
@@ -296,6 +320,11 @@ class _Tiles:
     num_stages: int
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _tile_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, _Tiles]:
     """Tile shapes per kernel ("fwd", "dkdv", "dq"): fixed tables, no autotuning.
 
@@ -307,7 +336,7 @@ def _tile_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> di
     """
     if is_interpreting():
         return {"fwd": _Tiles(32, 16, 4, 1), "dkdv": _Tiles(16, 32, 4, 1), "dq": _Tiles(32, 16, 4, 1)}
-    major = torch.cuda.get_device_capability(device)[0]
+    major = _capability(device.index if device.index is not None else torch.cuda.current_device())[0]
     stages = 3 if major >= 9 else 2
     if dtype == torch.float32:      # 2x the bytes per tile: halve the tiles, fewer stages
         return {"fwd": _Tiles(64, 32, 4, 2), "dkdv": _Tiles(32, 64, 4, 2), "dq": _Tiles(64, 32, 4, 2)}
@@ -433,6 +462,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, prefix_len, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, prefix_len, out, lse)
+    ctx.mark_non_differentiable(lse)
     ctx.scale = scale
 
 

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_float, check_launchable, check_same_device, is_interpreting, \
+from ._utils import cast_rtne, check_float, check_launchable, check_same_device, is_interpreting, \
     last_dim_contiguous, num_programs_hint
 
 
@@ -45,7 +45,8 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _rms_norm_fwd_kernel(X, R, W, OUT, S, RSTD, M, D, stride_x, stride_r, stride_o, stride_s, eps,
-                         HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                         HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                         INTERPRET: tl.constexpr):
     """One program normalises BLOCK_M whole rows."""
     pid = tl.program_id(0)
     rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -56,13 +57,14 @@ def _rms_norm_fwd_kernel(X, R, W, OUT, S, RSTD, M, D, stride_x, stride_r, stride
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         # round s to its storage dtype first: the backward reads the stored s, and the forward
         # must normalise the same numbers the caller gets back
-        s = (s + r).to(S.dtype.element_ty)
+        s = cast_rtne(s + r, S.dtype.element_ty, INTERPRET)
         tl.store(S + rows[:, None] * stride_s + cols[None, :], s, mask=mask)
         s = s.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / D + eps)                        # (BLOCK_M,)
     w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
     out = s * rstd[:, None] * w[None, :]
-    tl.store(OUT + rows[:, None] * stride_o + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + rows[:, None] * stride_o + cols[None, :],
+             cast_rtne(out, OUT.dtype.element_ty, INTERPRET), mask=mask)
     tl.store(RSTD + rows, rstd, mask=rows < M)
 
 
@@ -70,7 +72,7 @@ def _rms_norm_fwd_kernel(X, R, W, OUT, S, RSTD, M, D, stride_x, stride_r, stride
 def _rms_norm_bwd_kernel(DOUT, DS_IN, S, W, RSTD, DX, DRES, DW_PART, M, D, rows_per_prog,
                          stride_do, stride_dsi, stride_s, stride_dx, stride_dr,
                          HAS_DS_IN: tl.constexpr, HAS_DRES: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
     """Persistent: program pid walks rows [pid * rows_per_prog, ...) BLOCK_M at a time and writes
     its fp32 partial d_weight row to DW_PART[pid]."""
     pid = tl.program_id(0)
@@ -95,10 +97,11 @@ def _rms_norm_bwd_kernel(DOUT, DS_IN, S, W, RSTD, DX, DRES, DW_PART, M, D, rows_
         if HAS_DS_IN:
             ds += tl.load(DS_IN + rows[:, None] * stride_dsi + cols[None, :], mask=mask,
                           other=0.0).to(tl.float32)
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], ds.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :],
+                 cast_rtne(ds, DX.dtype.element_ty, INTERPRET), mask=mask)
         if HAS_DRES:
-            tl.store(DRES + rows[:, None] * stride_dr + cols[None, :], ds.to(DRES.dtype.element_ty),
-                     mask=mask)
+            tl.store(DRES + rows[:, None] * stride_dr + cols[None, :],
+                     cast_rtne(ds, DRES.dtype.element_ty, INTERPRET), mask=mask)
         dw_acc += dout * s_hat
     tl.store(DW_PART + pid * D + cols, tl.sum(dw_acc, axis=0), mask=cmask)
 
@@ -106,13 +109,19 @@ def _rms_norm_bwd_kernel(DOUT, DS_IN, S, W, RSTD, DX, DRES, DW_PART, M, D, rows_
 # --------------------------------------------------------------------------------------------
 # Host launchers: 2-D (M, D) tensors with a contiguous last dim
 # --------------------------------------------------------------------------------------------
-def _blocks(D: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps): whole rows per tile, ~4k elements a tile on a GPU (enough
-    bytes in flight per SM without spilling), ~16k under the interpreter (fewer Python steps)."""
+def _blocks(D: int, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps): whole rows per tile.
+
+    NOTE (no GPU measurement yet; ptxas -arch=sm_90 register counts, no spills): forward tiles of
+    ~4k elements at 8 warps (16 elements a thread, 40-64 registers); backward tiles of ~2k elements
+    at 8 elements a thread (70-105 registers: it holds s, d_out, d_s and a d_weight accumulator).
+    Under the interpreter tiles of ~16k elements (its cost is per program and op, not per element).
+    """
     BLOCK_D = triton.next_power_of_2(D)
-    tile = 16384 if is_interpreting() else 4096
+    tile = 16384 if is_interpreting() else (2048 if backward else 4096)
     BLOCK_M = max(1, min(64, tile // BLOCK_D))
-    num_warps = min(max(BLOCK_M * BLOCK_D // 512, 1), 8)
+    per_thread = 8 if backward else 16
+    num_warps = min(max(BLOCK_M * BLOCK_D // (32 * per_thread), 4), 16)
     return BLOCK_M, BLOCK_D, num_warps
 
 
@@ -126,13 +135,13 @@ def _fwd_launch(x, weight, residual, eps):
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
     if M == 0:
         return out, s, rstd
-    BLOCK_M, BLOCK_D, num_warps = _blocks(D, x.device)
+    BLOCK_M, BLOCK_D, num_warps = _blocks(D, backward=False)
     r = residual if residual is not None else x
     s_arg = s if residual is not None else out
     _rms_norm_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
         x, r, weight, out, s_arg, rstd, M, D, x.stride(0), r.stride(0), out.stride(0),
         s_arg.stride(0), eps, HAS_RES=residual is not None, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
-        num_warps=num_warps)
+        INTERPRET=is_interpreting(), num_warps=num_warps)
     return out, s, rstd
 
 
@@ -143,7 +152,7 @@ def _bwd_launch(dout, ds_in, s, weight, rstd, x_dtype, res_dtype):
     dres = torch.empty((M, D) if separate_dres else (0,), dtype=res_dtype or x_dtype, device=s.device)
     if M == 0:
         return dx, dres, torch.zeros_like(weight)
-    BLOCK_M, BLOCK_D, num_warps = _blocks(D, s.device)
+    BLOCK_M, BLOCK_D, num_warps = _blocks(D, backward=True)
     n_prog = max(1, min(triton.cdiv(M, BLOCK_M), num_programs_hint(s.device)))
     rows_per_prog = triton.cdiv(triton.cdiv(M, n_prog), BLOCK_M) * BLOCK_M
     n_prog = triton.cdiv(M, rows_per_prog)
@@ -154,7 +163,7 @@ def _bwd_launch(dout, ds_in, s, weight, rstd, x_dtype, res_dtype):
         dout, dsi, s, weight, rstd, dx, dr, dw_part, M, D, rows_per_prog,
         dout.stride(0), dsi.stride(0), s.stride(0), dx.stride(0), dr.stride(0),
         HAS_DS_IN=ds_in is not None, HAS_DRES=separate_dres, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
-        num_warps=num_warps)
+        INTERPRET=is_interpreting(), num_warps=num_warps)
     return dx, dres, dw_part.sum(0).to(weight.dtype)
 
 

@@ -204,13 +204,30 @@ def extract_features(encoder: nn.Module, batches: Iterable[dict], *, desc: str =
     return f, (torch.cat(labels) if label_key is not None else None)
 
 
-def _shard_loader(shards, encoder_cfg, label_key: str, batch_size: int, num_workers: int, device):
+def _shard_features(encoder, shards, split: str, label_key: str, batch_size: int, num_workers: int,
+                    store_device, progress: bool):
+    """extract_features over webdataset shards (one deterministic eval pass: resize + center crop)."""
     from aimv2.data import DataConfig, build_loader
 
-    cfg = DataConfig(shards=shards, image_size=encoder_cfg.img_size, patch_size=encoder_cfg.patch_size,
+    p = next(encoder.parameters())
+    cfg = DataConfig(shards=shards, image_size=encoder.cfg.img_size, patch_size=encoder.cfg.patch_size,
                      batch_size=batch_size, num_workers=num_workers, train=False, label_key=label_key,
-                     device=str(device))
-    return build_loader(cfg)
+                     device=str(p.device))
+    loader = build_loader(cfg)
+    try:
+        out = extract_features(encoder, loader, desc=f"{split} features", label_key=label_key,
+                               store_device=store_device, progress=progress, total=len(loader))
+    except RuntimeError as e:                      # the loader raises when every sample was skipped
+        missing = loader.stats().get("skipped_missing_label", 0)
+        if missing:
+            raise ValueError(f"label_key: {label_key!r} is missing from (or not an integer in) the JSON of "
+                             f"all {missing} samples") from e
+        raise ValueError(str(e)) from e
+    missing = loader.stats().get("skipped_missing_label", 0)
+    if missing:
+        log.warning("probe: %d %s sample(s) have no integer %r in their JSON and were skipped",
+                    missing, split, label_key)
+    return out
 
 
 def _cached_features(cache_dir, split, identity: dict, compute):
@@ -301,13 +318,12 @@ def run_probe(checkpoint=None, *, encoder: nn.Module | None = None, train_shards
     lrs = tuple(float(lr) for lr in (lrs if isinstance(lrs, (list, tuple)) else [lrs]))
     enc, name = _probe_encoder(checkpoint, encoder, preset, random_init, device, seed)
     dev = next(enc.parameters()).device
-    store = dev if dev.type == "cuda" else torch.device("cpu")
+    store = torch.device("cpu")     # fp16 on the host: M * N * D * 2 bytes; batches move to `dev` to train
 
     def split_features(split, shards):
         def compute():
-            loader = _shard_loader(shards, enc.cfg, label_key, extract_batch_size, num_workers, dev)
-            return extract_features(enc, loader, desc=f"{split} features", label_key=label_key,
-                                    store_device=store, progress=progress)
+            return _shard_features(enc, shards, split, label_key, extract_batch_size, num_workers, store,
+                                   progress)
         ident = {"encoder": name, "seed": seed, "shards": shards, "label_key": label_key,
                  "img_size": enc.cfg.img_size}
         try:

@@ -44,7 +44,8 @@ class DataSection:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     tokenizer: str | None = None
-    synthetic_num: int = 2048          # size of the embedded synthetic dataset when shards is None
+    synthetic_num: int = 2048          # samples of the embedded synthetic dataset when shards is None
+    synthetic_size: int | None = None  # its stored image size (None: the data package's default, 224)
     seed: int = 0
 
 

@@ -1,0 +1,189 @@
+"""Encoder features for a folder of images or webdataset shards, written as one safetensors file.
+
+    aimv2 embed --checkpoint CKPT --data DIR|SHARDS --out feats.safetensors [--pool mean|none|both]
+
+Per image i (in file-name order for a folder, stream order for shards) with tokens x_i (N, D) from the
+frozen, fully bidirectional encoder:
+    "pooled": (M, D)     mean_n x_i[n]                 (pool = "mean" or "both")
+    "patch":  (M, N, D)  x_i, row-major patch grid       (pool = "none" or "both")
+Metadata (safetensors header, strings): "names" (JSON list of the M file names relative to DIR, or
+shard keys), "skipped" (JSON list of unreadable files), "num_skipped", "source", "img_size", "dim",
+"num_patches", "pool".
+
+Folder images (jpg / jpeg / png / webp / bmp, any size, any mode) are converted to RGB, resized so the
+shorter side is S (bicubic), center-cropped to S x S (S = the encoder's resolution) and normalised with
+the ImageNet mean / std of the training pipeline. Files that fail to decode are skipped and counted.
+All features are held in memory before writing: per-patch output costs M * N * D * 4 bytes in fp32.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+POOLS = ("mean", "none", "both")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _norm_stats():
+    """The data pipeline's normalisation when it exports one, else ImageNet's (SPEC §5)."""
+    try:
+        from aimv2 import data as D
+        mean, std = getattr(D, "IMAGENET_MEAN", None), getattr(D, "IMAGENET_STD", None)
+        if mean is not None and std is not None:
+            return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    except ImportError:
+        pass
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def list_images(folder: str) -> list[str]:
+    """Image files under `folder` (recursive), as sorted paths relative to it."""
+    out = []
+    for root, _, files in os.walk(folder):
+        for f in files:
+            if f.lower().endswith(IMAGE_EXTS):
+                out.append(os.path.relpath(os.path.join(root, f), folder))
+    return sorted(out)
+
+
+def load_image(path: str, size: int, mean, std) -> torch.Tensor:
+    """RGB, shorter side -> size (bicubic), center crop size x size, normalised: (3, size, size) fp32."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")                             # decodes fully: truncated files raise here
+        w, h = im.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        im = im.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0  # (3, S, S)
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    return (x - m) / s
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Items (index, image (3, S, S) or None when the file cannot be decoded)."""
+
+    def __init__(self, folder: str, size: int):
+        self.folder, self.size = folder, size
+        self.names = list_images(folder)
+        self.mean, self.std = _norm_stats()
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        try:
+            return i, load_image(os.path.join(self.folder, self.names[i]), self.size, self.mean, self.std)
+        except Exception as e:                                 # noqa: BLE001 - PIL raises many types
+            log.debug("embed: skipping %s: %s", self.names[i], e)
+            return i, None
+
+
+def _collate(items):
+    ok = [(i, x) for i, x in items if x is not None]
+    bad = [i for i, x in items if x is None]
+    images = torch.stack([x for _, x in ok]) if ok else None
+    return {"index": [i for i, _ in ok], "bad": bad, "images": images}
+
+
+def _is_image_folder(data: str) -> bool:
+    return os.path.isdir(data) and not glob.glob(os.path.join(data, "*.tar")) and bool(list_images(data))
+
+
+def _shards_of(data):
+    if isinstance(data, str) and os.path.isdir(data):
+        tars = sorted(glob.glob(os.path.join(data, "*.tar")))
+        if not tars:
+            raise ValueError(f"data: {data!r} holds neither images ({', '.join(IMAGE_EXTS)}) nor .tar shards")
+        return tars
+    return data
+
+
+@torch.no_grad()
+def embed(checkpoint=None, *, encoder=None, data, out: str, pool: str = "mean", batch_size: int = 32,
+          num_workers: int = 0, device=None, dtype=torch.float32, preset: str | None = None,
+          img_size: int | None = None, progress: bool = True) -> dict:
+    """Write encoder features of `data` (image folder or shards) to `out` (safetensors); see module doc.
+
+    checkpoint: anything `aimv2.weights.load_encoder` reads (or pass `encoder`). dtype: storage dtype of
+    the features. Returns dict(out, num_images, num_skipped, skipped, names, keys (tensor names)).
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    if pool not in POOLS:
+        raise ValueError(f"pool: expected one of {POOLS}, got {pool!r}")
+    if (checkpoint is None) == (encoder is None):
+        raise ValueError("embed: give exactly one of checkpoint or encoder")
+    if encoder is None:
+        from aimv2.eval.hub import from_pretrained
+        encoder = from_pretrained(checkpoint, device=device, preset=preset, img_size=img_size)
+        source = str(checkpoint)
+    else:
+        source = f"encoder:{encoder.cfg.name}"
+    encoder.eval()
+    p = next(encoder.parameters())
+    cfg = encoder.cfg
+    names, skipped, pooled, patches = [], [], [], []
+
+    if isinstance(data, str) and _is_image_folder(data):
+        ds = ImageFolder(data, cfg.img_size)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
+                                             collate_fn=_collate)
+        total = len(loader)
+    else:
+        from aimv2.data import DataConfig, build_loader
+        ds = None
+        loader = build_loader(DataConfig(shards=_shards_of(data), image_size=cfg.img_size,
+                                         patch_size=cfg.patch_size, batch_size=batch_size,
+                                         num_workers=num_workers, train=False, label_key=None,
+                                         return_keys=True, device=str(p.device)))
+        total = None
+    seen = 0
+    for batch in tqdm(loader, desc="embed", unit="batch", total=total, disable=not progress):
+        if ds is not None:
+            names += [ds.names[i] for i in batch["index"]]
+            skipped += [ds.names[i] for i in batch["bad"]]
+        images = batch["images"]
+        if images is None:
+            continue
+        B = images.shape[0]
+        if ds is None:
+            names += [str(k) for k in batch["keys"]]                         # "<shard path>:<key>"
+        seen += B
+        x = encoder(images.to(p.device, p.dtype, non_blocking=True))       # (B, N, D)
+        if pool in ("mean", "both"):
+            pooled.append(x.float().mean(1).to("cpu", dtype))                # (B, D)
+        if pool in ("none", "both"):
+            patches.append(x.to("cpu", dtype))                               # (B, N, D)
+    if ds is not None and not ds.names:
+        raise ValueError(f"data: no images in {data!r}")
+    if seen == 0:
+        raise ValueError(f"data: none of the images in {data!r} could be read ({len(skipped)} skipped)")
+    tensors = {}
+    if pooled:
+        tensors["pooled"] = torch.cat(pooled).contiguous()                  # (M, D)
+    if patches:
+        tensors["patch"] = torch.cat(patches).contiguous()                  # (M, N, D)
+    meta = {"names": json.dumps(names), "skipped": json.dumps(skipped), "num_skipped": str(len(skipped)),
+            "source": source, "img_size": str(cfg.img_size), "dim": str(cfg.dim),
+            "num_patches": str(cfg.num_patches), "pool": pool}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_file(tensors, out, metadata=meta)
+    if skipped:
+        log.warning("embed: skipped %d unreadable image(s): %s", len(skipped), ", ".join(skipped[:5]))
+    return {"out": out, "num_images": seen, "num_skipped": len(skipped), "skipped": skipped,
+            "names": names, "keys": sorted(tensors)}

@@ -1,0 +1,110 @@
+"""`aimv2 train` and `aimv2 plot` (registered into aimv2/cli.py by `register(subparsers)`).
+
+Config resolution (later wins): --preset | --config FILE.yaml | <out>/config.yaml (with --resume and
+neither of the first two), then the everyday flags, then every --set section.key=value.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# everyday flag -> config key
+FLAG_KEYS = {"steps": "run.steps", "batch_size": "data.batch_size", "lr": "optim.lr",
+             "log_every": "run.log_every", "ckpt_every": "run.ckpt_every", "out": "run.out",
+             "data": "data.shards", "grad_accum": "optim.grad_accum", "device": "run.device",
+             "compile": "run.compile"}
+
+
+def build_config(args):
+    from .config import TrainConfig, load_yaml
+
+    if args.config:
+        d = load_yaml(args.config)
+        preset = args.preset or d.pop("preset", None)
+        d.pop("preset", None)
+        cfg = (TrainConfig.from_preset(preset) if preset else TrainConfig()).merge(d)
+    elif args.preset:
+        cfg = TrainConfig.from_preset(args.preset)
+    elif args.resume and args.out and (Path(args.out) / "config.yaml").is_file():
+        cfg = TrainConfig.from_yaml(Path(args.out) / "config.yaml")
+    else:
+        raise ValueError("aimv2 train: pass --preset NAME or --config FILE.yaml "
+                         "(or --resume --out RUN_DIR of an existing run)")
+    over = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    if args.resume:
+        over["run.resume"] = True
+    if args.no_progress:
+        over["run.progress"] = False
+    return cfg.merge(over).set(args.set or [])
+
+
+def cmd_train(args) -> int:
+    from .trainer import NonFiniteLossError, train
+
+    try:
+        cfg = build_config(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    try:
+        res = train(cfg)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(f"step {res.step}" + (f" (stopped by {res.stopped_by})" if res.stopped_by else "")
+          + (f"  loss {res.loss:.4f}" if res.loss is not None else ""))
+    print(f"checkpoint  {res.checkpoint}")
+    print(f"metrics     {res.metrics}")
+    for p in res.plots:
+        print(f"plot        {p}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot_run
+
+    try:
+        paths = plot_run(args.run_dir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0
+
+
+def register(subparsers) -> None:
+    from aimv2.presets import list_presets
+
+    p = subparsers.add_parser("train", help="pre-train an AIMv2 encoder (torch.compile, DDP/FSDP2 under torchrun)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list_presets(), help="model preset (the base config)")
+    p.add_argument("--config", help="YAML file with model/data/optim/run sections (optional 'preset:')")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override any config key, e.g. --set optim.warmup_steps=500 (repeatable)")
+    p.add_argument("--data", help="training shards (pattern or dir); default: the embedded synthetic dataset")
+    p.add_argument("--out", help="run directory (default runs/aimv2)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest whole checkpoint in --out")
+    p.add_argument("--steps", type=int, help="optimizer steps in total")
+    p.add_argument("--batch-size", type=int, help="global batch size per optimizer step")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--log-every", type=int, help="steps between metrics rows")
+    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints (<= 0: only at the end)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile every block (default: on for a GPU, off for a CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_train)
+
+    q = subparsers.add_parser("plot", help="write PNG loss / throughput plots of a run directory")
+    q.add_argument("run_dir", help="run directory holding metrics.jsonl")
+    q.set_defaults(func=cmd_plot)

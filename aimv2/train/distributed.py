@@ -1,0 +1,134 @@
+"""torchrun integration: process group, device, DDP / FSDP2 wrapping and full (gathered) state dicts.
+
+- `torchrun --nproc-per-node K -m aimv2.cli train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; the
+  process group uses NCCL on GPUs, gloo on CPUs.
+- "ddp": DistributedDataParallel over the whole pretrainer (gradients all-reduced in fp32).
+- "fsdp": FSDP2 `fully_shard` on every encoder and decoder block, then on the root (embeddings,
+  heads). With bf16 precision: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), i.e.
+  bf16 compute copies of fp32 sharded master weights, fp32 gradient reduce-scatter.
+- Checkpoints hold FULL state dicts (gathered to rank 0 with CPU offload, keyed by parameter name;
+  optimizer state keyed by name too), so a run saved on K ranks resumes on any other world size.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    mode: str                   # "none" | "ddp" | "fsdp"
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(spec: str, local_rank: int) -> torch.device:
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run.device={spec!r}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+def init_distributed(mode: str, device_spec: str) -> DistInfo:
+    """Read the torchrun environment, start the process group when WORLD_SIZE > 1, pick the mode."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_spec, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world == 1:
+        mode = "none"
+    elif mode == "auto":
+        mode = "ddp"
+    elif mode == "none":
+        raise ValueError(f"run.distributed='none' but WORLD_SIZE={world}: use 'ddp' or 'fsdp' under torchrun")
+    return DistInfo(rank, world, local_rank, mode, device)
+
+
+def wrap_model(model: nn.Module, info: DistInfo, bf16: bool) -> nn.Module:
+    if info.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+    if info.mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        kw = {"mesh": mesh}
+        if bf16:
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for blk in [*model.encoder.trunk.blocks, *model.decoder.trunk.blocks]:
+            fully_shard(blk, **kw)
+        fully_shard(model, **kw)
+        return model
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
+
+
+def grad_sync(model: nn.Module, info: DistInfo, sync: bool):
+    """Context for one micro-batch's backward: skip the gradient all-reduce / reduce-scatter on all
+    but the last micro-batch of an accumulation."""
+    if info.mode == "ddp" and not sync:
+        return model.no_sync()
+    if info.mode == "fsdp":
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) full state dicts on the CPU, keyed by parameter name. Collective under
+    FSDP: every rank calls it; only rank 0's copy is complete."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=opts),
+            get_optimizer_state_dict(model, optimizer, options=opts))
+
+
+def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict,
+                          optim_sd: dict | None) -> None:
+    """Inverse of `full_state_dicts`; every rank passes the full dicts (read from the checkpoint)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_sd, options=opts)
+    if optim_sd is not None:
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+
+
+def all_reduce_(t: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:
+    if info.world_size > 1:
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+        dist.all_reduce(t, op=ops[op])
+    return t
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world_size > 1:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,269 @@
+"""Benchmark of prefix-causal flash attention (issue 4) against the attention baselines.
+
+Shapes (bf16, B=128, H=8, D=128; q, k, v are views of one (B, N, 3, H, D) qkv buffer, as in the model):
+
+    encoder     N = 256, 576, 1024, prefix P_b ~ U{1..N-1} per sample (seeded)    mask "prefix"
+    decoder     N = 334, causal (P = 0)                                          mask "causal"
+    inference   N = 256, 1024, bidirectional (P = N)                             mask "none"
+
+Providers, in the same run (each row's `mask` says what that provider computed):
+
+    aimv2               aimv2.kernels.prefix_attention (masked tiles skipped)
+    sdpa_dense          SDPA with the dense (B, 1, N, N) boolean mask (what reference frameworks do)
+    flex                torch.compile(flex_attention) with mask_mod `kv < P[b] or q >= kv` + BlockMask
+    sdpa_flash_causal   SDPA is_causal=True on the flash backend    } plain causal: the yardstick
+    sdpa_cudnn_causal   SDPA is_causal=True on the cuDNN backend    } (a little less work than prefix)
+    flash_attn, xformers  causal (or unmasked) kernels, when importable
+    eager_ref, compile_ref  prefix_attention_ref eager / torch.compile'd (fp32 scores: slow, big)
+On bidirectional shapes the sdpa rows run unmasked and are named sdpa_flash / sdpa_cudnn.
+
+TFLOP/s count only unmasked (i, j) pairs of the mask the provider computed: forward 4 * D flops per
+pair, backward 2.5x that (5 matmuls vs 2), forward+backward 3.5x; pct_of_ceiling against the bf16
+matmul TFLOP/s measured in the same run. Backward times `torch.autograd.grad` on a retained graph.
+peak_mem_mb: what one call allocates above its inputs.
+
+    python benchmarks/bench_attention.py                       # GPU: all shapes and providers
+    python benchmarks/bench_attention.py --shapes encoder-1024 --providers aimv2,flex
+    pytest benchmarks/bench_attention.py                       # the same through pytest-benchmark
+    python benchmarks/bench_attention.py --quick               # CPU smoke run (interpreter, tiny)
+
+Rows (CONVENTIONS.md schema) go to benchmarks/results/attention-<device>-<date>.json (a temp dir
+with --quick unless --out is given).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PASSES = ("fwd", "bwd", "fwdbwd")
+_DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
+# name -> (N, mask kind)
+SHAPES = {"encoder-256": (256, "prefix"), "encoder-576": (576, "prefix"), "encoder-1024": (1024, "prefix"),
+          "decoder-334": (334, "causal"), "inference-256": (256, "none"), "inference-1024": (1024, "none")}
+PROVIDERS = ("aimv2", "sdpa_dense", "flex", "sdpa_flash_causal", "sdpa_cudnn_causal", "flash_attn",
+             "xformers", "eager_ref", "compile_ref")
+
+
+@dataclass
+class Case:
+    name: str
+    B: int
+    H: int
+    N: int
+    D: int
+    kind: str                 # "prefix" | "causal" | "none"
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    dout: torch.Tensor
+    prefix_len: object        # int tensor (B,) or int
+
+    @property
+    def shape(self) -> str:
+        return f"B={self.B},H={self.H},N={self.N},D={self.D},mask={self.kind}"
+
+
+def make_case(name: str, B: int, H: int, D: int, device, dtype, N: int | None = None) -> Case:
+    N_, kind = SHAPES[name]
+    N = N or N_
+    g = torch.Generator(device="cpu").manual_seed(0)
+    qkv = torch.randn(B, N, 3, H, D, generator=g).to(device=device, dtype=dtype)
+    # 3 x (B, H, N, D) strided views of the qkv buffer, made leaves that require grad
+    q, k, v = (t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
+    dout = torch.randn(B, H, N, D, generator=g).to(device=device, dtype=dtype)
+    plen = {"prefix": torch.randint(1, N, (B,), generator=g).to(device), "causal": 0, "none": N}[kind]
+    return Case(name, B, H, N, D, kind, q, k, v, dout, plen)
+
+
+def unmasked_pairs(case: Case, mask: str) -> float:
+    """Visible (i, j) pairs summed over batch and heads: prefix rows i < P see P keys, rows i >= P
+    see i + 1 keys, so P^2 + (N(N+1) - P(P+1)) / 2 per (b, h)."""
+    N = case.N
+    if mask == "none":
+        per_b = torch.full((case.B,), float(N * N))
+    elif mask == "causal":
+        per_b = torch.full((case.B,), N * (N + 1) / 2)
+    else:
+        P = case.prefix_len.double().cpu()
+        per_b = P * P + (N * (N + 1) - P * (P + 1)) / 2
+    return float(per_b.sum()) * case.H
+
+
+def _sdpa_backend(backend: str, causal: bool) -> Callable:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def fn(q, k, v):
+        with sdpa_kernel(be):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return fn
+
+
+def providers(case: Case, wanted) -> dict[str, tuple[Callable, str]]:
+    """provider name -> (fn(q, k, v) -> out, mask it computes). Unavailable ones are left out (logged)."""
+    from aimv2.kernels import prefix_attention, prefix_attention_ref, prefix_mask
+    B, N, plen, kind = case.B, case.N, case.prefix_len, case.kind
+    cuda = case.q.is_cuda
+    causal = kind != "none"
+    out = {}
+    if "aimv2" in wanted:
+        out["aimv2"] = (lambda q, k, v: prefix_attention(q, k, v, plen), kind)
+    if "sdpa_dense" in wanted:
+        dense = prefix_mask(plen, B, N, case.q.device)                       # (B, 1, N, N) bool
+        out["sdpa_dense"] = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), kind)
+    if "flex" in wanted and cuda:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
+        if kind == "prefix":
+            P = plen.to(torch.int32)
+            block_mask = create_block_mask(lambda b, h, qi, kv: (kv < P[b]) | (qi >= kv), B, None, N, N,
+                                           device=case.q.device)
+        elif kind == "causal":
+            block_mask = create_block_mask(lambda b, h, qi, kv: qi >= kv, None, None, N, N, device=case.q.device)
+        else:
+            block_mask = None
+        out["flex"] = (lambda q, k, v: flex(q, k, v, block_mask=block_mask), kind)
+    suffix = "_causal" if causal else ""
+    for be in ("flash", "cudnn"):
+        if f"sdpa_{be}_causal" in wanted and cuda:
+            out[f"sdpa_{be}{suffix}"] = (_sdpa_backend(be, causal), "causal" if causal else "none")
+    if "flash_attn" in wanted and cuda:
+        try:
+            from flash_attn import flash_attn_func
+            out["flash_attn"] = (lambda q, k, v: flash_attn_func(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2),
+                "causal" if causal else "none")
+        except ImportError as e:
+            print(f"  flash_attn unavailable: {e}")
+    if "xformers" in wanted and cuda:
+        try:
+            import xformers.ops as xops
+            bias = xops.LowerTriangularMask() if causal else None
+            out["xformers"] = (lambda q, k, v: xops.memory_efficient_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias).transpose(1, 2),
+                "causal" if causal else "none")
+        except ImportError as e:
+            print(f"  xformers unavailable: {e}")
+    if "eager_ref" in wanted:
+        out["eager_ref"] = (lambda q, k, v: prefix_attention_ref(q, k, v, plen), kind)
+    if "compile_ref" in wanted and cuda:
+        ref_c = torch.compile(prefix_attention_ref)
+        out["compile_ref"] = (lambda q, k, v: ref_c(q, k, v, plen), kind)
+    return out
+
+
+def pass_fn(case: Case, fn: Callable, pass_: str) -> Callable:
+    qkv = (case.q, case.k, case.v)
+    if pass_ == "fwd":
+        return lambda: fn(*qkv)
+    if pass_ == "fwdbwd":
+        return lambda: torch.autograd.grad(fn(*qkv), qkv, case.dout)
+    out = fn(*qkv)
+    return lambda: torch.autograd.grad(out, qkv, case.dout, retain_graph=True)
+
+
+def run_case(case: Case, wanted, ceilings: dict, command: str, log=print) -> list[dict]:
+    from _common import bench, peak_mem_mb, result_row
+    rows = []
+    for provider, (fn, mask) in providers(case, wanted).items():
+        pairs = unmasked_pairs(case, mask)
+        for pass_ in PASSES:
+            try:
+                f = pass_fn(case, fn, pass_)
+                f()                                                    # warm-up / compile
+                ms, p20, p80 = bench(f)
+                peak = peak_mem_mb(f)
+            except Exception as e:                                      # a baseline that cannot run
+                log(f"  {case.name:15s} {pass_:6s} {provider:18s} FAILED: {type(e).__name__}: {str(e)[:200]}")
+                if case.q.is_cuda:
+                    torch.cuda.empty_cache()
+                continue
+            tflops = FLOP_FACTOR[pass_] * 4 * case.D * pairs / (ms * 1e-3) / 1e12
+            pct = 100 * tflops / ceilings["bf16_tflops"] if ceilings.get("bf16_tflops") else None
+            rows.append(result_row(op="prefix_attention", pass_=pass_, shape=case.shape,
+                                   dtype=_DT[case.q.dtype], provider=provider, ms=ms,
+                                   ms_p20=p20, ms_p80=p80, tflops=tflops, pct_of_ceiling=pct,
+                                   peak_mem_mb=peak, command=command, mask=mask, case=case.name,
+                                   unmasked_pairs=pairs))
+            log(f"  {case.name:15s} {pass_:6s} {provider:18s} {ms:9.3f} ms {tflops:7.1f} TFLOP/s"
+                + (f" {pct:5.1f}%" if pct is not None else "") + (f" {peak:8.0f} MB" if peak else ""))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=None, help="comma-separated names (default: all; --quick: "
+                    "encoder-256,decoder-334,inference-256, one per mask kind)")
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shapes, interpreter")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; temp dir with --quick)")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.quick:
+        print("bench_attention: no CUDA device; use --quick for a CPU smoke run", file=sys.stderr)
+        return 2
+    if not cuda:                       # before aimv2.kernels defines its @triton.jit functions
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from _common import measure_ceilings, write_results
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32    # bf16 tl.dot is broken in the interpreter
+    B, H, D = (2, 2, 64) if args.quick else (args.batch, 8, 128)
+    ceilings = measure_ceilings() if cuda else {}
+    print(f"ceilings: {ceilings}")
+    command = " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv)))
+    wanted = set(args.providers.split(","))
+    rows = []
+    shapes = args.shapes or ("encoder-256,decoder-334,inference-256" if args.quick else ",".join(SHAPES))
+    for name in shapes.split(","):
+        N = max(8, SHAPES[name][0] // 16) if args.quick else None
+        rows += run_case(make_case(name, B, H, D, device, dtype, N), wanted, ceilings, command)
+        if cuda:
+            torch.cuda.empty_cache()
+    out = args.out or (tempfile.mkdtemp(prefix="aimv2-bench-") if args.quick else None)
+    path = write_results(rows, "attention", out_dir=out, extra={"ceilings": ceilings})
+    print(f"wrote {len(rows)} rows to {path}")
+    return 0
+
+
+# ------------------------------------------------------------------ pytest-benchmark harness
+try:
+    import pytest
+except ImportError:                    # the CLI does not need pytest
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture(scope="module")
+    def _session():
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA")
+        from _common import measure_ceilings, write_results
+        state = {"ceilings": measure_ceilings(), "rows": []}
+        yield state
+        if state["rows"]:
+            print(f"wrote {write_results(state['rows'], 'attention', extra={'ceilings': state['ceilings']})}")
+
+    @pytest.mark.parametrize("name", list(SHAPES))
+    def test_attention_benchmark(benchmark, _session, name):
+        case = make_case(name, 128, 8, 128, torch.device("cuda"), torch.bfloat16)
+        rows = run_case(case, set(PROVIDERS), _session["ceilings"], "pytest benchmarks/bench_attention.py")
+        _session["rows"] += rows
+        benchmark.extra_info["rows"] = rows
+        f = pass_fn(case, providers(case, {"aimv2"})["aimv2"][0], "fwdbwd")
+        benchmark.pedantic(lambda: (f(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""End-to-end training-step throughput of AIMv2 (issue [gpu-e2e]): images/s, MFU, memory, profile.
+
+Times full training steps (forward, backward, fused AdamW step) of the pretrainer (encoder + decoder,
+bf16 autocast) on data already on the GPU, for three recipes side by side in one run:
+
+    eager_ref   eager PyTorch, SDPA with the dense (B, 1, N, N) prefix mask (the reference frameworks)
+    flex        torch.compile per block + FlexAttention with the prefix BlockMask
+    aimv2       torch.compile per block + our Triton kernels (attention, RMSNorm+residual, SwiGLU, loss)
+
+For each: images/s, achieved TFLOP/s and MFU (FLOPs from `aimv2.model.flops_per_sample`, against the
+bf16 matmul ceiling measured in the same run and against the datasheet peak), peak memory, and the
+share of GPU time in attention / GEMMs / norms+activations / losses / optimizer / other, from a
+torch.profiler trace (kernel-name rules in `CATEGORIES`). `--max-batch` also searches each recipe's
+largest batch (halving on OOM). `--real-data SHARDS` then runs the `aimv2` recipe on the GPU decode
+pipeline (DALI when installed, else the torch backend) and reports the data-wait share.
+
+    python benchmarks/bench_step.py --preset aimv2-large --batch 128 [--max-batch] [--real-data 'shards/{0..9}.tar']
+    python benchmarks/bench_step.py --quick          # CPU smoke run (tiny model), results to a temp dir
+
+Rows (CONVENTIONS.md schema) go to benchmarks/results/step-<device>-<date>.json; `pass` = "step",
+with `images_per_s`, `mfu`, `mfu_datasheet`, `peak_mem_mb`, `profile_share`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+RECIPES = {  # name -> (attn_backend, impl, compile)
+    "eager_ref": ("sdpa", "torch", False),
+    "flex": ("flex", "torch", True),
+    "aimv2": ("triton", "triton", True),
+}
+
+CATEGORIES = [  # first match wins; lower-case substring rules on GPU kernel names
+    ("attention", ("prefix_attention", "flash", "fmha", "attn", "flex", "sdpa", "cudnn_mha", "softmax")),
+    ("losses", ("patch_l2", "cross_entropy", "nll_loss", "log_softmax")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "fused_adam")),
+    ("gemm", ("gemm", "matmul", "cutlass", "xmma", "nvjet", "sm90", "sm80", "cublas", "aten::mm", "addmm",
+              "bmm", "conv")),
+    ("norms_activations", ("rms", "swiglu", "silu", "norm", "triton_poi", "triton_red", "triton_per",
+                           "elementwise", "vectorized", "reduce")),
+]
+
+
+def categorize(name: str) -> str:
+    n = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in n for k in keys):
+            return cat
+    return "other"
+
+
+def make_batch(cfg, B, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    images = torch.randn(B, 3, cfg.img_size, cfg.img_size, generator=g).to(device)
+    text = torch.randint(2, cfg.vocab_size, (B, cfg.text_len), generator=g)
+    text[:, 40:] = cfg.pad_id
+    prefix = torch.randint(1, cfg.num_patches, (B,), generator=g)
+    return images, text.to(device), prefix.to(device)
+
+
+def build(recipe, preset, img_size, device):
+    from aimv2.model import AIMv2Pretrainer
+    from aimv2.presets import get_preset
+    from aimv2.train.trainer import compile_blocks
+    attn, impl, comp = RECIPES[recipe]
+    cfg = get_preset(preset, img_size=img_size, attn_backend=attn, impl=impl)
+    model = AIMv2Pretrainer(cfg).to(device)
+    if comp:
+        compile_blocks(model)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+    return cfg, model, opt
+
+
+def step_fn(model, opt, device):
+    bf16 = device.type == "cuda"
+
+    def step(images, text, prefix):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(images, text, prefix)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out["loss"].detach()
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step, batch, device, warmup, iters):
+    for _ in range(warmup):
+        step(*batch)
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step(*batch)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]      # noqa: E731
+    return q(0.5), q(0.2), q(0.8)
+
+
+def profile_share(step, batch, device, iters=3) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
+        for _ in range(iters):
+            step(*batch)
+        sync(device)
+    tot: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = ev.device_time_total if device.type == "cuda" else ev.self_cpu_time_total
+        if device.type == "cuda" and getattr(ev, "device_type", None) is not None and "CUDA" not in str(ev.device_type):
+            continue
+        if t <= 0:
+            continue
+        c = categorize(ev.key)
+        tot[c] = tot.get(c, 0.0) + t
+    s = sum(tot.values()) or 1.0
+    return {k: round(v / s, 4) for k, v in sorted(tot.items(), key=lambda kv: -kv[1])}
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def largest_batch(recipe, args, device, start):
+    B = start
+    while B >= 1:
+        try:
+            cfg, model, opt = build(recipe, args.preset, args.img_size, device)
+            step_fn(model, opt, device)(*make_batch(cfg, B, device))
+            sync(device)
+            return B
+        except Exception as e:          # noqa: BLE001 - OOM surfaces as several exception types
+            if not is_oom(e):
+                raise
+            B //= 2
+        finally:
+            model = opt = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return 0
+
+
+def run_recipe(recipe, B, args, device, ceilings, common):
+    from _common import result_row
+    from aimv2.model import flops_per_sample
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    cfg, model, opt = build(recipe, args.preset, args.img_size, device)
+    step = step_fn(model, opt, device)
+    batch = make_batch(cfg, B, device)
+    ms, p20, p80 = (t * 1e3 for t in time_steps(step, batch, device, args.warmup, args.iters))
+    ips = B / (ms / 1e3)
+    tflops = flops_per_sample(cfg) * ips / 1e12
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    share = profile_share(step, batch, device) if args.profile else {}
+    row = result_row(op="train_step", pass_="step", shape=f"B={B},S={cfg.img_size},N={cfg.num_patches}",
+                     dtype="bf16" if device.type == "cuda" else "fp32", provider=recipe, ms=ms,
+                     ms_p20=p20, ms_p80=p80, tflops=tflops,
+                     pct_of_ceiling=100 * tflops / ceilings["bf16_tflops"] if ceilings.get("bf16_tflops") else None,
+                     peak_mem_mb=peak, **common)
+    row.update(images_per_s=ips, preset=args.preset, batch=B,
+               mfu=tflops / ceilings["bf16_tflops"] if ceilings.get("bf16_tflops") else None,
+               mfu_datasheet=tflops / ceilings["datasheet_bf16_tflops"] if ceilings.get("datasheet_bf16_tflops") else None,
+               profile_share=share)
+    print(f"{recipe:>10}  B={B:<4} {ms:9.1f} ms/step  {ips:9.1f} img/s  {tflops:7.1f} TFLOP/s  "
+          f"MFU {100 * (row['mfu'] or 0):5.1f}%  peak {peak or 0:8.0f} MB  {share}")
+    return row
+
+
+def run_real_data(args, device, B, common):
+    """The aimv2 recipe fed by the decode pipeline: data-wait share of the step time."""
+    from _common import result_row
+    from aimv2.data import DataConfig, build_loader
+    cfg, model, opt = build("aimv2" if device.type == "cuda" else "eager_ref", args.preset, args.img_size, device)
+    step = step_fn(model, opt, device)
+    loader = build_loader(DataConfig(shards=args.real_data, image_size=cfg.img_size, batch_size=B,
+                                     device=str(device), num_workers=args.workers))
+    it = iter(loader)
+    wait = total = 0.0
+    n = 0
+    for i in range(args.warmup + args.iters):
+        t0 = time.perf_counter()
+        batch = next(it)
+        sync(device)
+        t1 = time.perf_counter()
+        step(batch["images"], batch["text"], batch["prefix_len"])
+        sync(device)
+        t2 = time.perf_counter()
+        if i >= args.warmup:
+            wait, total, n = wait + (t1 - t0), total + (t2 - t0), n + 1
+    row = result_row(op="train_step_real_data", pass_="step", shape=f"B={B},S={cfg.img_size}",
+                     dtype="bf16" if device.type == "cuda" else "fp32", provider=f"aimv2+{loader.backend if hasattr(loader, 'backend') else 'loader'}",
+                     ms=1e3 * total / n, **common)
+    row.update(images_per_s=B * n / total, data_wait_pct=100 * wait / total, stats=loader.stats())
+    print(f"real data: {B * n / total:.1f} img/s, data wait {100 * wait / total:.1f}%")
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="aimv2-large")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--recipes", default="eager_ref,flex,aimv2")
+    ap.add_argument("--max-batch", action="store_true", help="also each recipe at its largest batch")
+    ap.add_argument("--real-data", default=None, help="shards for the decode-pipeline run")
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 2 steps")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; temp dir with --quick)")
+    args = ap.parse_args(argv)
+
+    from _common import measure_ceilings, write_results
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.quick:
+        print("bench_step: no CUDA device; use --quick for a CPU smoke run", file=sys.stderr)
+        return 2
+    recipes = args.recipes.split(",")
+    if args.quick:
+        os.environ.setdefault("TRITON_INTERPRET", "1") if device.type == "cpu" else None
+        args.preset, args.img_size, args.batch, args.warmup, args.iters = "aimv2-tiny", 56, 2, 1, 2
+        if device.type == "cpu":       # FlexAttention has no backward on CPU; compile is slow there
+            recipes = [r for r in recipes if r == "eager_ref"]
+    ceilings = measure_ceilings() if device.type == "cuda" else {}
+    common = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+    rows = [run_recipe(r, args.batch, args, device, ceilings, common) for r in recipes]
+    if args.max_batch and device.type == "cuda":
+        for r in recipes:
+            B = largest_batch(r, args, device, 512)
+            if B and B != args.batch:
+                rows.append(run_recipe(r, B, args, device, ceilings, common))
+    if args.real_data:
+        rows.append(run_real_data(args, device, args.batch, common))
+    out = args.out or (tempfile.mkdtemp(prefix="aimv2-bench-") if args.quick else None)
+    path = write_results(rows, "step", out_dir=out, extra={"ceilings": ceilings})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Generate the README's performance tables from the result files in benchmarks/results/.
+
+    python benchmarks/report.py            # rewrite the block between the README markers
+    python benchmarks/report.py --print    # print the markdown instead
+
+One table per result file kind (kernels, attention, data, inference, step): each row is one
+measurement (op, pass, shape, provider) with ms, GB/s or TFLOP/s, % of the measured device ceiling,
+and the speed-up over the strongest same-run baseline (`compile_ref` for the memory-bound kernels,
+`flex` for attention and steps). Device and date come from the rows themselves.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+BASELINE = ("compile_ref", "flex", "hf_compile")
+
+
+def load_rows(results: Path = RESULTS) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for f in sorted(results.glob("*.json")):
+        try:
+            rows = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"report: skipping unreadable {f.name}: {e}", file=sys.stderr)
+            continue
+        if isinstance(rows, list) and rows:
+            groups[f.stem] = [r for r in rows if isinstance(r, dict)]
+    return groups
+
+
+def _fmt(x, nd=1):
+    return "" if x is None else f"{x:,.{nd}f}"
+
+
+def table(rows: list[dict]) -> str:
+    base = defaultdict(dict)          # (op, pass, shape, dtype) -> provider -> ms
+    for r in rows:
+        base[(r.get("op"), r.get("pass"), r.get("shape"), r.get("dtype"))][r.get("provider")] = r.get("ms")
+    out = ["| op | pass | shape | dtype | provider | ms | GB/s | TFLOP/s | % ceiling | img/s | vs baseline |",
+           "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        key = (r.get("op"), r.get("pass"), r.get("shape"), r.get("dtype"))
+        ref = next(((b, base[key][b]) for b in BASELINE if base[key].get(b)), None)
+        speed = f"{ref[1] / r['ms']:.2f}x {ref[0]}" if ref and r.get("ms") and r.get("provider") != ref[0] else ""
+        out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            r.get("op"), r.get("pass"), r.get("shape"), r.get("dtype"), r.get("provider"),
+            _fmt(r.get("ms"), 3), _fmt(r.get("gbps")), _fmt(r.get("tflops")), _fmt(r.get("pct_of_ceiling")),
+            _fmt(r.get("images_per_s")), speed))
+    return "\n".join(out)
+
+
+def render(groups: dict[str, list[dict]]) -> str:
+    if not groups:
+        return ("No GPU results committed yet: run `make bench` on a GPU, then "
+                "`python benchmarks/report.py` to fill this section.")
+    parts = []
+    for name, rows in groups.items():
+        dev, date = rows[0].get("device"), rows[0].get("date")
+        ceil = rows[0].get("ceilings") or {}
+        c = ", ".join(f"{k} {v:,.0f}" for k, v in ceil.items() if isinstance(v, (int, float)))
+        parts.append(f"#### {name}\n\n{dev}, {date}" + (f" (measured ceilings: {c})" if c else "")
+                     + "\n\n" + table(rows))
+    return "\n\n".join(parts)
+
+
+def update_readme(text: str, block: str) -> str:
+    if START not in text or END not in text:
+        raise ValueError(f"README has no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{block}\n{END}{tail}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--print", action="store_true")
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    args = ap.parse_args(argv)
+    block = render(load_rows(Path(args.results)))
+    if args.print:
+        print(block)
+        return 0
+    p = Path(args.readme)
+    p.write_text(update_readme(p.read_text(), block))
+    print(f"report: updated {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

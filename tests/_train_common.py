@@ -1,0 +1,46 @@
+"""Shared helpers of tests/test_train_*.py: a tiny model config, a small synthetic dataset, runners."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# aimv2-tiny cut down to seconds per run: 56 px (N = 16), one encoder and one decoder block.
+TINY = {"model.img_size": 56, "model.depth": 1, "model.dec_depth": 1}
+TINY_SET = [f"{k}={v}" for k, v in TINY.items()]
+
+
+def tiny_cfg(out, **over):
+    """TrainConfig: aimv2-tiny cut down, random-batch data, CPU, no progress bar / plots."""
+    from aimv2.train import TrainConfig
+    base = {**TINY, "run.out": str(out), "run.steps": 4, "run.log_every": 1, "run.ckpt_every": 0,
+            "run.progress": False, "run.plot": False, "run.device": "cpu", "data.batch_size": 4,
+            "data.source": "random", "optim.warmup_steps": 2, "optim.decay_steps": 20}
+    base.update(over)
+    return TrainConfig.from_preset("aimv2-tiny", **base)
+
+
+def rows(run_dir) -> list[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def losses(run_dir) -> dict[int, tuple]:
+    return {r["step"]: (r["loss"], r["pixel_loss"], r["text_loss"]) for r in rows(run_dir)}
+
+
+def cli_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def cli(args: list[str], **popen_kw) -> subprocess.Popen:
+    """Start `python -m aimv2.cli ARGS` in the repo root."""
+    return subprocess.Popen([sys.executable, "-m", "aimv2.cli", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kw)

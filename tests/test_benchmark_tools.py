@@ -1,0 +1,51 @@
+"""The benchmark tooling that needs no GPU: the README table generator and the step benchmark's
+CPU smoke path (the GPU numbers themselves are never asserted)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import report  # noqa: E402
+
+
+def _row(provider, ms, **kw):
+    return {"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-25", "op": "rms_norm", "pass": "fwd",
+            "shape": "32768x1024", "dtype": "bf16", "provider": provider, "ms": ms, **kw}
+
+
+def test_report_table_and_readme_block(tmp_path):
+    rows = [_row("compile_ref", 0.2, gbps=1500.0), _row("aimv2", 0.1, gbps=3000.0, pct_of_ceiling=90.0),
+            _row("eager_ref", 0.4, gbps=750.0)]
+    (tmp_path / "kernels-H100-2026-11-25.json").write_text(json.dumps(rows))
+    (tmp_path / "broken.json").write_text("{not json")
+    groups = report.load_rows(tmp_path)
+    assert list(groups) == ["kernels-H100-2026-11-25"]
+    md = report.render(groups)
+    lines = [ln for ln in md.splitlines() if ln.startswith("| rms_norm")]
+    assert len(lines) == 3
+    assert "2.00x compile_ref" in lines[1] and "3,000.0" in lines[1] and "90.0" in lines[1]
+    assert "0.50x compile_ref" in lines[2] and "x compile_ref" not in lines[0]
+    readme = f"intro\n{report.START}\nold\n{report.END}\ntail\n"
+    new = report.update_readme(readme, md)
+    assert new.startswith("intro\n") and new.endswith("tail\n") and "old" not in new
+    assert report.update_readme(new, md) == new
+    with pytest.raises(ValueError, match="markers"):
+        report.update_readme("no markers", md)
+
+
+def test_step_benchmark_cpu_smoke(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (f,) = tmp_path.glob("step-*.json")
+    rows = json.loads(f.read_text())
+    assert rows[0]["pass"] == "step" and rows[0]["provider"] == "eager_ref"
+    assert rows[0]["images_per_s"] > 0 and rows[0]["ms"] > 0
+    assert abs(sum(rows[0]["profile_share"].values()) - 1.0) < 1e-2
+    for key in ("device", "date", "git_sha", "torch", "triton", "command", "op", "shape", "dtype"):
+        assert key in rows[0]

@@ -1,0 +1,91 @@
+"""The embedded synthetic dataset: determinism, captions that match the scene, labels in the pixels, CLI."""
+import argparse
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aimv2.data import cli, synth
+from aimv2.data.synth import COLOURS, KINDS, NUM_CLASSES, SIZES, default_dataset, render_sample, write_synthetic_dataset
+
+
+def _members(path):
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def test_deterministic_per_seed_and_sharded(tmp_path):
+    a = write_synthetic_dataset(str(tmp_path / "a"), num=30, size=48, seed=4, shard_size=12, progress=False, workers=2)
+    b = write_synthetic_dataset(str(tmp_path / "b"), num=30, size=48, seed=4, shard_size=12, progress=False, workers=1)
+    c = write_synthetic_dataset(str(tmp_path / "c"), num=30, size=48, seed=5, shard_size=12, progress=False, workers=1)
+    assert [os.path.basename(p) for p in a] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert all(open(x, "rb").read() == open(y, "rb").read() for x, y in zip(a, b))  # byte-identical
+    ma = [m for p in a for m in _members(p)]
+    assert [n for n, _ in ma] == [f"{i:09d}.{e}" for i in range(30) for e in ("jpg", "txt", "json")]
+    assert ma[1][1] != [m for p in c for m in _members(p)][1][1]  # another seed, another caption
+    assert not [d for d in os.listdir(tmp_path) if ".tmp-" in d]  # staging directories removed
+
+
+def test_captions_labels_and_pixels_agree():
+    kinds_seen, labels = set(), set()
+    for i in range(120):
+        img, caption, meta = render_sample(i, 96, seed=2)
+        assert img.size == (96, 96) and img.mode == "RGB"
+        main = meta["shapes"][0]
+        assert meta["label"] == KINDS.index(main["kind"]) * len(COLOURS) + list(COLOURS).index(main["colour"])
+        assert 0 <= meta["label"] < NUM_CLASSES
+        # the main shape is named first, with its size and colour, and is strictly the largest
+        first = caption.split(" on a ")[0]
+        assert f"{main['size']} {main['colour']}" in first and main["kind"] in first
+        assert caption.find(main["kind"]) <= min(caption.find(s["kind"]) for s in meta["shapes"])
+        assert all(SIZES[s["size"]] < SIZES[main["size"]] for s in meta["shapes"][1:])
+        assert caption.endswith(f"{meta['background']} background") and len(meta["shapes"]) == meta["num_shapes"]
+        if main["texture"] == "solid":  # the centre pixel of a solid main shape shows its colour
+            px = np.asarray(img, np.float32)[int(main["y"] * 96), int(main["x"] * 96)]
+            assert np.abs(px - np.array(COLOURS[main["colour"]])).max() < 45, (i, px, main)
+        kinds_seen.add(main["kind"])
+        labels.add(meta["label"])
+    assert kinds_seen == set(KINDS) and len(labels) > 30
+
+
+def test_default_dataset_is_cached_and_atomic(tmp_path, monkeypatch):
+    root = str(tmp_path / "cache" / "synth")
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synth, "render_sample", boom)
+    with pytest.raises(KeyboardInterrupt):
+        default_dataset(root, num=10, size=32, shard_size=5, progress=False)
+    assert not os.path.exists(root)  # a crash mid-generation leaves no dataset behind
+    monkeypatch.undo()
+    pattern = default_dataset(root, num=10, size=32, shard_size=5, progress=False)
+    assert pattern == os.path.join(root, "{00000..00001}.tar")
+    stamp = os.path.getmtime(os.path.join(root, "00000.tar"))
+    assert default_dataset(root, num=10, size=32, shard_size=5, progress=False) == pattern
+    assert os.path.getmtime(os.path.join(root, "00000.tar")) == stamp  # not regenerated
+    assert sorted(os.listdir(tmp_path / "cache")) == ["synth", "synth.lock"]
+
+
+def test_cli_synth_index_inspect(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="aimv2")
+    cli.register(parser.add_subparsers(dest="cmd", required=True))
+    out = str(tmp_path / "ds")
+    args = parser.parse_args(["data", "synth", "--out", out, "--num", "9", "--size", "40", "--seed", "1",
+                              "--shard-size", "4", "--workers", "1", "--no-progress"])
+    assert args.func(args) == 0
+    assert sorted(f for f in os.listdir(out) if f.endswith(".tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    caption = _members(os.path.join(out, "00000.tar"))[1][1].decode()
+    assert caption == render_sample(0, 40, seed=1)[1]
+    args = parser.parse_args(["data", "index", out, "--dali"])
+    assert args.func(args) == 0 and os.path.exists(os.path.join(out, "00001.idx"))
+    sheet = str(tmp_path / "sheet.png")
+    args = parser.parse_args(["data", "inspect", out + "/{00000..00002}.tar", "--sheet", sheet, "--n", "5"])
+    assert args.func(args) == 0
+    report = capsys.readouterr().out
+    assert json.loads(report[report.index("{"): report.index("}") + 1])["samples"] == 9
+    assert Image.open(sheet).size[0] > 0
