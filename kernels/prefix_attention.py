@@ -326,26 +326,35 @@ def _capability(index: int) -> tuple[int, int]:
 
 
 def _tile_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, _Tiles]:
-    """Tile shapes per kernel ("fwd", "dkdv", "dq"): fixed tables, no autotuning.
+    """Tile shapes per kernel ("fwd", "dkdv", "dq"; "delta" uses only block_m): fixed tables.
 
     Interpreter: the cost is per program x op, so tiles are large, but BLOCK_M != BLOCK_N so the
     diagonal crosses several key tiles and every loop (unmasked, masked, N tail) runs on N ~ 17-97.
-    GPU: NOTE the H100 tables follow the usual FA2-in-Triton shapes (fwd 128x64, dk/dv kernel with
-    wide key tiles, dq kernel with tall query tiles; 8 warps at D=128 to spread the fp32
-    accumulators); they were not tuned on a GPU in this session (none was available).
+    GPU (NOTE: not timed in this session, no GPU was available): FA2-in-Triton shapes (fwd 128x64,
+    dk/dv with 128-key tiles, dq with 128-query tiles; 8 warps = one warpgroup per 64 rows of a
+    128-row wgmma). Checked by compiling for sm_90a (ptxas -v, triton 3.7.1): bf16 fwd D=64/128
+    and bwd D=64 have no register spills; bwd D=128 spills 56-140 bytes (every dk/dv tiling tried
+    spills 100-540 B); fp32 (FMA dots) uses 16-32 tiles: no spills except the D=128 forward
+    (~650 B; 64x32 tiles spilled 30-100 KB).
     """
     if is_interpreting():
-        return {"fwd": _Tiles(32, 16, 4, 1), "dkdv": _Tiles(16, 32, 4, 1), "dq": _Tiles(32, 16, 4, 1)}
+        return {"fwd": _Tiles(32, 16, 4, 1), "dkdv": _Tiles(16, 32, 4, 1), "dq": _Tiles(32, 16, 4, 1),
+                "delta": _Tiles(32, 0, 4, 1)}
     major = _capability(device.index if device.index is not None else torch.cuda.current_device())[0]
     stages = 3 if major >= 9 else 2
-    if dtype == torch.float32:      # 2x the bytes per tile: halve the tiles, fewer stages
-        return {"fwd": _Tiles(64, 32, 4, 2), "dkdv": _Tiles(32, 64, 4, 2), "dq": _Tiles(64, 32, 4, 2)}
-    if head_dim <= 64:
-        return {"fwd": _Tiles(128, 64, 4, stages), "dkdv": _Tiles(32, 128, 4, stages),
-                "dq": _Tiles(128, 32, 4, stages)}
+    delta = _Tiles(max(16, 4096 // head_dim), 0, 4, 1)       # 64 rows at D=64: no spills
+    if dtype == torch.float32:
+        w = 8 if head_dim > 64 else 4
+        return {"fwd": _Tiles(32, 32, w, 2), "dkdv": _Tiles(16, 32, w, 2), "dq": _Tiles(32, 32, w, 2),
+                "delta": delta}
     if major < 8:                   # small shared memory (e.g. T4): small tiles
-        return {"fwd": _Tiles(64, 32, 4, 2), "dkdv": _Tiles(32, 64, 4, 2), "dq": _Tiles(64, 32, 4, 2)}
-    return {"fwd": _Tiles(128, 64, 8, stages), "dkdv": _Tiles(32, 128, 8, 2), "dq": _Tiles(128, 32, 8, 2)}
+        return {"fwd": _Tiles(64, 32, 4, 2), "dkdv": _Tiles(32, 64, 4, 2), "dq": _Tiles(64, 32, 4, 2),
+                "delta": delta}
+    if head_dim <= 64:
+        return {"fwd": _Tiles(128, 64, 4, stages), "dkdv": _Tiles(32, 128, 8, stages),
+                "dq": _Tiles(128, 32, 8, stages), "delta": delta}
+    return {"fwd": _Tiles(128, 64, 8, stages), "dkdv": _Tiles(32, 128, 8, 2), "dq": _Tiles(128, 32, 8, 2),
+            "delta": delta}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -386,7 +395,7 @@ def _launch_bwd(dout, q, k, v, out, lse, plen, scale: float, dq=None, dk=None, d
     cfg = _tile_configs(D, q.dtype, q.device)
     prec = _dot_precision(q.dtype)
     delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    bm = cfg["dq"].block_m
+    bm = cfg["delta"].block_m
     _prefix_attention_bwd_delta_kernel[(triton.cdiv(N, bm), H, B)](
         out, dout, delta, N, *out.stride()[:3], *dout.stride()[:3], HEAD_DIM=D, BLOCK_M=bm)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])

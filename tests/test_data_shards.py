@@ -113,3 +113,14 @@ def test_dali_index_format_matches_wds2idx(tmp_path):
     with wds2idx.IndexCreator(path, theirs, verbose=False) as ic:
         ic.create_index()
     assert open(ours).read().split() == open(theirs).read().split()
+
+
+def test_index_falls_back_to_cache_dir_when_beside_is_unwritable(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    path = write_shard(str(tmp_path / "ro.tar"), [good_sample(f"k{i}", rng) for i in range(2)])
+    os.mkdir(path + ".aimv2-index.json")  # makes the file beside the shard impossible to write (even as root)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert load_index(path).keys == ["k0", "k1"]
+    cached = list((tmp_path / "xdg" / "aimv2" / "index").iterdir())
+    assert len(cached) == 1 and cached[0].name.endswith("-ro.tar.json")
+    assert load_index(path).keys == ["k0", "k1"]  # served from the cache now

@@ -1,6 +1,5 @@
 """The embedded synthetic dataset: determinism, captions that match the scene, labels in the pixels, CLI."""
 import argparse
-import io
 import json
 import os
 import tarfile
@@ -56,10 +55,10 @@ def test_default_dataset_is_cached_and_atomic(tmp_path, monkeypatch):
     root = str(tmp_path / "cache" / "synth")
 
     def boom(*a, **k):
-        raise KeyboardInterrupt
+        raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(synth, "render_sample", boom)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="simulated crash"):
         default_dataset(root, num=10, size=32, shard_size=5, progress=False)
     assert not os.path.exists(root)  # a crash mid-generation leaves no dataset behind
     monkeypatch.undo()
@@ -87,5 +86,15 @@ def test_cli_synth_index_inspect(tmp_path, capsys):
     args = parser.parse_args(["data", "inspect", out + "/{00000..00002}.tar", "--sheet", sheet, "--n", "5"])
     assert args.func(args) == 0
     report = capsys.readouterr().out
-    assert json.loads(report[report.index("{"): report.index("}") + 1])["samples"] == 9
+    assert json.loads(report[report.index("{\n"): report.index("\n}") + 2])["samples"] == 9
     assert Image.open(sheet).size[0] > 0
+
+
+def test_default_dataset_never_deletes_foreign_files(tmp_path):
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        default_dataset(str(root), num=4, size=32, shard_size=4, progress=False)
+    assert (root / "notes.txt").read_text() == "precious"
+    assert sorted(os.listdir(tmp_path)) == ["mine", "mine.lock"]  # staging removed

@@ -91,3 +91,28 @@ def test_sentencepiece_model(tmp_path):
     for row, cap in zip(out, CORPUS[:3]):
         assert tok.decode(row) == normalize_caption(cap)
         assert (row[row.tolist().index(tok.eos_id) + 1:] == tok.pad_id).all()
+
+
+def test_loader_uses_tokenizer_from_config(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    import numpy as np
+
+    from aimv2.data import DataConfig, build_loader
+    from aimv2.data.testing import good_sample, write_shard
+    from tokenizers import models, pre_tokenizers, trainers
+
+    rng = np.random.default_rng(0)
+    samples = [good_sample(f"k{i}", rng) for i in range(4)]
+    shard = write_shard(str(tmp_path / "t.tar"), samples)
+    t = tokenizers.Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.train_from_iterator([s["txt"].decode().lower() for s in samples],
+                          trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "</s>"]))
+    t.save(str(tmp_path / "tok.json"))
+    loader = build_loader(DataConfig(shards=shard, image_size=28, batch_size=4, backend="torch", num_workers=0,
+                                     tokenizer=str(tmp_path / "tok.json"), text_len=12, train=False, return_keys=True))
+    assert loader.tokenizer.vocab_size == t.get_vocab_size()
+    (b,) = list(loader)
+    assert b["text"].shape == (4, 12)
+    for row, key in zip(b["text"], b["keys"]):
+        assert loader.tokenizer.decode(row) == normalize_caption(f"sample {key.split(':')[1]} with a caption")

@@ -61,7 +61,7 @@ def test_embed_folder_skips_corrupt_and_matches_encoder(folder, tmp_path, capsys
     out = tmp_path / "feats.safetensors"
     assert main(["embed", "--checkpoint", str(tmp_path / "enc.safetensors"), "--data", str(folder),
                  "--out", str(out), "--pool", "both", "--num-workers", "0", "--batch-size", "2",
-                 "--no-progress"]) == 0
+                 "--no-progress", "--device", "cpu"]) == 0
     msg = capsys.readouterr().out
     assert re.search(r"embedded 3 image\(s\).*skipped 2 unreadable", msg), msg
     t = load_file(str(out))
@@ -78,6 +78,17 @@ def test_embed_folder_skips_corrupt_and_matches_encoder(folder, tmp_path, capsys
         ref = enc(imgs)
     torch.testing.assert_close(t["patch"], ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(t["pooled"], ref.mean(1), rtol=1e-5, atol=1e-5)
+    # a hub-style directory with its own preprocessor statistics (CLIP's) is normalised with those
+    clip_mean, clip_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    save_encoder(enc, str(tmp_path / "hub"), format="hf")
+    (tmp_path / "hub" / "preprocessor_config.json").write_text(json.dumps({"image_mean": clip_mean,
+                                                                          "image_std": clip_std}))
+    res = embed(str(tmp_path / "hub"), data=str(folder), out=str(tmp_path / "clip.safetensors"), device="cpu",
+                progress=False)
+    imgs = torch.stack([load_image(str(folder / n), 28, clip_mean, clip_std) for n in res["names"]])
+    with torch.no_grad():
+        ref = enc(imgs).mean(1)
+    torch.testing.assert_close(load_file(str(tmp_path / "clip.safetensors"))["pooled"], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_embed_shards_and_errors(tmp_path):

@@ -16,6 +16,7 @@ import aimv2  # noqa: E402
 from aimv2.eval.hf_patch import patch_transformers  # noqa: E402
 
 TOL = 2e-5
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: the Triton interpreter (conftest)
 
 
 def _vision_cfg(layers=2, image=42, attn="sdpa", use_head=False):
@@ -39,9 +40,9 @@ def _nontrivial_norms(model):
 
 def test_vision_model_outputs_match_and_weights_are_shared():
     torch.manual_seed(0)
-    m = Aimv2VisionModel(_vision_cfg()).eval()
+    m = Aimv2VisionModel(_vision_cfg()).to(DEVICE).eval()
     _nontrivial_norms(m)
-    x = torch.randn(2, 3, 42, 42)
+    x = torch.randn(2, 3, 42, 42, device=DEVICE)
     with torch.no_grad():
         ref = m(x, output_hidden_states=True)
     ptrs = {k: v.data_ptr() for k, v in m.state_dict().items()}
@@ -61,10 +62,10 @@ def test_vision_model_outputs_match_and_weights_are_shared():
 
 def test_vision_model_gradients_match():
     torch.manual_seed(1)
-    m = Aimv2VisionModel(_vision_cfg(layers=1, image=28)).train()
+    m = Aimv2VisionModel(_vision_cfg(layers=1, image=28)).to(DEVICE).train()
     _nontrivial_norms(m)
-    x = torch.randn(2, 3, 28, 28)
-    w = torch.randn(2, 4, 256)
+    x = torch.randn(2, 3, 28, 28, device=DEVICE)
+    w = torch.randn(2, 4, 256, device=DEVICE)
 
     def grads():
         m.zero_grad()
@@ -82,8 +83,8 @@ def test_vision_model_gradients_match():
 
 def test_attention_weights_requested_fall_back_to_transformers():
     torch.manual_seed(2)
-    m = Aimv2VisionModel(_vision_cfg(attn="eager")).eval()
-    x = torch.randn(1, 3, 42, 42)
+    m = Aimv2VisionModel(_vision_cfg(attn="eager")).to(DEVICE).eval()
+    x = torch.randn(1, 3, 42, 42, device=DEVICE)
     with torch.no_grad():
         ref = m(x, output_attentions=True)
         patch_transformers(m)
@@ -101,12 +102,12 @@ def test_clip_style_model_image_and_masked_text_features():
                                        num_attention_heads=2, vocab_size=64, max_position_embeddings=8,
                                        eos_token_id=63),
                       projection_dim=32)
-    m = Aimv2Model(cfg).eval()
+    m = Aimv2Model(cfg).to(DEVICE).eval()
     _nontrivial_norms(m)
-    px = torch.randn(2, 3, 28, 28)
-    ids = torch.randint(0, 63, (2, 8))
+    px = torch.randn(2, 3, 28, 28, device=DEVICE)
+    ids = torch.randint(0, 63, (2, 8), device=DEVICE)
     ids[:, -1] = 63
-    mask = torch.ones(2, 8, dtype=torch.long)
+    mask = torch.ones(2, 8, dtype=torch.long, device=DEVICE)
     mask[1, 5:] = 0                                  # padding: the text attention keeps transformers' path
     with torch.no_grad():
         ref = m(input_ids=ids, pixel_values=px, attention_mask=mask)

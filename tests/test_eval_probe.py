@@ -12,6 +12,7 @@ import tarfile
 
 import pytest
 import torch
+from PIL import Image
 
 from aimv2.config import ModelConfig
 from aimv2.eval import probe as P
@@ -123,6 +124,17 @@ def test_probe_learns_separable_toy_problem():
     assert P.top1(P.predict(probes, xva)[0], yva) < 50.0
 
 
+def test_probes_trained_side_by_side_equal_probes_trained_alone():
+    """The grid shares batches and the BatchNorm pass only: probe 0 of a 3-rate grid is the lone probe."""
+    x, y = _toy_features(96, seed=4)
+    grid = train_probes(x, y, 4, [1e-3, 1e-2, 3e-4], epochs=2, batch_size=32, seed=7, progress=False)
+    alone = train_probes(x, y, 4, [1e-3], epochs=2, batch_size=32, seed=7, progress=False)
+    for (n, a), b in zip(grid[0].state_dict().items(), alone[0].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    assert not torch.allclose(grid[1].k.weight, alone[0].k.weight)
+    torch.testing.assert_close(grid[2].norm.running_var, alone[0].norm.running_var)
+
+
 def test_run_probe_picks_lr_on_holdout(monkeypatch):
     """A grid with a useless rate (1e-8) and a good one: the holdout picks the good one; train/holdout split."""
     feats = {"train": _toy_features(200, seed=0), "val": _toy_features(100, seed=1)}
@@ -136,6 +148,31 @@ def test_run_probe_picks_lr_on_holdout(monkeypatch):
     assert res["best_lr"] == 3e-3
     assert res["top1"] == res["per_lr"][3e-3]["val_top1"] >= 90.0
     assert res["per_lr"][1e-8]["val_top1"] < 60.0
+
+
+def test_feature_cache_is_keyed_by_weights_and_data(monkeypatch, tmp_path):
+    feats = {"train": _toy_features(64, seed=0), "val": _toy_features(32, seed=1)}
+    calls = []
+
+    def fake(enc, shards, split, *a, **k):
+        calls.append((split, shards))
+        return feats[split]
+
+    monkeypatch.setattr(P, "_shard_features", fake)
+    enc = AIMv2Encoder(TINY)
+    kw = dict(val_shards="v", lrs=(1e-3,), epochs=2, progress=False, feature_cache=str(tmp_path))
+    r1 = run_probe(encoder=enc, train_shards="t", **kw)
+    assert len(calls) == 2
+    r2 = run_probe(encoder=enc, train_shards="t", **kw)                 # both splits from the cache
+    assert len(calls) == 2 and r2["top1"] == r1["top1"]
+    run_probe(encoder=enc, train_shards="t2", **kw)                      # other train data: train recomputed
+    assert calls[2:] == [("train", "t2")]
+    with torch.no_grad():
+        enc.trunk.blocks[0].mlp.fc2.weight.mul_(1.5)                     # same name, new weights
+    run_probe(encoder=enc, train_shards="t", **kw)
+    assert len(calls) == 5
+    run_probe(encoder=enc, train_shards="t", random_init=True, **kw)
+    assert len(calls) == 7
 
 
 def test_random_encoder_like_same_config_new_weights():
@@ -153,7 +190,7 @@ def test_random_encoder_like_same_config_new_weights():
 def _write_shard(path, labels, size=28, key="label"):
     with tarfile.open(path, "w") as tar:
         for i, lab in enumerate(labels):
-            im = __import__("PIL.Image", fromlist=["Image"]).new("RGB", (size, size), (40 * i % 255, 90, 160))
+            im = Image.new("RGB", (size, size), (40 * i % 255, 90, 160))
             buf = io.BytesIO()
             im.save(buf, format="JPEG")
             meta = {key: lab} if key else {}

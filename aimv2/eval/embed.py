@@ -12,7 +12,9 @@ shard keys), "skipped" (JSON list of unreadable files), "num_skipped", "source",
 
 Folder images (jpg / jpeg / png / webp / bmp, any size, any mode) are converted to RGB, resized so the
 shorter side is S (bicubic), center-cropped to S x S (S = the encoder's resolution) and normalised with
-the ImageNet mean / std of the training pipeline. Files that fail to decode are skipped and counted.
+the mean / std of the checkpoint directory's preprocessor_config.json (Apple's hub checkpoints: CLIP
+statistics) or else the training pipeline's ImageNet ones. Files that fail to decode are skipped and
+counted.
 All features are held in memory before writing: per-patch output costs M * N * D * 4 bytes in fp32.
 """
 from __future__ import annotations
@@ -32,8 +34,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _norm_stats():
-    """The data pipeline's normalisation when it exports one, else ImageNet's (SPEC §5)."""
+def _norm_stats(checkpoint=None):
+    """Normalisation: the checkpoint's `preprocessor_config.json` (image_mean / image_std, e.g. the CLIP
+    statistics of Apple's hub checkpoints) when it has one, else the data pipeline's (ImageNet, SPEC §5)."""
+    if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint):
+        pp = os.path.join(checkpoint, "preprocessor_config.json")
+        if os.path.exists(pp):
+            with open(pp) as f:
+                c = json.load(f)
+            if len(c.get("image_mean", ())) == 3 and len(c.get("image_std", ())) == 3:
+                return tuple(map(float, c["image_mean"])), tuple(map(float, c["image_std"]))
     try:
         from aimv2 import data as D
         mean, std = getattr(D, "IMAGENET_MEAN", None), getattr(D, "IMAGENET_STD", None)
@@ -76,10 +86,9 @@ def load_image(path: str, size: int, mean, std) -> torch.Tensor:
 class ImageFolder(torch.utils.data.Dataset):
     """Items (index, image (3, S, S) or None when the file cannot be decoded)."""
 
-    def __init__(self, folder: str, size: int):
-        self.folder, self.size = folder, size
+    def __init__(self, folder: str, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.folder, self.size, self.mean, self.std = folder, size, mean, std
         self.names = list_images(folder)
-        self.mean, self.std = _norm_stats()
 
     def __len__(self):
         return len(self.names)
@@ -140,12 +149,15 @@ def embed(checkpoint=None, *, encoder=None, data, out: str, pool: str = "mean", 
     names, skipped, pooled, patches = [], [], [], []
 
     if isinstance(data, str) and _is_image_folder(data):
-        ds = ImageFolder(data, cfg.img_size)
+        ds = ImageFolder(data, cfg.img_size, *_norm_stats(checkpoint))
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
                                              collate_fn=_collate)
         total = len(loader)
     else:
         from aimv2.data import DataConfig, build_loader
+        if _norm_stats(checkpoint) != _norm_stats():
+            log.warning("embed: shards are normalised with the data pipeline's ImageNet statistics, not the "
+                        "checkpoint's preprocessor_config.json ones")
         ds = None
         loader = build_loader(DataConfig(shards=_shards_of(data), image_size=cfg.img_size,
                                          patch_size=cfg.patch_size, batch_size=batch_size,

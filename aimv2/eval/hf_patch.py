@@ -11,9 +11,9 @@ transformers' output-capturing hooks stay as they are, so weights are shared, no
 - `Aimv2Attention`:    softmax(q k^T / sqrt(Dh)) v over all N keys    -> aimv2.kernels.prefix_attention(q, k, v, P=N)
   returning (out_proj(o), None) like transformers' SDPA path (which returns no weights).
 
-The original forward still runs where our kernel would not compute the same thing: an attention mask
-given (the text tower's padding / causal mask), `is_causal` set, attention dropout while training, or
-attention weights requested (`output_attentions`). An MLP whose activation is not SiLU is left alone.
+The original forward still runs where our kernel would not compute the same thing or cannot run: an
+attention mask given (the text tower's padding / causal mask), `is_causal` set, attention dropout while
+training, attention weights requested (`output_attentions`), or a head dim the kernel lacks. An MLP whose activation is not SiLU is left alone.
 On a CPU the kernels need TRITON_INTERPRET=1 (testing only).
 """
 from __future__ import annotations
@@ -46,13 +46,18 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwa
     return s + self.ffn(h)                                                  # (B, N, D)
 
 
+def _head_dims() -> tuple[int, ...]:
+    from aimv2.eval.hub import _attention_head_dims
+    return _attention_head_dims()
+
+
 def _wants_weights(module, kwargs) -> bool:
     return bool(kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)))
 
 
 def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
     if (attention_mask is not None or self.is_causal or (self.training and self.dropout > 0)
-            or hidden_states.dim() != 3 or _wants_weights(self, kwargs)):
+            or hidden_states.dim() != 3 or self.head_dim not in _head_dims() or _wants_weights(self, kwargs)):
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
     B, N, D = hidden_states.shape
     H, Dh = self.num_heads, self.head_dim

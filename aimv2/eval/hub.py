@@ -14,6 +14,7 @@ fp32. Every fallback logs its reason on the `aimv2.eval.hub` logger.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 
@@ -91,6 +92,7 @@ def from_pretrained(path, *, img_size: int | None = None, device=None, dtype=Non
     return enc.to(device=device, dtype=dtype).eval()
 
 
+@functools.lru_cache(maxsize=1)
 def _attention_head_dims() -> tuple[int, ...]:
     """Head dims the Triton attention supports (the submodule's table; the op shares its name)."""
     mod = importlib.import_module("aimv2.kernels.prefix_attention")

@@ -4,9 +4,10 @@ Python API
 ----------
     from aimv2.train import TrainConfig, train
 
-    cfg = TrainConfig.from_preset("aimv2-tiny", **{
-        "run.out": "runs/tiny", "run.steps": 300, "data.batch_size": 32, "optim.lr": 1e-3})
-    cfg = cfg.set(["run.log_every=10", "optim.grad_accum=2"])    # CLI-style key=value strings
+    cfg = TrainConfig.from_preset("aimv2-tiny", run={"out": "runs/tiny", "steps": 300},
+                                  data={"batch_size": 32}, optim={"lr": 1e-3})
+    cfg = cfg.merge({"run.log_every": 10})                       # dotted keys work too
+    cfg = cfg.set(["optim.grad_accum=2"])                        # CLI-style key=value strings
     res = train(cfg)                                             # -> TrainResult
     res.checkpoint, res.metrics, res.plots, res.loss, res.images_per_s
 
@@ -17,7 +18,8 @@ Python API
 Sections (aimv2/train/config.py): model (ModelConfig of the preset), data (shards, global
 batch_size, source, ...), optim (lr, warm-up, cosine, weight decay, clipping, grad_accum), run
 (steps, out, log_every, ckpt_every, keep_ckpts, resume, device, precision, compile, kernels,
-distributed, max_bad_steps, ...). With data.shards unset, the embedded synthetic dataset is used.
+distributed, max_bad_steps, max_minutes, ...). With data.shards unset, the embedded synthetic
+dataset is used. A run directory that holds checkpoints is only continued with run.resume=true.
 
 Command line
 ------------

@@ -14,7 +14,7 @@ from pathlib import Path
 FLAG_KEYS = {"steps": "run.steps", "batch_size": "data.batch_size", "lr": "optim.lr",
              "log_every": "run.log_every", "ckpt_every": "run.ckpt_every", "out": "run.out",
              "data": "data.shards", "grad_accum": "optim.grad_accum", "device": "run.device",
-             "compile": "run.compile"}
+             "compile": "run.compile", "max_minutes": "run.max_minutes"}
 
 
 def build_config(args):
@@ -99,6 +99,7 @@ def register(subparsers) -> None:
     p.add_argument("--log-every", type=int, help="steps between metrics rows")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints (<= 0: only at the end)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--max-minutes", type=float, help="wall-clock budget: checkpoint and stop when reached")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile every block (default: on for a GPU, off for a CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

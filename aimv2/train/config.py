@@ -85,6 +85,7 @@ class RunConfig:
     kernels: str = "auto"              # auto: triton on a GPU when importable, torch/sdpa on a CPU
     distributed: str = "auto"          # auto: ddp under torchrun with >1 rank, else none
     max_bad_steps: int = 20            # consecutive non-finite steps before the run stops
+    max_minutes: float | None = None   # wall-clock budget: then checkpoint and stop like SIGTERM
     progress: bool = True
     tensorboard: bool | None = None    # None: when torch.utils.tensorboard is importable
     plot: bool = True
@@ -274,6 +275,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(r.log_every > 0, f"run.log_every must be > 0, got {r.log_every}")
     need(r.keep_ckpts > 0, f"run.keep_ckpts must be > 0, got {r.keep_ckpts}")
     need(r.max_bad_steps > 0, f"run.max_bad_steps must be > 0, got {r.max_bad_steps}")
+    need(r.max_minutes is None or r.max_minutes > 0, f"run.max_minutes must be > 0, got {r.max_minutes}")
     need(r.precision in PRECISIONS, f"run.precision must be one of {PRECISIONS}, got {r.precision!r}")
     need(r.kernels in KERNELS, f"run.kernels must be one of {KERNELS}, got {r.kernels!r}")
     need(r.distributed in DISTRIBUTED, f"run.distributed must be one of {DISTRIBUTED}, got {r.distributed!r}")

@@ -3,9 +3,11 @@
 - `torchrun --nproc-per-node K -m aimv2.cli train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; the
   process group uses NCCL on GPUs, gloo on CPUs.
 - "ddp": DistributedDataParallel over the whole pretrainer (gradients all-reduced in fp32).
-- "fsdp": FSDP2 `fully_shard` on every encoder and decoder block, then on the root (embeddings,
-  heads). With bf16 precision: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), i.e.
-  bf16 compute copies of fp32 sharded master weights, fp32 gradient reduce-scatter.
+- "fsdp": FSDP2 `fully_shard` on every encoder and decoder block, then on the encoder and the decoder
+  (embeddings, heads, final norms), then the root. With bf16 precision:
+  MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), i.e. bf16 compute copies of fp32
+  sharded master weights and fp32 gradient reduce-scatter; the root does not cast its inputs, so the
+  losses see the fp32 images (pixel targets) and upcast the bf16 predictions.
 - Checkpoints hold FULL state dicts (gathered to rank 0 with CPU offload, keyed by parameter name;
   optimizer state keyed by name too), so a run saved on K ranks resumes on any other world size.
 """
@@ -72,12 +74,17 @@ def wrap_model(model: nn.Module, info: DistInfo, bf16: bool) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh(info.device.type, (info.world_size,))
-        kw = {"mesh": mesh}
+        kw, root_kw = {"mesh": mesh}, {"mesh": mesh}
         if bf16:
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            # the root keeps its fp32 inputs: the pixel-loss targets are patches of the fp32 images
+            root_kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                        cast_forward_inputs=False)
         for blk in [*model.encoder.trunk.blocks, *model.decoder.trunk.blocks]:
             fully_shard(blk, **kw)
-        fully_shard(model, **kw)
+        fully_shard(model.encoder, **kw)          # patch embedding, position embedding, final norm
+        fully_shard(model.decoder, **kw)          # projection, CLS, text embeddings, heads
+        fully_shard(model, **root_kw)             # no parameters of its own left
         return model
     return model
 
@@ -122,6 +129,15 @@ def all_reduce_(t: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tenso
         ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
         dist.all_reduce(t, op=ops[op])
     return t
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (a host-side collective; used at checkpoints only)."""
+    if info.world_size == 1:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(info: DistInfo) -> None:

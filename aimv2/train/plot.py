@@ -1,7 +1,8 @@
 """PNG plots of a run's metrics.jsonl (matplotlib, Agg backend: no display needed).
 
     plots/losses.png      total, pixel and text loss against the step
-    plots/throughput.png  images/s (left axis) and MFU % or TFLOP/s (right axis) against the step
+    plots/throughput.png  images/s (left axis) and MFU % (right axis; data-wait % when the device peak
+                          is unknown, e.g. on a CPU) against the step
 """
 from __future__ import annotations
 
@@ -50,9 +51,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if has_mfu:
         ax2.plot(steps, [100 * v for v in series("mfu")], color="tab:red", label="MFU %")
         ax2.set_ylabel("MFU %", color="tab:red")
-    else:
-        ax2.plot(steps, series("tflops"), color="tab:red", label="TFLOP/s")
-        ax2.set_ylabel("achieved TFLOP/s", color="tab:red")
+    else:                                    # no device peak (CPU): TFLOP/s would just rescale images/s
+        ax2.plot(steps, series("data_wait_pct"), color="tab:red", label="data wait %")
+        ax2.set_ylabel("time waiting for data %", color="tab:red")
     ax.set_title(f"{run_dir.name}: throughput")
     fig.tight_layout()
     thr = out / "throughput.png"

@@ -16,12 +16,14 @@ checkpoint (of the last good state, since skipped steps change nothing) and NonF
 With optim.fused=false the skip needs a host read of the flag every step (documented slow path).
 
 SIGTERM / Ctrl-C set a flag; the loop finishes the current step, writes a checkpoint and returns
-(`TrainResult.stopped_by`); a second Ctrl-C aborts. Under torchrun the flag is agreed across ranks
-at log intervals (an all-reduce there), so set log_every small enough for your preemption notice.
+(`TrainResult.stopped_by`); a second Ctrl-C aborts. run.max_minutes stops the same way on time.
+Under torchrun the flag is agreed across ranks at log intervals (an all-reduce there), so set
+log_every small enough for your preemption notice.
 
-NOTE torch.compile (per block, fullgraph=True) is on by default for a GPU and off for a CPU: for
-aimv2-tiny on a 2-core CPU, compiling the 4 distinct block graphs costs ~80 s against a step-time
-gain of ~10 %, so an eager CPU demo of a few minutes finishes more steps.
+NOTE torch.compile (per block, fullgraph=True) is on by default for a GPU and off for a CPU:
+aimv2-tiny, batch 32, on a shared 2-core CPU (load ~6, torch 2.13): eager 3.4-7.8 img/s, compiled
+4.0-7.8 img/s once warm, but the cold compile of the 4 distinct block graphs (first / later block,
+encoder / decoder; forward and backward) took ~130 s, so a CPU demo of a few minutes runs eager.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ class TrainResult:
     text_loss: float | None = None
     images_per_s: float | None = None
     skipped_steps: int = 0
-    stopped_by: str | None = None     # "SIGTERM" / "SIGINT" when stopped early by a signal
+    stopped_by: str | None = None     # "SIGTERM" / "SIGINT" / "time limit" when stopped early
 
 
 # ----------------------------------------------------------------------------- backends
@@ -75,6 +77,8 @@ def triton_unavailable_reason() -> str | None:
         from aimv2.kernels import patch_l2_loss, prefix_attention, rms_norm, swiglu  # noqa: F401
     except Exception as e:                          # ImportError, or a driver / version problem
         return f"{type(e).__name__}: {e}"
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+        return f"compute capability {torch.cuda.get_device_capability()} < (8, 0) (no bf16 tensor cores)"
     return None
 
 
@@ -158,7 +162,12 @@ class Trainer:
         self.info = D.init_distributed(cfg.run.distributed, cfg.run.device)
         self.device = self.info.device
         self.run_dir = Path(cfg.run.out)
-        self._setup(loader)
+        try:
+            self._setup(loader)
+        except BaseException:
+            if self.owns_pg:
+                D.shutdown(self.info)
+            raise
 
     def log(self, msg: str) -> None:
         if self.info.is_main:
@@ -192,8 +201,11 @@ class Trainer:
         torch.manual_seed(r.seed)
         np.random.seed(r.seed)
         random.seed(r.seed)
-        self.loader = loader if loader is not None else build_data(
-            cfg, model_cfg, info, self.micro_bs, state["data"] if state else None)
+        pos = None
+        if state is not None:                 # this rank's own position when the world size is unchanged
+            per_rank = state.get("data_per_rank") or []
+            pos = per_rank[info.rank] if len(per_rank) == info.world_size else state["data"]
+        self.loader = loader if loader is not None else build_data(cfg, model_cfg, info, self.micro_bs, pos)
         tok = getattr(self.loader, "tokenizer", None)
         if tok is not None:
             if tok.vocab_size > model_cfg.vocab_size:
@@ -245,9 +257,9 @@ class Trainer:
         self.scheduler.last_epoch = step
         self.scheduler._step_count = step + 1
         wd = torch_weight_decay(o)
-        for g in self.optimizer.param_groups:
+        for g, decays in zip(self.optimizer.param_groups, (True, False)):    # optim.param_groups order
             g.update(lr=self.schedule.lr(step), betas=tuple(o.betas), eps=o.eps,
-                     weight_decay=wd if g.get("name") == "decay" else 0.0)
+                     weight_decay=wd if decays else 0.0)
 
     # ------------------------------------------------------------------ the step
     def _step(self, it, acc: dict) -> None:
@@ -256,7 +268,11 @@ class Trainer:
         losses = torch.zeros(3, device=self.device)
         for a in range(A):
             t0 = time.perf_counter()
-            batch = next(it)
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise RuntimeError("the data loader ran out: a training loader must be endless "
+                                   "(aimv2.data loaders with train=True repeat over epochs)") from None
             self.data_wait += time.perf_counter() - t0
             with D.grad_sync(self.model, info, sync=a == A - 1):
                 with self.amp():
@@ -328,10 +344,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int, skipped_steps: int) -> Path | None:
         model_sd, optim_sd = D.full_state_dicts(self.model, self.optimizer)      # collective (FSDP)
+        data_per_rank = D.all_gather_object(dict(self.loader.state_dict()), self.info)
         path = None
         if self.info.is_main:
             train_state = {"optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
-                           "rng": ck.rng_state(), "data": dict(self.loader.state_dict()),
+                           "rng": ck.rng_state(), "data": data_per_rank[0], "data_per_rank": data_per_rank,
                            "counters": {"skipped_steps": skipped_steps},
                            "world_size": self.info.world_size}
             path = ck.save_checkpoint(self.run_dir, step, model_sd, self.model_cfg.to_dict(), train_state,
@@ -379,12 +396,14 @@ class Trainer:
                     time.sleep(step_sleep)
                 if pbar is not None:
                     pbar.update(1)
+                if r.max_minutes and time.perf_counter() - self.t_start > 60 * r.max_minutes:
+                    stop.signal = stop.signal or "time limit"
                 at_log = step % r.log_every == 0 or step == r.steps
                 stopping = stop.signal is not None and info.world_size == 1
                 if info.world_size > 1 and at_log:                       # agree on a stop request
                     flag = torch.tensor([1.0 if stop.signal else 0.0], device=self.device)
                     stopping = bool(D.all_reduce_(flag, info, "max").item())
-                    stop.signal = stop.signal or ("SIGTERM" if stopping else None)
+                    stop.signal = stop.signal or ("SIGTERM on another rank" if stopping else None)
                 if at_log or stopping:
                     row = self._log_row(step, acc)
                     skipped = row["skipped_steps"]
@@ -405,7 +424,7 @@ class Trainer:
                     res.checkpoint, last_saved = self.save(step, skipped), step
                 if stopping:
                     res.stopped_by = stop.signal
-                    self.log(f"{stop.signal}: checkpoint written at step {step}; exiting")
+                    self.log(f"{stop.signal}: checkpoint written at step {step}; exiting (continue with --resume)")
                     break
             if last_saved != step:
                 res.checkpoint = self.save(step, skipped)

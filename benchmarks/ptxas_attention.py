@@ -1,0 +1,87 @@
+"""Compile the prefix-attention kernels for a GPU architecture without a GPU and print ptxas stats.
+
+For each dtype and head dim, the four kernels (fwd, bwd delta, bwd dk/dv, bwd dq) are compiled with
+the tile table `_tile_configs` would pick on that architecture, then assembled with Triton's bundled
+ptxas (-v): shared memory, registers per thread, spill bytes, and whether wgmma (Hopper tensor-core
+MMA) is used. This backs the NOTE in kernels/prefix_attention.py::_tile_configs; it times nothing.
+
+    python benchmarks/ptxas_attention.py                 # sm_90a (H100), bf16/fp16/fp32, D 64 and 128
+    python benchmarks/ptxas_attention.py --cap 80 --head-dims 128 --dtypes bf16
+
+Takes ~10 s per bf16 kernel and up to a minute per fp32 kernel on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)          # compiled kernels, not the interpreter
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+PA = importlib.import_module("aimv2.kernels.prefix_attention")
+_TY = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_FLOATS = ("qk_scale", "sm_scale")
+
+
+def compile_stats(fn, elem: str, consts: dict, num_warps: int, num_stages: int, cap: int) -> str:
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.isupper() and name != "N":                   # tensors: pointers, 16-byte aligned
+            sig[name] = "*" + {"LSE": "fp32", "DELTA": "fp32", "PLEN": "i64"}.get(name, elem)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name in _FLOATS else "i32"
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", cap, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(k.asm["ptx"])
+        arch = f"sm_{cap}a" if cap == 90 else f"sm_{cap}"
+        res = subprocess.run([ptxas, f"--gpu-name={arch}", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True)
+    info = [ln.split(":", 1)[-1].strip() for ln in res.stderr.splitlines() if "registers" in ln or "spill" in ln]
+    return (f"smem {k.metadata.shared:6d} B  wgmma {'wgmma' in k.asm['ptx']!s:5}  "
+            + "; ".join(info) + ("" if res.returncode == 0 else f"  PTXAS FAILED: {res.stderr[-300:]}"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cap", type=int, default=90, help="compute capability x 10 (90 = H100)")
+    ap.add_argument("--dtypes", default="bf16,fp16,fp32")
+    ap.add_argument("--head-dims", default="64,128")
+    args = ap.parse_args(argv)
+    PA.is_interpreting = lambda: False                         # the GPU tables, on this CPU
+    PA._capability = lambda index: (args.cap // 10, args.cap % 10)
+    dev = torch.device("cuda", 0)
+    for name in args.dtypes.split(","):
+        dtype = _TY[name]
+        for D in map(int, args.head_dims.split(",")):
+            cfg = PA._tile_configs(D, dtype, dev)
+            prec = PA._dot_precision(dtype)
+            kernels = (("fwd", PA._prefix_attention_fwd_kernel), ("dkdv", PA._prefix_attention_bwd_dkdv_kernel),
+                       ("dq", PA._prefix_attention_bwd_dq_kernel), ("delta", PA._prefix_attention_bwd_delta_kernel))
+            for kern, fn in kernels:
+                t = cfg[kern]
+                consts = {"HEAD_DIM": D, "BLOCK_M": t.block_m}
+                if kern != "delta":
+                    consts.update(BLOCK_N=t.block_n, DOT_PRECISION=prec)
+                stats = compile_stats(fn, name, consts, t.num_warps, t.num_stages, args.cap)
+                tiles = f"{t.block_m:3d}x{t.block_n:<3d} w{t.num_warps} s{t.num_stages}"
+                print(f"{name} D={D:<4d}{kern:6s} {tiles}  {stats}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
