@@ -38,13 +38,13 @@ $(STAMP): setup.py
 	@touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/aimv2 demo
 
 bench: setup
-	$(BIN)/python -m pytest benchmarks -q
+	$(BIN)/pytest benchmarks -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

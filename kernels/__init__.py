@@ -6,7 +6,14 @@ Ops (each with a plain-PyTorch `<op>_ref`):
 - patch_l2_loss(pred, images, prefix_len, p)  AIMv2 patch-normalised l2 pixel loss
 - prefix_attention(q, k, v, prefix_len)       prefix-causal flash attention
 """
-from .patch_l2_loss import patch_l2_loss, patch_l2_loss_ref, patchify
-from .prefix_attention import prefix_attention, prefix_attention_ref, prefix_mask
-from .rms_norm import rms_norm, rms_norm_ref
-from .swiglu import swiglu, swiglu_ref
+if __name__ == "aimv2.kernels":
+    from .patch_l2_loss import patch_l2_loss, patch_l2_loss_ref, patchify
+    from .prefix_attention import prefix_attention, prefix_attention_ref, prefix_mask
+    from .rms_norm import rms_norm, rms_norm_ref
+    from .swiglu import swiglu, swiglu_ref
+else:
+    # This folder was imported as a top-level `kernels` package because a checkout's root is on
+    # sys.path (e.g. transformers probes for the Hugging Face `kernels` library by importing that
+    # name). Stay inert: registering the torch.library ops a second time from this copy would
+    # silently replace the implementations that `aimv2.kernels` registered.
+    __version__ = "N/A"

@@ -1,0 +1,28 @@
+"""`kernels/` is the package aimv2.kernels; imported under another name it must stay inert."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_top_level_kernels_import_does_not_replace_the_ops():
+    # transformers imports a top-level `kernels` when a checkout's root is on sys.path; that copy
+    # must not re-register the torch.library ops (which would bypass aimv2.kernels' modules).
+    code = (
+        "import importlib, os, torch\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import aimv2.kernels as K\n"
+        "PA = importlib.import_module('aimv2.kernels.prefix_attention')\n"
+        "top = importlib.import_module('kernels')\n"
+        "assert not hasattr(top, 'prefix_attention') and top.__version__ == 'N/A'\n"
+        "calls = []\n"
+        "real = PA._launch_fwd\n"
+        "PA._launch_fwd = lambda *a, **k: (calls.append(1), real(*a, **k))[1]\n"
+        "q = torch.randn(1, 1, 8, 64)\n"
+        "K.prefix_attention(q, q, q, 3)\n"
+        "assert calls == [1], calls\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
