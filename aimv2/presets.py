@@ -17,7 +17,8 @@ PRESETS: dict[str, ModelConfig] = {
     # Debug size that trains in minutes on a CPU: patch 14 kept, 112 px (N = 64), head dim 64.
     "aimv2-tiny": ModelConfig(name="aimv2-tiny", img_size=112, dim=128, depth=4, num_heads=2,
                               mlp_hidden=mlp_hidden_for(128), dec_dim=128, dec_depth=2, dec_heads=2,
-                              dec_mlp_hidden=mlp_hidden_for(128), vocab_size=1024).validate(),
+                              dec_mlp_hidden=mlp_hidden_for(128), vocab_size=1024,
+                              pad_id=0).validate(),   # pad id of the built-in tokenizer
 }
 
 

@@ -362,7 +362,7 @@ class Trainer:
         res = TrainResult(run_dir=self.run_dir, config=self.run_dir / "config.yaml",
                           metrics=self.run_dir / "metrics.jsonl", checkpoint=self.resumed_from,
                           step=self.start_step)
-        writer = pbar = None
+        writer = pbar = it = threads_before = None
         stop = _StopFlag()
         step_sleep = float(os.environ.get("AIMV2_DEBUG_STEP_SLEEP", "0") or 0)   # test hook (slow steps)
         try:
@@ -385,6 +385,7 @@ class Trainer:
             z = lambda: torch.zeros((), device=self.device)                 # noqa: E731
             acc = {"sums": torch.zeros(4, device=self.device), "n_ok": z(), "bad_total": z(),
                    "bad_run": z(), "max_bad_run": z()}
+            threads_before = set(threading.enumerate())
             it = iter(self.loader)
             self.t_start = self.t_last = time.perf_counter()
             self.step_last, self.data_wait, self.max_bad_run = self.start_step, 0.0, 0
@@ -426,6 +427,7 @@ class Trainer:
                     res.stopped_by = stop.signal
                     self.log(f"{stop.signal}: checkpoint written at step {step}; exiting (continue with --resume)")
                     break
+            _close_iter(it, threads_before)     # stop loader threads now (position already read)
             if last_saved != step:
                 res.checkpoint = self.save(step, skipped)
             res.step, res.skipped_steps = step, skipped
@@ -439,6 +441,7 @@ class Trainer:
                          + (f" | plots {', '.join(map(str, res.plots))}" if res.plots else ""))
             return res
         finally:
+            _close_iter(it, threads_before)
             stop.restore()
             if pbar is not None:
                 pbar.close()
@@ -446,6 +449,19 @@ class Trainer:
                 writer.close()
             if self.owns_pg:
                 D.shutdown(info)
+
+
+def _close_iter(it, threads_before: set | None = None) -> None:
+    """Close a generator-based loader iterator and wait (<= 5 s) for the daemon threads it started,
+    so none is still freeing tensors while the interpreter exits: that aborts the process
+    ("terminate called without an active exception", seen with the DALI reader thread)."""
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+    if threads_before is not None:
+        for t in set(threading.enumerate()) - threads_before:
+            if t.daemon and t is not threading.current_thread():
+                t.join(timeout=5.0)
 
 
 def train(cfg: TrainConfig, *, loader=None) -> TrainResult:
