@@ -1,0 +1,247 @@
+"""The sample plan shared by both backends: which sample each rank reads when, and how it is cropped.
+
+Everything here is a pure function of the config and the shard indexes, never of timing, worker
+count or backend, which is what makes resume bit-exact and ranks exactly-once:
+
+  order(e)     rank's sample ids for epoch e (`epoch_order`):
+               train: shards permuted by rng(seed, e); with `num_shards % world_size == 0` rank r takes
+               shards perm[r::W], otherwise it takes every W-th sample (offset r) of the concatenated
+               stream, so each sample goes to exactly one rank either way; then a streaming shuffle
+               buffer of `shuffle_buffer` samples seeded by rng(seed, e, r).
+               eval: shards in the given order, same split, no shuffle.
+  window(e, i) crop box and flip of sample id i in epoch e, drawn from rng(seed, e, i) given the image's
+               header size (W, H): RandomResizedCrop(scale=(0.4, 1), ratio=(3/4, 4/3)) parameters as
+               in torchvision (10 tries, then a clamped centre crop) and flip with p = 0.5; eval: the
+               centred min(W, H) square (= resize shorter side to S, centre-crop S), no flip.
+  prefix(e, p) (B,) prefix lengths of the batch whose first sample sits at position p of order(e):
+               U{1..N-1} from rng(seed, rank, e, p); the pair (e, p) identifies the training step.
+
+`SampleReader.read(sid)` reads a sample's components with pread and checks it before any pixel is
+decoded: image present and at most MAX_IMAGE_BYTES, caption present and non-empty after
+normalisation, label present when asked for, image header parses (PIL, lazily), format decodable by
+both backends, W*H <= max_image_pixels, JPEG ends with its EOI marker (truncation). It returns a
+`Record` or the name of the skip reason.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import DataConfig
+from .shards import ShardIndex, load_index
+from .tokenizer import normalize_caption
+
+__all__ = ["SampleTable", "epoch_order", "crop_window", "prefix_lengths", "Record", "SampleReader", "SKIP_REASONS"]
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+CAPTION_EXTS = ("txt", "caption", "text")
+DECODABLE = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"}  # formats both PIL and DALI decode
+MAX_IMAGE_BYTES = 64 << 20  # encoded image payloads above this are skipped unread
+MAX_CAPTION_BYTES = 64 << 10
+SKIP_REASONS = ("missing_image", "missing_caption", "empty_caption", "missing_label", "not_image",
+                "corrupt_image", "unsupported_format", "too_large")
+
+
+class SampleTable:
+    """Flat view of every sample of every shard: sample id i -> (shard, key, component offsets)."""
+
+    def __init__(self, indexes: list[ShardIndex]):
+        self.paths = [ix.path for ix in indexes]
+        self.indexes = indexes
+        counts = np.array([len(ix.keys) for ix in indexes], dtype=np.int64)
+        self.shard_start = np.concatenate([[0], np.cumsum(counts)])  # (num_shards + 1,)
+        self.num_samples = int(self.shard_start[-1])
+        self.dropped = sum(ix.dropped for ix in indexes)
+        self.truncated = [ix.path for ix in indexes if ix.truncated]
+
+    @classmethod
+    def build(cls, paths: list[str], index_dir: str | None = None, threads: int = 4) -> "SampleTable":
+        if len(paths) == 1 or threads <= 1:
+            return cls([load_index(p, index_dir) for p in paths])
+        with ThreadPoolExecutor(min(threads, len(paths))) as ex:
+            return cls(list(ex.map(lambda p: load_index(p, index_dir), paths)))
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.paths)
+
+    def locate(self, sid: int) -> tuple[int, int]:
+        """sample id -> (shard number, sample number within the shard)."""
+        s = int(np.searchsorted(self.shard_start, sid, side="right")) - 1
+        return s, int(sid - self.shard_start[s])
+
+    def shard_ids(self, s: int) -> np.ndarray:
+        return np.arange(self.shard_start[s], self.shard_start[s + 1], dtype=np.int64)
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) & 0xFFFFFFFFFFFFFFFF for k in key])
+
+
+def _buffer_shuffle(ids: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Streaming shuffle buffer of size k: the order a webdataset-style buffer would emit."""
+    if k <= 1 or len(ids) <= 1:
+        return ids
+    picks = rng.integers(0, k, size=len(ids))
+    buf = ids[:k].tolist()
+    out = []
+    for t, x in enumerate(ids[k:].tolist()):
+        j = int(picks[t])
+        out.append(buf[j])
+        buf[j] = x
+    tail = rng.permutation(len(buf))
+    out.extend(buf[j] for j in tail)
+    return np.asarray(out, dtype=np.int64)
+
+
+def epoch_order(table: SampleTable, cfg: DataConfig, epoch: int) -> np.ndarray:
+    """(n,) int64 sample ids rank `cfg.rank` reads in epoch `epoch`, in order."""
+    ns, W, r = table.num_shards, cfg.world_size, cfg.rank
+    perm = _rng(cfg.seed, epoch, 0x5A4D).permutation(ns) if cfg.train else np.arange(ns)
+    if W == 1:
+        ids = np.concatenate([table.shard_ids(s) for s in perm])
+    elif ns % W == 0:
+        ids = np.concatenate([table.shard_ids(s) for s in perm[r::W]])
+    else:  # sample-level striding keeps every sample on exactly one rank
+        ids = np.concatenate([table.shard_ids(s) for s in perm])[r::W]
+    if cfg.train and cfg.shuffle_buffer > 1:
+        ids = _buffer_shuffle(ids, cfg.shuffle_buffer, _rng(cfg.seed, epoch, r, 0xB0FF))
+    return ids
+
+
+_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
+_SCALE = (0.4, 1.0)
+
+
+def crop_window(cfg: DataConfig, epoch: int, sid: int, width: int, height: int) -> tuple[int, int, int, int, bool]:
+    """(x, y, w, h, flip): crop box in source pixels, then resize to image_size, then optional mirror."""
+    if not cfg.train:
+        side = min(width, height)
+        return int(round((width - side) / 2)), int(round((height - side) / 2)), side, side, False
+    rng = _rng(cfg.seed, epoch, sid, 0xC20F)
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*_SCALE)
+        aspect = math.exp(rng.uniform(*_LOG_RATIO))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            y = int(rng.integers(0, height - h + 1))
+            x = int(rng.integers(0, width - w + 1))
+            return x, y, w, h, bool(rng.random() < 0.5)
+    ratio = width / height  # fallback: centre crop with the ratio clamped to [3/4, 4/3]
+    if ratio < 3 / 4:
+        w, h = width, int(round(width / (3 / 4)))
+    elif ratio > 4 / 3:
+        h, w = height, int(round(height * (4 / 3)))
+    else:
+        w, h = width, height
+    w, h = min(w, width), min(h, height)
+    return (width - w) // 2, (height - h) // 2, w, h, bool(rng.random() < 0.5)
+
+
+def prefix_lengths(cfg: DataConfig, epoch: int, first_pos: int, n: int) -> torch.Tensor:
+    """(n,) int64 prefix lengths of the batch starting at position first_pos of epoch's order."""
+    N = cfg.num_patches
+    if cfg.prefix == "random":
+        p = _rng(cfg.seed, cfg.rank, epoch, first_pos, 0x9F1C).integers(1, N, size=n)  # U{1..N-1}
+        return torch.from_numpy(p.astype(np.int64))
+    return torch.full((n,), N if cfg.prefix == "full" else int(cfg.prefix), dtype=torch.int64)
+
+
+@dataclass
+class Record:
+    """A sample that passed every pre-decode check."""
+
+    sid: int
+    image: bytes
+    width: int
+    height: int
+    caption: str
+    label: int | None
+    key: str
+
+
+class SampleReader:
+    """Reads and checks samples by id (one instance per process: it holds open file descriptors)."""
+
+    def __init__(self, table: SampleTable, cfg: DataConfig):
+        self.table, self.cfg = table, cfg
+        self._fds: dict[int, int] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _pread(self, shard: int, off: int, size: int) -> bytes:
+        fd = self._fds.get(shard)
+        if fd is None:
+            path = self.table.paths[shard]
+            try:
+                fd = self._fds[shard] = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise OSError(f"shards: cannot open {path!r}: {e}") from e
+        data = os.pread(fd, size, off)
+        if len(data) != size:
+            raise OSError(f"shards: {self.table.paths[shard]!r} shrank while reading (wanted {size} bytes at {off})")
+        return data
+
+    def read(self, sid: int) -> Record | str:
+        s, j = self.table.locate(sid)
+        ix = self.table.indexes[s]
+        comp = ix.components[j]
+        key = f"{ix.path}:{ix.keys[j]}"
+        img_ext = next((e for e in IMAGE_EXTS if e in comp), None)
+        if img_ext is None:
+            return "missing_image"
+        cap_ext = next((e for e in CAPTION_EXTS if e in comp), None)
+        caption = ""
+        if cap_ext is not None:
+            cap_off, cap_size = comp[cap_ext]
+            raw = self._pread(s, cap_off, min(cap_size, MAX_CAPTION_BYTES))  # a caption past 64 KiB is cut
+            caption = normalize_caption(raw.decode("utf-8", errors="replace"))
+        if not caption and self.cfg.train:   # evaluation (probe / embed) needs no caption
+            return "missing_caption" if cap_ext is None else "empty_caption"
+        label = None
+        if self.cfg.label_key is not None:
+            try:
+                label = int(json.loads(self._pread(s, *comp["json"]))[self.cfg.label_key])
+            except (KeyError, ValueError, TypeError):
+                return "missing_label"
+        if comp[img_ext][1] > MAX_IMAGE_BYTES:
+            return "too_large"  # refuse before reading it
+        data = self._pread(s, *comp[img_ext])
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as im:  # parses the header only
+                    fmt, (w, h) = im.format, im.size
+        except Image.DecompressionBombError:
+            return "too_large"
+        except Image.UnidentifiedImageError:
+            return "not_image"
+        except Exception:
+            return "corrupt_image"
+        if fmt not in DECODABLE:
+            return "unsupported_format"
+        if w * h > self.cfg.max_image_pixels:
+            return "too_large"
+        if w < 1 or h < 1 or (fmt in ("JPEG", "MPO") and b"\xff\xd9" not in data[-4096:]):
+            return "corrupt_image"  # a JPEG without its end-of-image marker was cut short
+        return Record(sid, data, w, h, caption, label, key)

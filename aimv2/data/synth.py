@@ -1,0 +1,288 @@
+"""The embedded captioned dataset: procedural scenes of 1-3 shapes, written as webdataset shards.
+
+Sample i (seed s) is a pure function of (s, i): `render_sample(i, size, seed)` draws from
+np.random.default_rng([seed, i]). A scene is a background (colour in {white, gray, black, beige},
+pattern in {plain, striped, checkered, dotted, gradient}) and 1-3 shapes; each shape has a kind
+(6), a colour (8), a size (small / medium / large = radius 0.12 / 0.19 / 0.28 of the image side), a
+texture (solid / striped / dotted), a position and a rotation. The first shape is the *main* shape:
+it is always strictly the largest, is named first in the caption, and its kind x colour is the
+integer class `label = kind_index * 8 + colour_index` (48 classes), learnable from the pixels.
+
+Caption grammar: "[prefix] a <size> <colour> [<texture>] <kind> [<relation> a <size> <colour> ...
+[and a ...]] on a [<pattern>] <bg colour> background", relation in {above, below, to the left of,
+to the right of} from the shapes' centres.
+
+Shard layout (what img2dataset writes): `<shard:05d>.tar` holding `<key>.jpg`, `<key>.txt`,
+`<key>.json` with key = f"{i:09d}", members in key order, mtime 0 so the bytes are deterministic.
+Shards are rendered in a process pool and written to a temporary directory renamed into place at
+the end, so an interrupted run never leaves a partial dataset behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["KINDS", "COLOURS", "NUM_CLASSES", "render_sample", "write_synthetic_dataset", "default_dataset",
+           "shard_pattern"]
+
+KINDS = ("circle", "square", "triangle", "star", "hexagon", "cross")
+COLOURS = {
+    "red": (215, 40, 40), "orange": (240, 140, 30), "yellow": (235, 215, 40), "green": (50, 170, 60),
+    "cyan": (40, 200, 210), "blue": (40, 70, 210), "purple": (130, 50, 180), "pink": (240, 120, 180),
+}
+_COLOUR_NAMES = tuple(COLOURS)
+NUM_CLASSES = len(KINDS) * len(COLOURS)
+SIZES = {"small": 0.12, "medium": 0.19, "large": 0.28}
+TEXTURES = ("solid", "striped", "dotted")
+BACKGROUNDS = {"white": (235, 235, 235), "gray": (128, 128, 128), "black": (25, 25, 25), "beige": (215, 200, 165)}
+PATTERNS = ("plain", "striped", "checkered", "dotted", "gradient")
+_PREFIXES = ("", "", "a picture of ", "a photo of ", "an image of ")
+
+
+def _polygon(kind: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
+    """Vertices of a regular-ish polygon of circumradius r centred at (cx, cy), rotated by rot."""
+    if kind == "square":
+        ang, rad = [rot + math.pi / 4 + k * math.pi / 2 for k in range(4)], [r] * 4
+    elif kind == "triangle":
+        ang, rad = [rot - math.pi / 2 + k * 2 * math.pi / 3 for k in range(3)], [r] * 3
+    elif kind == "hexagon":
+        ang, rad = [rot + k * math.pi / 3 for k in range(6)], [r] * 6
+    elif kind == "star":
+        ang = [rot - math.pi / 2 + k * math.pi / 5 for k in range(10)]
+        rad = [r if k % 2 == 0 else 0.45 * r for k in range(10)]
+    elif kind == "cross":
+        a = 0.33 * r  # half arm width
+        pts = [(-a, -r), (a, -r), (a, -a), (r, -a), (r, a), (a, a), (a, r), (-a, r), (-a, a), (-r, a), (-r, -a), (-a, -a)]
+        c, s = math.cos(rot), math.sin(rot)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+    else:
+        raise ValueError(f"kind: unknown shape {kind!r}")
+    return [(cx + q * math.cos(t), cy + q * math.sin(t)) for t, q in zip(ang, rad)]
+
+
+def _pattern(kind: str, size: int, base: np.ndarray, rng: np.random.Generator,
+             box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """A float image of `base` colour with a pattern of a contrasting tint of the same hue.
+
+    Covers the window box = (y0, y1, x0, x1) of a size x size canvas (whole canvas when None):
+    returns (y1 - y0, x1 - x0, 3), the pattern phase fixed by canvas coordinates.
+    """
+    y0, y1, x0, x1 = box if box is not None else (0, size, 0, size)
+    img = np.empty((y1 - y0, x1 - x0, 3), np.float32)
+    img[:] = base
+    alt = np.where(base > 128, base * 0.6, base * 0.6 + 90.0)  # contrasting tint of the same hue
+    yy = np.arange(y0, y1, dtype=np.float32)[:, None]  # (h, 1)
+    xx = np.arange(x0, x1, dtype=np.float32)[None, :]  # (1, w)
+    period = max(4, int(size * rng.uniform(0.06, 0.12)))
+    if kind == "striped":
+        ang = rng.uniform(0, math.pi)
+        mask = ((xx * math.cos(ang) + yy * math.sin(ang)) // (period / 2)) % 2 == 1
+    elif kind == "checkered":
+        mask = ((xx // period) + (yy // period)) % 2 == 1
+    elif kind == "dotted":
+        mask = ((xx % period - period / 2) ** 2 + (yy % period - period / 2) ** 2) < (period / 4) ** 2
+    elif kind == "gradient":
+        t = (xx if rng.random() < 0.5 else yy) / max(1, size - 1)
+        t = np.broadcast_to(t, img.shape[:2])[..., None]
+        return img * (1 - t) + alt * t
+    else:  # plain / solid
+        return img
+    img[np.broadcast_to(mask, img.shape[:2])] = alt
+    return img
+
+
+def render_sample(index: int, size: int = 224, seed: int = 0) -> tuple[Image.Image, str, dict]:
+    """Scene `index` of dataset `seed`: (RGB PIL image of size x size, caption, metadata dict)."""
+    rng = np.random.default_rng([seed, index])
+    bg_name = str(rng.choice(list(BACKGROUNDS)))
+    bg_pat = str(rng.choice(PATTERNS))
+    canvas = _pattern(bg_pat, size, np.array(BACKGROUNDS[bg_name], np.float32), rng)
+    n = int(rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3]))
+    main_size = str(rng.choice(["medium", "large"])) if n > 1 else str(rng.choice(list(SIZES)))
+    shapes = []
+    for k in range(n):
+        if k == 0:
+            sz = main_size
+        else:  # secondary shapes are strictly smaller than the main one
+            smaller = [s for s in SIZES if SIZES[s] < SIZES[main_size]]
+            sz = str(rng.choice(smaller))
+        r = SIZES[sz] * size
+        shape = {
+            "kind": str(rng.choice(KINDS)), "colour": str(rng.choice(_COLOUR_NAMES)), "size": sz,
+            "texture": str(rng.choice(TEXTURES, p=[0.6, 0.2, 0.2])),
+        }
+        # Place shapes in distinct thirds of the image so they rarely overlap.
+        for _ in range(20):
+            cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+            if all(math.hypot(cx - s["x"] * size, cy - s["y"] * size) > 0.8 * (r + SIZES[s["size"]] * size) for s in shapes):
+                break
+        shape.update(x=round(cx / size, 4), y=round(cy / size, 4), rotation=round(float(rng.uniform(0, 2 * math.pi)), 4))
+        shapes.append(shape)
+    # Draw the secondary shapes first so the main shape stays fully visible on top.
+    for s in shapes[::-1]:
+        mask = Image.new("L", (size, size), 0)
+        draw = ImageDraw.Draw(mask)
+        cx, cy, r = s["x"] * size, s["y"] * size, SIZES[s["size"]] * size
+        if s["kind"] == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        else:
+            draw.polygon(_polygon(s["kind"], cx, cy, r, s["rotation"]), fill=255)
+        colour = np.array(COLOURS[s["colour"]], np.float32) + rng.normal(0, 8, 3).astype(np.float32)
+        y0, x0 = max(0, int(cy - r) - 1), max(0, int(cx - r) - 1)
+        y1, x1 = min(size, int(cy + r) + 2), min(size, int(cx + r) + 2)
+        tex = _pattern(s["texture"].replace("solid", "plain"), size, colour, rng, (y0, y1, x0, x1))
+        m = np.asarray(mask, np.float32)[y0:y1, x0:x1, None] / 255.0  # (h, w, 1) coverage
+        canvas[y0:y1, x0:x1] = canvas[y0:y1, x0:x1] * (1 - m) + tex * m
+    canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * 4.0  # mild sensor noise
+    image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
+
+    def phrase(s):
+        tex = "" if s["texture"] == "solid" else s["texture"] + " "
+        return f"a {s['size']} {s['colour']} {tex}{s['kind']}"
+
+    def relation(a, b):
+        dx, dy = a["x"] - b["x"], a["y"] - b["y"]
+        if abs(dy) >= abs(dx):
+            return "above" if dy < 0 else "below"
+        return "to the left of" if dx < 0 else "to the right of"
+
+    text = str(rng.choice(_PREFIXES)) + phrase(shapes[0])
+    if n > 1:
+        text += f" {relation(shapes[0], shapes[1])} {phrase(shapes[1])}"
+    if n > 2:
+        text += f" and {phrase(shapes[2])}"
+    bg_word = "" if bg_pat == "plain" else bg_pat + " "
+    text += f" on a {bg_word}{bg_name} background"
+    main = shapes[0]
+    meta = {
+        "index": int(index), "label": KINDS.index(main["kind"]) * len(COLOURS) + _COLOUR_NAMES.index(main["colour"]),
+        "kind": main["kind"], "colour": main["colour"], "size": main["size"], "texture": main["texture"],
+        "background": bg_name, "background_pattern": bg_pat, "num_shapes": n, "shapes": shapes,
+    }
+    return image, text, meta
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shard(args) -> tuple[str, int]:
+    path, lo, hi, size, seed, quality = args
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(lo, hi):
+            image, text, meta = render_sample(i, size, seed)
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG", quality=quality)
+            key = f"{i:09d}"
+            _add(tar, key + ".jpg", buf.getvalue())
+            _add(tar, key + ".txt", text.encode("utf-8"))
+            _add(tar, key + ".json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+    return path, hi - lo
+
+
+def shard_pattern(out_dir: str, num_shards: int) -> str:
+    """Brace pattern naming `num_shards` shards `00000.tar..` in out_dir."""
+    last = num_shards - 1
+    return os.path.join(out_dir, "00000.tar" if last == 0 else "{00000..%05d}.tar" % last)
+
+
+def write_synthetic_dataset(out_dir: str, num: int = 20000, size: int = 224, seed: int = 0,
+                            shard_size: int = 1000, progress: bool = True, workers: int | None = None,
+                            quality: int = 90) -> list[str]:
+    """Render `num` scenes into `ceil(num / shard_size)` shards in out_dir; returns the shard paths.
+
+    Shards are written into a temporary sibling directory and moved into out_dir at the end.
+    """
+    for name, v, lo in (("num", num, 1), ("size", size, 16), ("shard_size", shard_size, 1)):
+        if not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    try:
+        nshards = (num + shard_size - 1) // shard_size
+        jobs = [(os.path.join(tmp, f"{s:05d}.tar"), s * shard_size, min(num, (s + 1) * shard_size), size, seed, quality)
+                for s in range(nshards)]
+        workers = min(nshards, workers or os.cpu_count() or 1)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=num, unit="img", desc=f"synth {size}px -> {out_dir}")
+        if workers <= 1:
+            results = map(_write_shard, jobs)
+            pool = contextlib.nullcontext()
+        else:  # a worker that dies raises BrokenProcessPool here instead of hanging
+            pool = ProcessPoolExecutor(workers, mp_context=get_context("fork" if os.name == "posix" else "spawn"))
+            results = pool.map(_write_shard, jobs)
+        with pool:
+            for _, count in results:
+                if bar is not None:
+                    bar.update(count)
+        if bar is not None:
+            bar.close()
+        os.makedirs(out_dir, exist_ok=True)
+        paths = []
+        for s in range(nshards):
+            dst = os.path.join(out_dir, f"{s:05d}.tar")
+            os.replace(os.path.join(tmp, f"{s:05d}.tar"), dst)
+            paths.append(dst)
+        return paths
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_dataset(root: str | None = None, num: int = 20000, size: int = 224, seed: int = 0,
+                    shard_size: int = 1000, progress: bool = True) -> str:
+    """Shard pattern of the embedded dataset, generated once into a cache directory.
+
+    root defaults to $XDG_CACHE_HOME/aimv2 (or ~/.cache/aimv2) / synth-<size>-<num>-<seed>. A file
+    lock serialises concurrent callers; the dataset is rendered into a temporary directory and
+    renamed into place, so a crash mid-generation leaves nothing that looks complete.
+    """
+    if root is None:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(cache, "aimv2", f"synth-{size}-{num}-{seed}")
+    root = os.path.abspath(root)
+    nshards = (num + shard_size - 1) // shard_size
+    done = os.path.join(root, "DONE")
+    if os.path.exists(done):
+        return shard_pattern(root, nshards)
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    import fcntl
+
+    with open(root + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not os.path.exists(done):
+                staging = root + f".staging-{os.getpid()}"
+                shutil.rmtree(staging, ignore_errors=True)
+                write_synthetic_dataset(staging, num=num, size=size, seed=seed, shard_size=shard_size, progress=progress)
+                with open(os.path.join(staging, "DONE"), "w") as f:
+                    json.dump({"num": num, "size": size, "seed": seed, "shard_size": shard_size}, f)
+                if os.path.exists(root):  # not finished (no DONE): replace it only if it holds nothing but shards
+                    ours = re.compile(r"\d{5}\.tar(\.aimv2-index\.json)?")
+                    foreign = [f for f in os.listdir(root) if not ours.fullmatch(f)]
+                    if foreign:
+                        shutil.rmtree(staging, ignore_errors=True)
+                        raise FileExistsError(f"default_dataset: {root!r} exists, has no DONE marker and holds "
+                                              f"other files ({foreign[:3]}); remove it or pass another root")
+                    shutil.rmtree(root)
+                os.replace(staging, root)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return shard_pattern(root, nshards)
