@@ -24,7 +24,9 @@ def test_info_text_and_resolution(capsys):
 
 def test_console_script_help():
     r = subprocess.run([sys.executable, "-m", "aimv2.cli", "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "info" in r.stdout
+    assert r.returncode == 0
+    for cmd in ("info", "data", "train", "plot", "probe", "embed", "demo"):
+        assert cmd in r.stdout, cmd
     r = subprocess.run([sys.executable, "-m", "aimv2.cli", "info", "--preset", "nope"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "invalid choice" in r.stderr
