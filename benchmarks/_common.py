@@ -140,3 +140,30 @@ def write_results(rows: list[dict], what: str, out_dir=None, extra: dict | None 
     rows = [{**r, **(extra or {})} for r in rows]
     path.write_text(json.dumps(rows, indent=1, default=str) + "\n")
     return path
+
+
+def finish(rows: list[dict], what: str, out_dir=None, quick: bool = False, ceilings: dict | None = None) -> Path:
+    """End of a benchmark CLI: write the rows (a temp dir for a --quick smoke run unless out_dir is
+    given; benchmarks/results otherwise), print where, and return the path."""
+    import tempfile
+    out = out_dir or (tempfile.mkdtemp(prefix="aimv2-bench-") if quick else None)
+    path = write_results(rows, what, out_dir=out, extra={"ceilings": ceilings or {}})
+    print(f"wrote {len(rows)} rows to {path}")
+    return path
+
+
+def gpu_session(what: str):
+    """Body of a benchmark module's pytest fixture: skip without CUDA, measure the ceilings once,
+    collect the tests' rows and write them when the module ends.
+
+        @pytest.fixture(scope="module")
+        def _session():
+            yield from gpu_session("attention")
+    """
+    import pytest
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    state = {"ceilings": measure_ceilings(), "rows": []}
+    yield state
+    if state["rows"]:
+        finish(state["rows"], what, ceilings=state["ceilings"])

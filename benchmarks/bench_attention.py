@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -216,7 +215,7 @@ def main(argv=None) -> int:
         return 2
     if not cuda:                       # before aimv2.kernels defines its @triton.jit functions
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from _common import measure_ceilings, write_results
+    from _common import finish, measure_ceilings
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32    # bf16 tl.dot is broken in the interpreter
     B, H, D = (2, 2, 64) if args.quick else (args.batch, 8, 128)
@@ -231,9 +230,7 @@ def main(argv=None) -> int:
         rows += run_case(make_case(name, B, H, D, device, dtype, N), wanted, ceilings, command)
         if cuda:
             torch.cuda.empty_cache()
-    out = args.out or (tempfile.mkdtemp(prefix="aimv2-bench-") if args.quick else None)
-    path = write_results(rows, "attention", out_dir=out, extra={"ceilings": ceilings})
-    print(f"wrote {len(rows)} rows to {path}")
+    finish(rows, "attention", args.out, args.quick, ceilings)
     return 0
 
 
@@ -246,13 +243,8 @@ except ImportError:                    # the CLI does not need pytest
 if pytest is not None:
     @pytest.fixture(scope="module")
     def _session():
-        if not torch.cuda.is_available():
-            pytest.skip("needs CUDA")
-        from _common import measure_ceilings, write_results
-        state = {"ceilings": measure_ceilings(), "rows": []}
-        yield state
-        if state["rows"]:
-            print(f"wrote {write_results(state['rows'], 'attention', extra={'ceilings': state['ceilings']})}")
+        from _common import gpu_session
+        yield from gpu_session("attention")
 
     @pytest.mark.parametrize("name", list(SHAPES))
     def test_attention_benchmark(benchmark, _session, name):

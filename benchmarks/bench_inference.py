@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -130,7 +129,7 @@ def main(argv=None) -> int:
         return 2
     if not cuda:                       # before aimv2.kernels defines its @triton.jit functions
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from _common import measure_ceilings, write_results
+    from _common import finish, measure_ceilings
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32        # bf16 tl.dot is broken in the interpreter
     wanted = set(args.providers.split(","))
@@ -150,9 +149,7 @@ def main(argv=None) -> int:
                 rows += run_case(preset, img, batch, device, dtype, wanted, ceilings, command, args.quick, backend)
                 if cuda:
                     torch.cuda.empty_cache()
-    out = args.out or (tempfile.mkdtemp(prefix="aimv2-bench-") if args.quick else None)
-    path = write_results(rows, "inference", out_dir=out, extra={"ceilings": ceilings})
-    print(f"wrote {len(rows)} rows to {path}")
+    finish(rows, "inference", args.out, args.quick, ceilings)
     return 0
 
 
@@ -167,13 +164,8 @@ if pytest is not None:
 
     @pytest.fixture(scope="module")
     def _session():
-        if not torch.cuda.is_available():
-            pytest.skip("needs CUDA")
-        from _common import measure_ceilings, write_results
-        state = {"ceilings": measure_ceilings(), "rows": []}
-        yield state
-        if state["rows"]:
-            print(f"wrote {write_results(state['rows'], 'inference', extra={'ceilings': state['ceilings']})}")
+        from _common import gpu_session
+        yield from gpu_session("inference")
 
     @pytest.mark.parametrize("preset,img,batch", CASES)
     def test_inference_benchmark(benchmark, _session, preset, img, batch):

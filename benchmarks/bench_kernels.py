@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -219,7 +218,7 @@ def main(argv=None) -> int:
         return 2
     if not cuda:                       # before aimv2.kernels defines its @triton.jit functions
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from _common import measure_ceilings, write_results
+    from _common import finish, measure_ceilings
     device = torch.device("cuda" if cuda else "cpu")
     compile_ref = args.compile_ref and cuda
     ceilings = measure_ceilings() if cuda else {}
@@ -230,9 +229,7 @@ def main(argv=None) -> int:
         rows += run_case(build(), ceilings, command)
         if cuda:
             torch.cuda.empty_cache()
-    out = args.out or (tempfile.mkdtemp(prefix="aimv2-bench-") if args.quick else None)
-    path = write_results(rows, "kernels", out_dir=out, extra={"ceilings": ceilings})
-    print(f"wrote {len(rows)} rows to {path}")
+    finish(rows, "kernels", args.out, args.quick, ceilings)
     return 0
 
 
@@ -248,13 +245,8 @@ if pytest is not None:
 
     @pytest.fixture(scope="module")
     def _session():
-        if not torch.cuda.is_available():
-            pytest.skip("needs CUDA")
-        from _common import measure_ceilings, write_results
-        state = {"ceilings": measure_ceilings(), "rows": []}
-        yield state
-        if state["rows"]:
-            print(f"wrote {write_results(state['rows'], 'kernels', extra={'ceilings': state['ceilings']})}")
+        from _common import gpu_session
+        yield from gpu_session("kernels")
 
     @pytest.mark.parametrize("idx", range(len(_CASE_IDS)), ids=_CASE_IDS)
     def test_kernel_benchmark(benchmark, _session, idx):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -231,7 +230,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; temp dir with --quick)")
     args = ap.parse_args(argv)
 
-    from _common import measure_ceilings, write_results
+    from _common import finish, measure_ceilings
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.quick:
         print("bench_step: no CUDA device; use --quick for a CPU smoke run", file=sys.stderr)
@@ -252,9 +251,7 @@ def main(argv=None) -> int:
                 rows.append(run_recipe(r, B, args, device, ceilings, common))
     if args.real_data:
         rows.append(run_real_data(args, device, args.batch, common))
-    out = args.out or (tempfile.mkdtemp(prefix="aimv2-bench-") if args.quick else None)
-    path = write_results(rows, "step", out_dir=out, extra={"ceilings": ceilings})
-    print(f"wrote {path}")
+    finish(rows, "step", args.out, args.quick, ceilings)
     return 0
 
 
