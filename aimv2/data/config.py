@@ -39,7 +39,7 @@ class DataConfig:
     max_image_pixels: images whose header declares more pixels are skipped before decoding.
     index_dir: where shard indexes are cached when the shard directory is not writable.
     return_keys: also yield `keys` (list of "<shard path>:<sample key>") for debugging and tests.
-    crop_scale / crop_ratio: RandomResizedCrop's ranges (SPEC §5: 0.4-1 and 3/4-4/3).
+    crop_scale / crop_ratio: RandomResizedCrop's area-fraction and aspect-ratio (w / h) ranges.
 
     Fields declared with `_context(...)` are filled in by whoever builds the Loader from its context:
     "model" (sizes), "process" (rank, world, device), "checkpoint" (resume position), "caller" (mode).
