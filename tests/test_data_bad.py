@@ -193,7 +193,7 @@ def _pil_u8(datas):
 
 
 def test_deferred_gpu_style_jpeg_decode_path(dirty):
-    """The torch backend's GPU decode path (bytes to the main process, decode, crop_resize), driven on
+    """The torch backend's GPU decode path (bytes to the main process, decode, tensor_crop_resize), driven on
     the CPU with a PIL stand-in decoder: same samples and skips, pixels close to the PIL path."""
     pattern, good, expected, captionless = dirty
     good = sorted(good + captionless)                 # eval mode delivers caption-less samples
@@ -224,20 +224,21 @@ def test_deferred_gpu_style_jpeg_decode_path(dirty):
         assert x["keys"] == y["keys"] and torch.equal(x["images"], y["images"])
 
 
-def test_crop_resize_matches_pil_resize():
+def test_tensor_crop_resize_matches_pil():
+    from aimv2.data.augment import CropPlan, tensor_crop_resize
     from aimv2.data.dataset import Record
-    from aimv2.data.loader import _check_gpu_decoder, crop_resize, decode_pil
+    from aimv2.data.loader import _check_gpu_decoder, decode_pil
     from aimv2.data.testing import jpeg_bytes
 
     rng = np.random.default_rng(3)
     data = jpeg_bytes(rng, 90, 70)
     rec = Record(0, data, 90, 70, "c", None, "k")
     img = _pil_u8([data])[0]
-    for window in [(0, 0, 90, 70, False), (10, 4, 41, 57, True), (30, 20, 17, 13, False)]:
-        got = crop_resize(img, window, 32)
-        ref = torch.from_numpy(decode_pil(rec, window, 32).astype(np.float32)).permute(2, 0, 1)
-        assert got.shape == (3, 32, 32) and (got - ref).abs().mean() < 3.0, window
-        mirrored = crop_resize(img, window[:4] + (not window[4],), 32)
+    for plan in [CropPlan(0, 0, 90, 70, False), CropPlan(10, 4, 41, 57, True), CropPlan(30, 20, 17, 13, False)]:
+        got = tensor_crop_resize(img, plan, 32)
+        ref = torch.from_numpy(decode_pil(rec, plan, 32).astype(np.float32)).permute(2, 0, 1)
+        assert got.shape == (3, 32, 32) and (got - ref).abs().mean() < 3.0, plan
+        mirrored = tensor_crop_resize(img, replace(plan, flip=not plan.flip), 32)
         assert torch.equal(mirrored, got.flip(-1))
     assert _check_gpu_decoder(_pil_u8) is None
     assert "mean" in _check_gpu_decoder(lambda ds: [torch.zeros_like(_pil_u8(ds)[0])])

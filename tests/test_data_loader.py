@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from aimv2.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, build_loader, dali_available, normalize_caption
-from aimv2.data.dataset import crop_window
 from aimv2.data.synth import write_synthetic_dataset
 
 NO_DALI = pytest.mark.skipif(not dali_available(), reason="nvidia-dali-cuda130 not installed (pip install it to test DALI)")
@@ -194,21 +193,3 @@ def test_prefix_lengths_cover_range_and_depend_on_seed_rank_step(shards):
         assert not torch.equal(a, prefix_lengths(other, 0, 64, 64))
     assert not torch.equal(a, prefix_lengths(cfg, 0, 128, 64)) and not torch.equal(a, prefix_lengths(cfg, 1, 64, 64))
     assert (prefix_lengths(replace(cfg, prefix="full"), 0, 0, 3) == 16).all()
-
-
-def test_crop_window_follows_random_resized_crop():
-    cfg = DataConfig(shards="x", seed=5)
-    rng = np.random.default_rng(0)
-    flips = 0
-    for sid in range(400):
-        W, H = int(rng.integers(20, 900)), int(rng.integers(20, 900))
-        x, y, w, h, flip = crop_window(cfg, 0, sid, W, H)
-        assert 0 <= x and x + w <= W and 0 <= y and y + h <= H and w > 0 and h > 0
-        if 0.75 <= W / H <= 4 / 3:  # the first try always fits: scale and ratio ranges hold up to rounding
-            assert 0.4 * W * H * 0.95 - 2 * (w + h) <= w * h <= W * H
-        assert 0.75 * 0.97 - 1 / h <= w / h <= 4 / 3 * 1.03 + 1 / h
-        flips += flip
-        assert crop_window(cfg, 0, sid, W, H) == (x, y, w, h, flip)
-    assert 150 < flips < 250
-    assert crop_window(cfg, 0, 1, 300, 200) != crop_window(cfg, 1, 1, 300, 200)
-    assert crop_window(replace(cfg, train=False), 0, 1, 300, 200) == (50, 0, 200, 200, False)

@@ -128,3 +128,56 @@ def test_cli_print_config_and_errors(capsys):
     assert TrainConfig.from_dict(d).run.steps == 3
     assert cli_main(["train", "--preset", "aimv2-tiny", "--set", "run.bogus=1"]) == 2
     assert "unknown config key run.bogus" in capsys.readouterr().err
+
+
+def test_data_section_is_a_dataconfig(tmp_path):
+    """TrainConfig.data is a DataConfig: its user settings are keys (type-checked, in config.yaml),
+    the fields the trainer fills from context are not, and errors name the data.<key>."""
+    from aimv2.data import DataConfig
+    from aimv2.data.config import context_fields
+
+    cfg = TrainConfig.from_preset("aimv2-tiny").set(["data.crop_scale=[0.5, 1]", "data.crop_ratio=[1, 2]",
+                                                     "data.prefix=5", "data.shuffle_buffer=7"])
+    assert isinstance(cfg.data, DataConfig)
+    assert cfg.data.crop_scale == (0.5, 1.0) and type(cfg.data.crop_scale[1]) is float
+    assert cfg.data.crop_ratio == (1.0, 2.0) and cfg.data.prefix == 5 and cfg.data.shuffle_buffer == 7
+    d = cfg.to_dict()["data"]
+    assert d["crop_scale"] == [0.5, 1.0] and not (set(d) & context_fields())
+    assert {"image_size", "rank", "device", "start_sample", "train"} <= context_fields()
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml") == cfg
+    # a config.yaml written before the data section was a DataConfig still loads
+    (tmp_path / "old.yaml").write_text(
+        "data: {shards: null, source: shards, batch_size: 32, backend: auto, num_workers: 2, shuffle_buffer: 1000,"
+        " tokenizer: null, synthetic_num: 2048, synthetic_size: null, seed: 0}\n")
+    assert TrainConfig.from_yaml(tmp_path / "old.yaml").data == TrainConfig().data
+    for text, match in [("data.rank=1", r"unknown config key data\.rank; known data keys: shards, batch_size"),
+                        ("data.image_size=64", r"unknown config key data\.image_size"),
+                        ("data.crop_scale=[0.9, 0.1]", r"data\.crop_scale: expected \(lo, hi\)"),
+                        ("data.crop_scale=0.5", r"data\.crop_scale: expected a list of 2"),
+                        ("data.backend=fast", r"data\.backend: expected"),
+                        ("data.source=disk", r"data\.source: expected one of"),
+                        ("data.batch_size=0", r"data\.batch_size must be > 0")]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig.from_preset("aimv2-tiny").set([text])
+
+
+def test_build_data_fills_context_and_keeps_settings(tmp_path):
+    import torch
+
+    from aimv2.data.synth import write_synthetic_dataset
+    from aimv2.train.distributed import DistInfo
+    from aimv2.train.trainer import build_data
+
+    write_synthetic_dataset(str(tmp_path), num=8, size=64, seed=0, shard_size=8, progress=False, workers=1)
+    cfg = TrainConfig.from_preset("aimv2-tiny", **{"model.img_size": 56, "data.shards": str(tmp_path),
+                                                   "data.crop_scale": (0.6, 0.9), "data.seed": 4,
+                                                   "data.backend": "torch", "data.batch_size": 16})
+    info = DistInfo(rank=1, world_size=2, local_rank=1, mode="ddp", device=torch.device("cpu"))
+    loader = build_data(cfg, cfg.model, info, micro_bs=4, pos={"epoch": 2, "sample": 3})
+    got = loader.cfg
+    assert (got.image_size, got.patch_size, got.text_len) == (56, cfg.model.patch_size, cfg.model.text_len)
+    assert (got.batch_size, got.rank, got.world_size, got.device) == (4, 1, 2, "cpu")
+    assert (got.start_epoch, got.start_sample, got.train, got.drop_last) == (2, 3, True, True)
+    assert (got.crop_scale, got.seed, got.backend, got.shards) == ((0.6, 0.9), 4, "torch", str(tmp_path))
+    assert cfg.data.batch_size == 16 and cfg.data.rank == 0            # the config itself is unchanged

@@ -1,13 +1,25 @@
 """DataConfig: everything that defines the stream of batches a Loader yields (one per component)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, fields
 from typing import Optional, Sequence, Union
 
-__all__ = ["DataConfig", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["DataConfig", "IMAGENET_MEAN", "IMAGENET_STD", "context_fields"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _context(source: str, default):
+    """A field whoever builds the Loader fills in from its context (`source`), not a user setting:
+    TrainConfig does not expose it (the trainer sets it from the model, process group or checkpoint)."""
+    return field(default=default, metadata={"context": source})
+
+
+def context_fields() -> frozenset[str]:
+    """Names of the DataConfig fields set from the caller's context (see `_context`)."""
+    return frozenset(f.name for f in fields(DataConfig) if "context" in f.metadata)
 
 
 @dataclass
@@ -18,44 +30,52 @@ class DataConfig:
       "shards/{00000..00099}.tar", or a list of those.
     backend: "dali" | "torch" | "auto" (DALI when importable).
     num_workers: DALI CPU threads / torch DataLoader worker processes (0 = decode in the main process).
-    train: True = random resized crop (scale 0.4-1, ratio 3/4-4/3, bicubic) + horizontal flip, shard and
-      buffer shuffle, endless epochs, last partial batch dropped. False = resize the shorter side and
-      centre-crop, no flip, no shuffle, one pass in shard order, last partial batch kept.
+    train: True = random resized crop (area fraction in crop_scale, aspect ratio w / h in crop_ratio,
+      bicubic; aimv2.data.augment) + horizontal flip, shard and buffer shuffle, endless epochs, last
+      partial batch dropped. False = resize the shorter side and centre-crop, no flip, no shuffle,
+      one pass in shard order, last partial batch kept.
     start_epoch / start_sample: resume position, as returned by Loader.state_dict().
     prefix: "random" (P ~ U{1..N-1} per sample), "full" (P = N) or an int P for every sample.
     max_image_pixels: images whose header declares more pixels are skipped before decoding.
     index_dir: where shard indexes are cached when the shard directory is not writable.
     return_keys: also yield `keys` (list of "<shard path>:<sample key>") for debugging and tests.
+    crop_scale / crop_ratio: RandomResizedCrop's area-fraction and aspect-ratio (w / h) ranges.
+
+    Fields declared with `_context(...)` are filled in by whoever builds the Loader from its context:
+    "model" (sizes), "process" (rank, world, device), "checkpoint" (resume position), "caller" (mode).
     """
 
+    _name = "DataConfig"  # how error messages name this config (a subclass may name its YAML section)
     shards: Union[str, Sequence[str]] = ""
-    image_size: int = 224
-    patch_size: int = 14
+    image_size: int = _context("model", 224)
+    patch_size: int = _context("model", 14)
     batch_size: int = 64
     backend: str = "auto"
     num_workers: int = 2
     shuffle_buffer: int = 1000
     seed: int = 0
-    rank: int = 0
-    world_size: int = 1
-    device: str = "cpu"
+    rank: int = _context("process", 0)
+    world_size: int = _context("process", 1)
+    device: str = _context("process", "cpu")
     tokenizer: Optional[object] = None
-    text_len: int = 77
-    train: bool = True
-    label_key: Optional[str] = None
-    drop_last: Optional[bool] = None  # None: True when train, False otherwise
-    start_epoch: int = 0
-    start_sample: int = 0
+    text_len: int = _context("model", 77)
+    train: bool = _context("caller", True)
+    label_key: Optional[str] = _context("caller", None)
+    drop_last: Optional[bool] = _context("caller", None)  # None: True when train, False otherwise
+    start_epoch: int = _context("checkpoint", 0)
+    start_sample: int = _context("checkpoint", 0)
     prefix: Union[str, int] = "random"
     max_image_pixels: int = 64_000_000
     index_dir: Optional[str] = None
-    return_keys: bool = False
+    return_keys: bool = _context("caller", False)
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
     def validate(self) -> "DataConfig":
         """Raise ValueError naming the first bad field; return self."""
         def need(cond, name, what):
             if not cond:
-                raise ValueError(f"DataConfig.{name}: expected {what}, got {getattr(self, name)!r}")
+                raise ValueError(f"{self._name}.{name}: expected {what}, got {getattr(self, name)!r}")
 
         need(self.shards not in ("", None, [], ()), "shards", "a shard path, pattern or list")
         for name in ("image_size", "patch_size", "batch_size", "text_len", "world_size"):
@@ -73,6 +93,10 @@ class DataConfig:
         need(self.prefix in ("random", "full") or (isinstance(self.prefix, int) and 0 <= self.prefix <= n),
              "prefix", f'"random", "full" or an int in [0, {n}]')
         need(str(self.device).split(":")[0] in ("cpu", "cuda"), "device", '"cpu" or "cuda[:i]"')
+        lo, hi = _pair(self.crop_scale)
+        need(0 < lo <= hi <= 1, "crop_scale", "(lo, hi) with 0 < lo <= hi <= 1 (fractions of the image area)")
+        lo, hi = _pair(self.crop_ratio)
+        need(0 < lo <= hi, "crop_ratio", "(lo, hi) with 0 < lo <= hi (aspect ratios w / h)")
         return self
 
     @property
@@ -83,3 +107,10 @@ class DataConfig:
     def keep_last(self) -> bool:
         """True when the last partial batch of an epoch is yielded."""
         return not (self.train if self.drop_last is None else self.drop_last)
+
+
+def _pair(v) -> tuple[float, float]:
+    """(lo, hi) when v is two real numbers, else (nan, nan) so that every range check fails."""
+    ok = isinstance(v, (tuple, list)) and len(v) == 2 and all(
+        isinstance(a, (int, float)) and not isinstance(a, bool) for a in v)
+    return (float(v[0]), float(v[1])) if ok else (math.nan, math.nan)

@@ -1,7 +1,7 @@
 """DALI backend: the shared sample plan feeds encoded bytes to a DALI decode/augment pipeline.
 
 Pipeline per batch (B <= batch_size samples that passed SampleReader's checks):
-  external_source(jpeg bytes, crop anchor (x, y), crop shape (w, h), mirror)
+  external_source(jpeg bytes; crop plan as augment.dali_crop_args: anchor (x, y), shape (w, h), mirror)
   -> fn.decoders.image_slice (device "mixed" = nvJPEG on the GPU when cfg.device is cuda, else "cpu";
      decodes only the crop window: ROI decoding)
   -> fn.resize to (S, S), cubic, antialiased
@@ -29,13 +29,14 @@ import numpy as np
 import torch
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
-from .dataset import Record, SampleReader, crop_window, epoch_order
+from .augment import CropPlan, crop_plan, dali_crop_args
+from .dataset import Record, SampleReader, epoch_order
 
 __all__ = ["DaliDecoder", "iterate_dali"]
 
 
 class DaliDecoder:
-    """Decodes a list of (Record, window) into float32 (n, 3, S, S) normalised images on `device`."""
+    """Decodes a list of (Record, CropPlan) into float32 (n, 3, S, S) normalised images on `device`."""
 
     def __init__(self, batch_size: int, size: int, num_threads: int, device: torch.device, seed: int = 0):
         self.batch_size, self.size, self.num_threads, self.device, self.seed = batch_size, size, num_threads, device, seed
@@ -71,9 +72,8 @@ class DaliDecoder:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         pipe.feed_input("data", [np.frombuffer(r.image, dtype=np.uint8) for r, _ in items])
-        pipe.feed_input("anchor", [np.array(w[:2], dtype=np.float32) for _, w in items])
-        pipe.feed_input("shape", [np.array(w[2:4], dtype=np.float32) for _, w in items])
-        pipe.feed_input("mirror", [np.array(int(w[4]), dtype=np.int32) for _, w in items])
+        for name, values in dali_crop_args([plan for _, plan in items]).items():
+            pipe.feed_input(name, values)
         (out,) = pipe.run()
         t = out.as_tensor()
         res = torch.empty(t.shape(), dtype=torch.float32, device=self.device)  # (n, 3, S, S)
@@ -81,10 +81,10 @@ class DaliDecoder:
         feed_ndarray(t, res, cuda_stream=stream)
         return res
 
-    def decode(self, items: list[tuple[Record, tuple]]) -> torch.Tensor:
+    def decode(self, items: list[tuple[Record, CropPlan]]) -> torch.Tensor:
         return self._run(self._pipe, items)
 
-    def find_bad(self, items: list[tuple[Record, tuple]]) -> list[int]:
+    def find_bad(self, items: list[tuple[Record, CropPlan]]) -> list[int]:
         """Indices of items DALI cannot decode on their own (rebuilds the batch pipeline)."""
         bad = []
         for i, it in enumerate(items):
@@ -100,7 +100,7 @@ class DaliDecoder:
 
 
 def _events(loader, start_epoch: int, start_sample: int):
-    """The plan as events: ("rec", epoch, pos, (Record, window)) | ("skip", epoch, pos, reason) | ("end", epoch, lo, None)."""
+    """The plan as events: ("rec", epoch, pos, (Record, CropPlan)) | ("skip", epoch, pos, reason) | ("end", epoch, lo, None)."""
     cfg = loader.cfg
     reader = SampleReader(loader.table, cfg)
     epoch, lo = start_epoch, start_sample
@@ -113,7 +113,7 @@ def _events(loader, start_epoch: int, start_sample: int):
                 if isinstance(rec, str):
                     yield "skip", epoch, pos, rec
                 else:
-                    yield "rec", epoch, pos, (rec, crop_window(cfg, epoch, sid, rec.width, rec.height))
+                    yield "rec", epoch, pos, (rec, crop_plan(cfg, epoch, sid, rec.width, rec.height))
             yield "end", epoch, lo, None
             if not cfg.train:
                 return
@@ -176,7 +176,7 @@ def iterate_dali(loader, start_epoch: int, start_sample: int) -> Iterator[dict]:
     """Batches of `loader` (a Loader with backend "dali") from position (start_epoch, start_sample)."""
     cfg, B = loader.cfg, loader.cfg.batch_size
     dec = DaliDecoder(B, cfg.image_size, cfg.num_workers, loader.device, cfg.seed)
-    cands: list[tuple[int, Record, tuple]] = []  # (pos, record, window) waiting for a batch
+    cands: list[tuple[int, Record, CropPlan]] = []  # (pos, record, plan) waiting for a batch
     good = batches = 0
 
     def decode(epoch):

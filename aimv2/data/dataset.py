@@ -9,10 +9,8 @@ count or backend, which is what makes resume bit-exact and ranks exactly-once:
                stream, so each sample goes to exactly one rank either way; then a streaming shuffle
                buffer of `shuffle_buffer` samples seeded by rng(seed, e, r).
                eval: shards in the given order, same split, no shuffle.
-  window(e, i) crop box and flip of sample id i in epoch e, drawn from rng(seed, e, i) given the image's
-               header size (W, H): RandomResizedCrop(scale=(0.4, 1), ratio=(3/4, 4/3)) parameters as
-               in torchvision (10 tries, then a clamped centre crop) and flip with p = 0.5; eval: the
-               centred min(W, H) square (= resize shorter side to S, centre-crop S), no flip.
+  plan(e, i)   crop box and flip of sample id i in epoch e, from rng(seed, e, i) and the image's header
+               size: `augment.crop_plan` (a CropPlan; the draw and its executors live in augment.py).
   prefix(e, p) (B,) prefix lengths of the batch whose first sample sits at position p of order(e):
                U{1..N-1} from rng(seed, rank, e, p); the pair (e, p) identifies the training step.
 
@@ -26,7 +24,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +37,7 @@ from .config import DataConfig
 from .shards import ShardIndex, load_index
 from .tokenizer import normalize_caption
 
-__all__ = ["SampleTable", "epoch_order", "crop_window", "prefix_lengths", "Record", "SampleReader", "SKIP_REASONS"]
+__all__ = ["SampleTable", "epoch_order", "keyed_rng", "prefix_lengths", "Record", "SampleReader", "SKIP_REASONS"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 CAPTION_EXTS = ("txt", "caption", "text")
@@ -83,7 +80,8 @@ class SampleTable:
         return np.arange(self.shard_start[s], self.shard_start[s + 1], dtype=np.int64)
 
 
-def _rng(*key: int) -> np.random.Generator:
+def keyed_rng(*key: int) -> np.random.Generator:
+    """A generator that is a pure function of the integer key (seed, epoch, ..., a per-use tag)."""
     return np.random.default_rng([int(k) & 0xFFFFFFFFFFFFFFFF for k in key])
 
 
@@ -106,7 +104,7 @@ def _buffer_shuffle(ids: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
 def epoch_order(table: SampleTable, cfg: DataConfig, epoch: int) -> np.ndarray:
     """(n,) int64 sample ids rank `cfg.rank` reads in epoch `epoch`, in order."""
     ns, W, r = table.num_shards, cfg.world_size, cfg.rank
-    perm = _rng(cfg.seed, epoch, 0x5A4D).permutation(ns) if cfg.train else np.arange(ns)
+    perm = keyed_rng(cfg.seed, epoch, 0x5A4D).permutation(ns) if cfg.train else np.arange(ns)
     if W == 1:
         ids = np.concatenate([table.shard_ids(s) for s in perm])
     elif ns % W == 0:
@@ -114,46 +112,15 @@ def epoch_order(table: SampleTable, cfg: DataConfig, epoch: int) -> np.ndarray:
     else:  # sample-level striding keeps every sample on exactly one rank
         ids = np.concatenate([table.shard_ids(s) for s in perm])[r::W]
     if cfg.train and cfg.shuffle_buffer > 1:
-        ids = _buffer_shuffle(ids, cfg.shuffle_buffer, _rng(cfg.seed, epoch, r, 0xB0FF))
+        ids = _buffer_shuffle(ids, cfg.shuffle_buffer, keyed_rng(cfg.seed, epoch, r, 0xB0FF))
     return ids
-
-
-_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
-_SCALE = (0.4, 1.0)
-
-
-def crop_window(cfg: DataConfig, epoch: int, sid: int, width: int, height: int) -> tuple[int, int, int, int, bool]:
-    """(x, y, w, h, flip): crop box in source pixels, then resize to image_size, then optional mirror."""
-    if not cfg.train:
-        side = min(width, height)
-        return int(round((width - side) / 2)), int(round((height - side) / 2)), side, side, False
-    rng = _rng(cfg.seed, epoch, sid, 0xC20F)
-    area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(*_SCALE)
-        aspect = math.exp(rng.uniform(*_LOG_RATIO))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            y = int(rng.integers(0, height - h + 1))
-            x = int(rng.integers(0, width - w + 1))
-            return x, y, w, h, bool(rng.random() < 0.5)
-    ratio = width / height  # fallback: centre crop with the ratio clamped to [3/4, 4/3]
-    if ratio < 3 / 4:
-        w, h = width, int(round(width / (3 / 4)))
-    elif ratio > 4 / 3:
-        h, w = height, int(round(height * (4 / 3)))
-    else:
-        w, h = width, height
-    w, h = min(w, width), min(h, height)
-    return (width - w) // 2, (height - h) // 2, w, h, bool(rng.random() < 0.5)
 
 
 def prefix_lengths(cfg: DataConfig, epoch: int, first_pos: int, n: int) -> torch.Tensor:
     """(n,) int64 prefix lengths of the batch starting at position first_pos of epoch's order."""
     N = cfg.num_patches
     if cfg.prefix == "random":
-        p = _rng(cfg.seed, cfg.rank, epoch, first_pos, 0x9F1C).integers(1, N, size=n)  # U{1..N-1}
+        p = keyed_rng(cfg.seed, cfg.rank, epoch, first_pos, 0x9F1C).integers(1, N, size=n)  # U{1..N-1}
         return torch.from_numpy(p.astype(np.int64))
     return torch.full((n,), N if cfg.prefix == "full" else int(cfg.prefix), dtype=torch.int64)
 

@@ -16,11 +16,11 @@ on (seed, rank, epoch, first position).
 
 Backend "torch": a torch DataLoader over an IterableDataset of fixed-size chunks of the order; chunk
 c goes to worker c % num_workers and the DataLoader returns chunks in order, so the stream of decoded
-samples (PIL: crop box -> bicubic resize -> flip, JPEG DCT-domain downscaling when the crop is >= 2x
-the output) does not depend on the worker count. With device="cuda" and torchvision importable (and
+samples (PIL decode, JPEG DCT-domain downscaling when the crop is >= 2x the output, then
+augment.pil_crop_resize) does not depend on the worker count. With device="cuda" and torchvision importable (and
 passing a self-test against PIL at start-up), JPEGs skip PIL: workers pass the bytes and the main
 process decodes the batch with torchvision.io.decode_jpeg(device="cuda") and crops / resizes /
-flips on the GPU (`crop_resize`); a JPEG nvJPEG rejects is skipped and the batch refilled.
+flips on the GPU (augment.tensor_crop_resize); a JPEG nvJPEG rejects is skipped and the batch refilled.
 Backend "dali": see aimv2/data/dali.py.
 """
 from __future__ import annotations
@@ -37,12 +37,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
-from .dataset import Record, SampleReader, SampleTable, crop_window, epoch_order, prefix_lengths
+from .augment import CropPlan, crop_plan, pil_crop_resize, tensor_crop_resize
+from .dataset import Record, SampleReader, SampleTable, epoch_order, prefix_lengths
 from .shards import resolve_shards
 from .tokenizer import _Base as _BaseTokenizer
 from .tokenizer import get_tokenizer
 
-__all__ = ["Loader", "build_loader", "dali_available", "decode_pil", "crop_resize"]
+__all__ = ["Loader", "build_loader", "dali_available", "decode_pil"]
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +58,16 @@ def dali_available() -> bool:
     return True
 
 
-def decode_pil(rec: Record, window: tuple[int, int, int, int, bool], size: int) -> np.ndarray:
-    """Decode rec.image, crop window (x, y, w, h, flip), bicubic-resize to size: uint8 (size, size, 3)."""
-    x, y, w, h, flip = window
+def decode_pil(rec: Record, plan: CropPlan, size: int) -> np.ndarray:
+    """Decode rec.image with PIL and apply `plan` (augment.pil_crop_resize): uint8 (size, size, 3)."""
     with Image.open(io.BytesIO(rec.image)) as im:
-        fx = fy = 1.0
-        if im.format in ("JPEG", "MPO") and min(w, h) >= 2 * size:
+        scale = (1.0, 1.0)
+        if im.format in ("JPEG", "MPO") and min(plan.w, plan.h) >= 2 * size:
             # NOTE: libjpeg decodes at 1/2, 1/4, 1/8 scale for free; ask for a size that keeps the
             # crop at least `size` pixels on each axis so the final resize still only shrinks.
-            im.draft("RGB", (math.ceil(rec.width * size / w), math.ceil(rec.height * size / h)))
-            fx, fy = im.size[0] / rec.width, im.size[1] / rec.height
-        im = im.convert("RGB")
-        out = im.resize((size, size), Image.BICUBIC, box=(x * fx, y * fy, (x + w) * fx, (y + h) * fy))
-    if flip:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(out)  # (size, size, 3); NOTE: numpy, not torch: torch's intra-op threads stall
-    # tiny per-image ops when the CPU is oversubscribed (measured 19 ms per permute-copy on 2 busy cores)
+            im.draft("RGB", (math.ceil(rec.width * size / plan.w), math.ceil(rec.height * size / plan.h)))
+            scale = (im.size[0] / rec.width, im.size[1] / rec.height)
+        return pil_crop_resize(im.convert("RGB"), plan, size, scale)
 
 
 def _identity(x):
@@ -120,12 +115,12 @@ class _ChunkStream(IterableDataset):
                     rec = reader.read(sid)
                     raw = None
                     if isinstance(rec, Record):
-                        window = crop_window(self.cfg, epoch, sid, rec.width, rec.height)
+                        plan = crop_plan(self.cfg, epoch, sid, rec.width, rec.height)
                         if self.defer_jpeg and rec.image[:2] == b"\xff\xd8":
-                            raw = (rec.image, window)  # decoded on the GPU by the main process
+                            raw = (rec.image, plan)  # decoded on the GPU by the main process
                         else:
                             try:
-                                img = decode_pil(rec, window, S)
+                                img = decode_pil(rec, plan, S)
                             except Exception:  # PIL raises OSError, SyntaxError, ValueError... on broken streams
                                 rec = "corrupt_image"
                     out["pos"].append(a + k)
@@ -272,7 +267,7 @@ class Loader:
         dl = DataLoader(stream, batch_size=None,
                         num_workers=nw, collate_fn=_identity, prefetch_factor=4 if nw else None,
                         persistent_workers=False)
-        buf: list[tuple] = []  # (pos, image or (jpeg, window), caption, label, key) of good samples not yet batched
+        buf: list[tuple] = []  # (pos, image or (jpeg, plan), caption, label, key) of good samples not yet batched
         good = batches = 0
         started_at = start_sample
         for chunk in dl:
@@ -310,7 +305,7 @@ class Loader:
                         yield batch
 
     def _decode_deferred(self, items: list[tuple]) -> tuple[dict, list[tuple]]:
-        """GPU-decode the items holding (jpeg, window): ({index: float (3, S, S) in [0, 255]}, good items)."""
+        """GPU-decode the items holding (jpeg, plan): ({index: float (3, S, S) in [0, 255]}, good items)."""
         idx = [i for i, it in enumerate(items) if isinstance(it[1], tuple)]
         if not idx:
             return {}, items
@@ -329,7 +324,7 @@ class Loader:
             if img is None:
                 bad.add(i)
             else:
-                out[i] = crop_resize(img, items[i][1][1], self.cfg.image_size)
+                out[i] = tensor_crop_resize(img, items[i][1][1], self.cfg.image_size)
         if bad:
             self._count_skip("corrupt_image", len(bad))
         return out, [it for i, it in enumerate(items) if i not in bad]
@@ -354,16 +349,6 @@ class Loader:
         return self._finish(epoch, list(pos), images, list(caps), list(labels), list(keys)), []
 
 
-def crop_resize(img: torch.Tensor, window: tuple[int, int, int, int, bool], size: int) -> torch.Tensor:
-    """uint8 (3, H, W) on any device -> float32 (3, size, size) in [0, 255]: crop, bicubic antialiased
-    resize, round (as a uint8 decode would), optional mirror. Equivalent of decode_pil on tensors."""
-    x, y, w, h, flip = window
-    crop = img[:, y: y + h, x: x + w].unsqueeze(0).float()  # (1, 3, h, w)
-    out = torch.nn.functional.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False,
-                                          antialias=True)[0].clamp_(0, 255).round_()
-    return out.flip(-1) if flip else out
-
-
 def _torchvision_jpeg_decoder(device: torch.device):
     """(decode(list[bytes]) -> list of uint8 (3, H, W) on device, None) or (None, reason)."""
     try:
@@ -379,18 +364,18 @@ def _torchvision_jpeg_decoder(device: torch.device):
 
 
 def _check_gpu_decoder(decode, size: int = 32) -> str | None:
-    """None when `decode` + crop_resize matches the PIL path on a test JPEG, else the reason."""
+    """None when `decode` + tensor_crop_resize matches the PIL path on a test JPEG, else the reason."""
     rng = np.random.default_rng(0)
     small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((80, 60), Image.BILINEAR)
     buf = io.BytesIO()
     small.save(buf, format="JPEG", quality=95)
     rec = Record(0, buf.getvalue(), 80, 60, "x", None, "selftest")
-    window = (7, 5, 50, 44, True)
+    plan = CropPlan(7, 5, 50, 44, True)
     try:
-        got = crop_resize(decode([rec.image])[0], window, size).cpu()
+        got = tensor_crop_resize(decode([rec.image])[0], plan, size).cpu()
     except Exception as e:  # noqa: BLE001 - any failure means: do not use it
         return f"{type(e).__name__}: {e}"
-    ref = torch.from_numpy(decode_pil(rec, window, size).astype(np.float32)).permute(2, 0, 1)
+    ref = torch.from_numpy(decode_pil(rec, plan, size).astype(np.float32)).permute(2, 0, 1)
     err = (got - ref).abs().mean().item()
     return None if err < 4.0 else f"mean |GPU - PIL| = {err:.1f} / 255 on the self-test image"
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from aimv2.config import ModelConfig
+from aimv2.data.config import DataConfig
 from aimv2.presets import get_preset
 
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
@@ -35,18 +36,30 @@ DATA_SOURCES = ("shards", "random")
 
 
 @dataclass
-class DataSection:
-    """What to read. `batch_size` is the GLOBAL batch per optimizer step (all ranks x accumulation)."""
+class DataSection(DataConfig):
+    """The data section: a DataConfig (aimv2/data/config.py) as training reads it, plus its source.
+
+    Its keys are DataConfig's user settings (crop ranges, backend, workers, shuffle, seed, prefix ...);
+    the fields DataConfig takes from context (sizes from the model, rank / device from the process
+    group, the resume position, the mode) are no keys here: `trainer.build_data` fills them in.
+    Meanings that differ from DataConfig: `batch_size` is the GLOBAL batch per optimizer step (all
+    ranks x accumulation); `shards` None is the embedded synthetic dataset; `tokenizer` is a name or path.
+    """
+    _name = "data"                     # error messages name the YAML / --set key: data.<field>
     shards: str | None = None          # shard pattern / dir; None: the embedded synthetic dataset
-    source: str = "shards"             # "shards" (aimv2.data loader) | "random" (fixed random batches)
     batch_size: int = 32
-    backend: str = "auto"
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
     tokenizer: str | None = None
+    source: str = "shards"             # "shards" (aimv2.data loader) | "random" (fixed random batches)
     synthetic_num: int = 2048          # samples of the embedded synthetic dataset when shards is None
     synthetic_size: int | None = None  # its stored image size (None: the data package's default, 224)
-    seed: int = 0
+
+    def validate(self) -> "DataSection":
+        if self.source not in DATA_SOURCES:
+            raise ValueError(f"data.source: expected one of {DATA_SOURCES}, got {self.source!r}")
+        if self.shards is None:        # checked as it will be read: build_data resolves the dataset
+            DataConfig.validate(dataclasses.replace(self, shards="<embedded synthetic dataset>"))
+            return self
+        return super().validate()
 
 
 @dataclass
@@ -119,9 +132,10 @@ class TrainConfig:
         return cls.from_dict(load_yaml(path))
 
     def to_dict(self) -> dict:
-        d = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
-        d["optim"]["betas"] = list(d["optim"]["betas"])
-        return d
+        """Every section's config keys (see _field_types) with YAML-safe values (tuples as lists)."""
+        return {name: {k: list(v) if isinstance(v, tuple) else v
+                       for k, v in dataclasses.asdict(getattr(self, name)).items() if k in _field_types(name)}
+                for name in SECTIONS}
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -170,9 +184,10 @@ _SECTION_CLS = {"model": ModelConfig, "data": DataSection, "optim": OptimConfig,
 
 
 def _field_types(section: str) -> dict:
+    """The section's config keys and their types: its fields, less those set from context (DataConfig)."""
     cls = _SECTION_CLS[section]
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if "context" not in f.metadata}
 
 
 def _check_section(sec: str) -> None:
@@ -280,7 +295,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(r.kernels in KERNELS, f"run.kernels must be one of {KERNELS}, got {r.kernels!r}")
     need(r.distributed in DISTRIBUTED, f"run.distributed must be one of {DISTRIBUTED}, got {r.distributed!r}")
     need(d.batch_size > 0, f"data.batch_size must be > 0, got {d.batch_size}")
-    need(d.source in DATA_SOURCES, f"data.source must be one of {DATA_SOURCES}, got {d.source!r}")
+    d.validate()
     need(o.grad_accum > 0, f"optim.grad_accum must be > 0, got {o.grad_accum}")
     need(o.lr > 0 and o.min_lr >= 0 and o.warmup_init_lr >= 0, "optim: lr must be > 0, min_lr / warmup_init_lr >= 0")
     need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")

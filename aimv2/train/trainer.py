@@ -109,7 +109,7 @@ def build_data(cfg: TrainConfig, model_cfg, info: D.DistInfo, micro_bs: int, pos
         from .random_data import RandomBatches
         return RandomBatches(model_cfg, micro_bs, seed=cfg.data.seed, rank=info.rank,
                              world_size=info.world_size, device=info.device, start_sample=pos["sample"])
-    from aimv2.data import DataConfig, build_loader, default_dataset
+    from aimv2.data import build_loader, default_dataset
     shards = cfg.data.shards
     if shards is None:                             # generated once by rank 0, then read by all
         kw = {"num": cfg.data.synthetic_num, "progress": info.is_main}
@@ -120,12 +120,11 @@ def build_data(cfg: TrainConfig, model_cfg, info: D.DistInfo, micro_bs: int, pos
         D.barrier(info)
         if not info.is_main:
             shards = default_dataset(**kw)
-    d = cfg.data
-    return build_loader(DataConfig(
-        shards=str(shards), image_size=model_cfg.img_size, patch_size=model_cfg.patch_size,
-        batch_size=micro_bs, backend=d.backend, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
-        seed=d.seed, rank=info.rank, world_size=info.world_size, device=str(info.device),
-        tokenizer=d.tokenizer, text_len=model_cfg.text_len, train=True, drop_last=True,
+    # cfg.data is a DataConfig: fill in what comes from context (model, process group, checkpoint)
+    return build_loader(dataclasses.replace(
+        cfg.data, shards=str(shards), batch_size=micro_bs,
+        image_size=model_cfg.img_size, patch_size=model_cfg.patch_size, text_len=model_cfg.text_len,
+        rank=info.rank, world_size=info.world_size, device=str(info.device), train=True, drop_last=True,
         start_epoch=int(pos.get("epoch", 0)), start_sample=int(pos.get("sample", 0))))
 
 
