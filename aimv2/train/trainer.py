@@ -233,6 +233,7 @@ class Trainer:
         self.checkpointer = ck.CheckpointManager(self.run_dir, r.ckpt_every, r.keep_ckpts, info, self._snapshot,
                                                  model_cfg.to_dict(), self.cfg.to_yaml(), latest=ckpt)
         self.stop = StopController(info, r.max_minutes)
+        self.timer = IntervalTimer(self.start_step)          # restarted when the loop starts
         self.flops_per_image = flops_per_sample(model_cfg)
         self.peak = device_peak_tflops(self.device, r.peak_tflops)
 
