@@ -1,11 +1,17 @@
-"""Shared helpers of tests/test_train_*.py: a tiny model config, a small synthetic dataset, runners."""
+"""Shared helpers of tests/test_train_*.py: a tiny model config, a small synthetic dataset, runners.
+
+`python tests/_train_common.py SECONDS ARGS...` runs `aimv2 train ARGS...` with a SlowSteps(SECONDS)
+callback, so a test can signal a CLI run between steps (see `slow_cli`)."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from aimv2.train.callbacks import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,3 +50,27 @@ def cli(args: list[str], **popen_kw) -> subprocess.Popen:
     """Start `python -m aimv2.cli ARGS` in the repo root."""
     return subprocess.Popen([sys.executable, "-m", "aimv2.cli", *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kw)
+
+
+class SlowSteps(Callback):
+    """Sleeps `seconds` after every optimizer step."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_step_end(self, trainer, step: int) -> None:
+        time.sleep(self.seconds)
+
+
+def slow_cli(seconds: float, args: list[str], **popen_kw) -> subprocess.Popen:
+    """Start `aimv2 train`-style ARGS (args[0] == "train") with every step slowed by SlowSteps(seconds)."""
+    return subprocess.Popen([sys.executable, __file__, str(seconds), *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kw)
+
+
+if __name__ == "__main__":
+    from aimv2.cli import build_parser
+    from aimv2.train.cli import cmd_train
+
+    seconds, *argv = sys.argv[1:]
+    sys.exit(cmd_train(build_parser().parse_args(argv), callbacks=[SlowSteps(float(seconds))]))

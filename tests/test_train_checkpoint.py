@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from aimv2.cli import main as cli_main
 from aimv2.train import checkpoint as ck
-from _train_common import TINY_SET, cli, cli_env, losses, rows
+from _train_common import TINY_SET, cli, cli_env, losses, rows, slow_cli
 
 
 def _fake_state(step):
@@ -119,7 +119,7 @@ def test_sigkill_while_writing_checkpoint_then_resume(dataset, reference, tmp_pa
 def test_sigterm_writes_checkpoint_and_exits_cleanly(dataset, reference, tmp_path, capsys):
     ref_dir, ref = reference
     out = tmp_path / "run"
-    proc = cli(_args(dataset, out, "--ckpt-every", "0"), env=cli_env(AIMV2_DEBUG_STEP_SLEEP="0.25"))
+    proc = slow_cli(0.25, _args(dataset, out, "--ckpt-every", "0"), env=cli_env())
     _wait_for(lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)

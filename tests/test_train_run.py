@@ -93,11 +93,11 @@ def test_compiled_blocks_match_eager(tmp_path):
     from aimv2.train.trainer import Trainer
     from aimv2.train.checkpoint import load_checkpoint
 
-    eager = Trainer(tiny_cfg(tmp_path / "eager", **{"run.steps": 2})).run()
+    eager = Trainer(tiny_cfg(tmp_path / "eager", **{"run.steps": 2})).train()
     tr = Trainer(tiny_cfg(tmp_path / "comp", **{"run.steps": 2, "run.compile": True}))
     for blk in [*tr.model.encoder.trunk.blocks, *tr.model.decoder.trunk.blocks]:
         assert hasattr(blk.forward, "_torchdynamo_orig_callable")          # compiled wrapper
-    comp = tr.run()
+    comp = tr.train()
     a = torch.tensor([[x["loss"], x["pixel_loss"], x["text_loss"]] for x in rows(eager.run_dir)])
     b = torch.tensor([[x["loss"], x["pixel_loss"], x["text_loss"]] for x in rows(comp.run_dir)])
     torch.testing.assert_close(b, a, rtol=1e-4, atol=0)
@@ -120,7 +120,7 @@ def test_gpu_defaults_bf16_compiled_triton(tmp_path):
     assert tr.bf16 and tr.device.type == "cuda"
     want = ("triton", "triton") if triton_unavailable_reason() is None else ("torch", "flex")
     assert (tr.model_cfg.impl, tr.model_cfg.attn_backend) == want
-    res = tr.run()
+    res = tr.train()
     r = rows(res.run_dir)
     assert all(math.isfinite(x["loss"]) for x in r) and r[-1]["peak_mem_mb"] > 0
     assert (r[-1]["mfu"] is not None) == (device_peak_tflops(torch.device("cuda")) is not None)

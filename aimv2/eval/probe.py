@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from aimv2.train.optim import WarmupCosine
+
 log = logging.getLogger(__name__)
 
 DEFAULT_LRS = (3e-4, 1e-3, 3e-3)
@@ -100,13 +102,6 @@ def _batches(index: torch.Tensor, batch_size: int, generator: torch.Generator | 
         yield index[i:i + batch_size]
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-
 def train_probes(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, lrs: Sequence[float], *,
                  epochs: int = 30, batch_size: int = 128, weight_decay: float = 0.05,
                  warmup_frac: float = 0.05, device=None, seed: int = 0, index: torch.Tensor | None = None,
@@ -146,7 +141,8 @@ def train_probes(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, lr
     steps_per_epoch = math.ceil(M / batch_size)
     total = epochs * steps_per_epoch
     warmup = max(1, int(warmup_frac * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup))
+    # factor (s + 1) / W for s < W, then cosine to 0 at s = total
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(1.0, 0.0, 0.0, warmup, total, warmup_offset=1))
     probes.train()
     bar = tqdm(total=total, desc="train probe", unit="step", disable=not progress, leave=False)
     for _ in range(epochs):

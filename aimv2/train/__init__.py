@@ -9,6 +9,7 @@ Python API
     cfg = cfg.merge({"run.log_every": 10})                       # dotted keys work too
     cfg = cfg.set(["optim.grad_accum=2"])                        # CLI-style key=value strings
     res = train(cfg)                                             # -> TrainResult
+    res = train(cfg, callbacks=[MyCallback()])                   # aimv2.train.Callback hooks
     res.checkpoint, res.metrics, res.plots, res.loss, res.images_per_s
 
     TrainConfig.from_yaml("run.yaml") / TrainConfig.from_dict({...}) / cfg.to_yaml(path)
@@ -33,10 +34,11 @@ Run directory: config.yaml (resolved), metrics.jsonl (fields in aimv2/train/metr
 checkpoints/step_XXXXXXXX/{model.safetensors, train_state.pt, config.yaml}, plots/*.png,
 tensorboard/ (when TensorBoard is installed).
 """
+from .callbacks import Callback
 from .config import DataSection, OptimConfig, RunConfig, TrainConfig
 
 __all__ = ["TrainConfig", "DataSection", "OptimConfig", "RunConfig", "train", "TrainResult",
-           "NonFiniteLossError", "plot_run"]
+           "NonFiniteLossError", "plot_run", "Callback"]
 
 
 def __getattr__(name):          # lazy: importing the config does not import the model / loop

@@ -11,6 +11,9 @@ Written into `.tmp-step_...` (every file fsynced), then renamed to `step_...` an
 a kill at any moment leaves either the new checkpoint whole or no trace of it beside the old ones.
 Readers ignore `.tmp-*`. Only the newest `keep` checkpoints are kept (old ones are renamed to a
 `.tmp-` name before removal, so a half-deleted one is never picked up).
+
+`CheckpointManager` is the policy the loop follows: every `run.ckpt_every` steps, when stopping
+early (signal, time limit, too many non-finite steps), and at the end unless that step was just saved.
 """
 from __future__ import annotations
 
@@ -20,10 +23,13 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from . import distributed as D
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.safetensors", "train_state.pt", "config.yaml"
@@ -156,3 +162,47 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict]:
         raise ValueError(f"checkpoint {str(path)!r}: {MODEL_FILE} has no 'aimv2_config' metadata")
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     return load_file(str(path / MODEL_FILE)), json.loads(meta["aimv2_config"]), state
+
+
+# ----------------------------------------------------------------------------- policy
+class CheckpointManager:
+    """When to write checkpoints and who writes them.
+
+    snapshot() -> (model state dict, train state) is called on every rank at each save (it may be a
+    collective, e.g. gathering FSDP shards); rank 0 writes the checkpoint, then all ranks meet at a
+    barrier. `latest` is the newest checkpoint this process knows of (None on ranks other than 0)."""
+
+    def __init__(self, run_dir: str | Path, every: int, keep: int, info: D.DistInfo,
+                 snapshot: Callable[[], tuple[dict, dict]], model_config: dict, config_yaml: str,
+                 latest: Path | None = None):
+        if keep < 1:
+            raise ValueError(f"keep: expected >= 1 checkpoints to keep, got {keep}")
+        self.run_dir, self.every, self.keep, self.info = Path(run_dir), every, keep, info
+        self.snapshot, self.model_config, self.config_yaml = snapshot, model_config, config_yaml
+        self.latest: Path | None = latest
+        self.last_saved: int | None = None          # the step saved last by this process
+
+    def due(self, step: int) -> bool:
+        """An interval checkpoint is due after `step` (never when every <= 0)."""
+        return self.every > 0 and step % self.every == 0
+
+    def save(self, step: int) -> Path | None:
+        """Write checkpoint `step` now (every rank calls it); keep the newest `keep`."""
+        model_sd, train_state = self.snapshot()
+        path = None
+        if self.info.is_main:
+            path = save_checkpoint(self.run_dir, step, model_sd, self.model_config, train_state,
+                                   self.config_yaml, self.keep)
+        D.barrier(self.info)
+        self.latest, self.last_saved = path, step
+        return path
+
+    def after_step(self, step: int, stopping: bool) -> Path | None:
+        """Save when an interval checkpoint is due or the run is stopping early."""
+        return self.save(step) if stopping or self.due(step) else None
+
+    def final(self, step: int) -> Path | None:
+        """At the end of the run: save unless `step` was just saved; the newest checkpoint."""
+        if self.last_saved != step:
+            self.save(step)
+        return self.latest

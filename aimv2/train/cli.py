@@ -40,7 +40,8 @@ def build_config(args):
     return cfg.merge(over).set(args.set or [])
 
 
-def cmd_train(args) -> int:
+def cmd_train(args, callbacks=()) -> int:
+    """`aimv2 train`; `callbacks` (aimv2.train.callbacks.Callback) for a caller that wraps the command."""
     from .trainer import NonFiniteLossError, train
 
     try:
@@ -52,7 +53,7 @@ def cmd_train(args) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     try:
-        res = train(cfg)
+        res = train(cfg, callbacks=callbacks)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -55,16 +55,25 @@ def warmup_steps_for(cfg: OptimConfig, steps: int) -> int:
 
 
 class WarmupCosine:
-    """lr(s) of the module docstring; `factor(s)` = lr(s) / lr_peak for torch's LambdaLR."""
+    """lr(s) of the module docstring; `factor(s)` = lr(s) / lr_peak for torch's LambdaLR.
 
-    def __init__(self, peak: float, init: float, final: float, warmup: int, total: int):
+    warmup_offset: the warm-up counts from step `warmup_offset` (0: lr(0) = init; 1: lr(0) is one
+    warm-up step in, so lr(W - 1) = peak, the attentive probe's schedule in aimv2/eval/probe.py)."""
+
+    def __init__(self, peak: float, init: float, final: float, warmup: int, total: int,
+                 warmup_offset: int = 0):
         if warmup < 0 or total <= 0:
             raise ValueError(f"WarmupCosine: need warmup >= 0 and total > 0, got {warmup}, {total}")
         self.peak, self.init, self.final, self.warmup, self.total = peak, init, final, warmup, total
+        self.warmup_offset = warmup_offset
+
+    @classmethod
+    def from_config(cls, cfg: OptimConfig, steps: int) -> "WarmupCosine":
+        return cls(cfg.lr, cfg.warmup_init_lr, cfg.min_lr, warmup_steps_for(cfg, steps), cfg.decay_steps or steps)
 
     def lr(self, s: int) -> float:
         if s < self.warmup:
-            return self.init + (self.peak - self.init) * s / self.warmup
+            return self.init + (self.peak - self.init) * (s + self.warmup_offset) / self.warmup
         t = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
         return self.final + (self.peak - self.final) * 0.5 * (1.0 + math.cos(math.pi * t))
 
@@ -73,6 +82,28 @@ class WarmupCosine:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps: int):
-    sched = WarmupCosine(cfg.lr, cfg.warmup_init_lr, cfg.min_lr, warmup_steps_for(cfg, steps),
-                         cfg.decay_steps or steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, sched)
+    """LambdaLR over `WarmupCosine.from_config` (the one schedule object: `.lr_lambdas[0]`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine.from_config(cfg, steps))
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimConfig, lr: float) -> None:
+    """Set lr, betas, eps and weight decay of every group from `cfg`, matching groups by their
+    `name` ("decay" / "no_decay", see `param_groups`), never by their order."""
+    wd = {"decay": torch_weight_decay(cfg), "no_decay": 0.0}
+    for g in optimizer.param_groups:
+        if g.get("name") not in wd:
+            raise ValueError(f"optimizer param group named {g.get('name')!r}: expected one of {sorted(wd)}")
+        g.update(lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=wd[g["name"]])
+
+
+def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: OptimConfig, saved: dict,
+                     step: int) -> None:
+    """Resume `scheduler` from its saved `state_dict()` at optimizer step `step`. The position comes
+    from the checkpoint; the schedule itself and every hyper-parameter come from `cfg` (which may
+    have changed since), so the checkpoint's schedule parameters and base learning rates are
+    replaced by this scheduler's own before `load_state_dict`."""
+    if saved.get("last_epoch") != step:
+        raise ValueError(f"scheduler state: last_epoch {saved.get('last_epoch')!r} != checkpoint step {step}")
+    own = scheduler.state_dict()
+    scheduler.load_state_dict(dict(saved, lr_lambdas=own["lr_lambdas"], base_lrs=[cfg.lr] * len(own["base_lrs"])))
+    apply_hyperparameters(scheduler.optimizer, cfg, scheduler.lr_lambdas[0].lr(step))

@@ -20,6 +20,12 @@ SIGTERM / Ctrl-C set a flag; the loop finishes the current step, writes a checkp
 Under torchrun the flag is agreed across ranks at log intervals (an all-reduce there), so set
 log_every small enough for your preemption notice.
 
+The parts, each usable and tested alone: stats.py (StepStats: device accumulators -> IntervalStats,
+the typed record of a log interval; IntervalTimer), checkpoint.py (CheckpointManager: interval,
+stop and final checkpoints, keep K), stop.py (StopController: signals, time limit, agreement across
+ranks), optim.py (the one WarmupCosine schedule; restore_schedule / apply_hyperparameters: resume
+through the scheduler's state dict, param groups matched by name), callbacks.py (Callback hooks).
+
 NOTE torch.compile (per block, fullgraph=True) is on by default for a GPU and off for a CPU:
 aimv2-tiny, batch 32, on a shared 2-core CPU (load ~6, torch 2.13): eager 3.4-7.8 img/s, compiled
 4.0-7.8 img/s once warm, but the cold compile of the 4 distinct block graphs (first / later block,
@@ -29,12 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import random
-import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,9 +50,12 @@ from aimv2.model import AIMv2Pretrainer, flops_per_sample
 
 from . import checkpoint as ck
 from . import distributed as D
+from .callbacks import Callback
 from .config import TrainConfig, validate
 from .metrics import MetricsWriter, device_peak_tflops, peak_memory_mb
-from .optim import WarmupCosine, build_optimizer, build_scheduler, torch_weight_decay, warmup_steps_for
+from .optim import WarmupCosine, build_optimizer, build_scheduler, restore_schedule
+from .stats import IntervalStats, IntervalTimer, Lap, StepStats
+from .stop import StopController
 
 
 class NonFiniteLossError(RuntimeError):
@@ -128,35 +136,61 @@ def build_data(cfg: TrainConfig, model_cfg, info: D.DistInfo, micro_bs: int, pos
         start_epoch=int(pos.get("epoch", 0)), start_sample=int(pos.get("sample", 0))))
 
 
-class _StopFlag:
-    """SIGTERM / SIGINT -> remember the signal; the loop checkpoints and returns. Second Ctrl-C aborts."""
+# ----------------------------------------------------------------------------- set-up helpers
+def micro_batch_size(cfg: TrainConfig, info: D.DistInfo) -> int:
+    per_step = info.world_size * cfg.optim.grad_accum
+    if cfg.data.batch_size % per_step:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by "
+                         f"world_size * optim.grad_accum = {info.world_size} * {cfg.optim.grad_accum}")
+    return cfg.data.batch_size // per_step
 
-    def __init__(self):
-        self.signal: str | None = None
-        self._old = {}
 
-    def install(self):
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self._old[s] = signal.getsignal(s)
-            signal.signal(s, self._handle)
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
-    def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
 
-    def restore(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        self._old = {}
+def data_position(state: dict | None, info: D.DistInfo) -> dict | None:
+    """Where this rank's data resumes: its own position when the world size is unchanged, else rank 0's."""
+    if state is None:
+        return None
+    per_rank = state.get("data_per_rank") or []
+    return per_rank[info.rank] if len(per_rank) == info.world_size else state["data"]
+
+
+def match_tokenizer(model_cfg, loader, log):
+    """The model's vocabulary must hold the loader's tokenizer; its pad id is the tokenizer's."""
+    tok = getattr(loader, "tokenizer", None)
+    if tok is None:
+        return model_cfg
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer vocab_size {tok.vocab_size} > model.vocab_size "
+                         f"{model_cfg.vocab_size}: pass --set model.vocab_size={tok.vocab_size}")
+    if tok.pad_id != model_cfg.pad_id:
+        log(f"model.pad_id {model_cfg.pad_id} -> {tok.pad_id} (the tokenizer's pad id)")
+        model_cfg = model_cfg.replace(pad_id=tok.pad_id)
+    return model_cfg
+
+
+def check_same_model(saved: dict, model_cfg, ckpt: Path) -> None:
+    """--resume needs the checkpoint's architecture (kernels, backends and loss weights may change)."""
+    ignore = ("impl", "attn_backend", "pixel_loss_weight", "text_loss_weight", "name")
+    diff = {k: (v, getattr(model_cfg, k)) for k, v in saved.items()
+            if k not in ignore and getattr(model_cfg, k, None) != v}
+    if diff:
+        raise ValueError(f"--resume: the model config differs from checkpoint {str(ckpt)!r} "
+                         f"(field: (checkpoint, now)): {diff}")
 
 
 # ----------------------------------------------------------------------------- trainer
 class Trainer:
-    def __init__(self, cfg: TrainConfig, loader=None):
+    """Everything is built in __init__ (data, model, optimizer, schedule, resumed state, checkpoint
+    and stop policies); `train()` runs the loop. `callbacks`: aimv2.train.callbacks.Callback hooks."""
+
+    def __init__(self, cfg: TrainConfig, loader=None, callbacks: Sequence[Callback] = ()):
         self.cfg = validate(dataclasses.replace(cfg))
+        self.callbacks = list(callbacks)
         self.owns_pg = not torch.distributed.is_initialized()
         self.info = D.init_distributed(cfg.run.distributed, cfg.run.device)
         self.device = self.info.device
@@ -174,118 +208,122 @@ class Trainer:
             tqdm.write(f"[aimv2 train] {msg}", file=sys.stderr)
 
     # ------------------------------------------------------------------ set-up
-    def _setup(self, loader):
-        cfg, info = self.cfg, self.info
-        r, o = cfg.run, cfg.optim
-        per_step = info.world_size * o.grad_accum
-        if cfg.data.batch_size % per_step:
-            raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by "
-                             f"world_size * optim.grad_accum = {info.world_size} * {o.grad_accum}")
-        self.micro_bs = cfg.data.batch_size // per_step
+    def _setup(self, loader) -> None:
+        cfg, info, r = self.cfg, self.info, self.cfg.run
+        self.micro_bs = micro_batch_size(cfg, info)
         self.bf16 = r.precision == "bf16" or (r.precision == "auto" and self.device.type == "cuda")
-        use_compile = r.compile if r.compile is not None else self.device.type == "cuda"
-
-        ckpt = None
-        if r.resume:
-            ckpt = ck.latest_checkpoint(self.run_dir)
-            if ckpt is None:
-                self.log(f"--resume: no whole checkpoint under {self.run_dir / 'checkpoints'}; starting fresh")
-        elif ck.list_checkpoints(self.run_dir):
-            raise ValueError(f"run directory {str(self.run_dir)!r} already holds checkpoints: pass --resume "
-                             f"(run.resume=true) to continue it, or choose another --out")
+        self.compiled = r.compile if r.compile is not None else self.device.type == "cuda"
+        ckpt = self._resume_checkpoint()
         model_cfg = resolve_kernels(cfg.model, r.kernels, self.device, self.log)
-        state = model_sd = None
+        model_sd, saved_model_cfg, state = ck.load_checkpoint(ckpt) if ckpt is not None else (None, None, None)
+        seed_everything(r.seed)
+        self.loader = loader if loader is not None else \
+            build_data(cfg, model_cfg, info, self.micro_bs, data_position(state, info))
+        model_cfg = match_tokenizer(model_cfg, self.loader, self.log)
         if ckpt is not None:
-            model_sd, saved_model_cfg, state = ck.load_checkpoint(ckpt)
-        torch.manual_seed(r.seed)
-        np.random.seed(r.seed)
-        random.seed(r.seed)
-        pos = None
-        if state is not None:                 # this rank's own position when the world size is unchanged
-            per_rank = state.get("data_per_rank") or []
-            pos = per_rank[info.rank] if len(per_rank) == info.world_size else state["data"]
-        self.loader = loader if loader is not None else build_data(cfg, model_cfg, info, self.micro_bs, pos)
-        tok = getattr(self.loader, "tokenizer", None)
-        if tok is not None:
-            if tok.vocab_size > model_cfg.vocab_size:
-                raise ValueError(f"tokenizer vocab_size {tok.vocab_size} > model.vocab_size "
-                                 f"{model_cfg.vocab_size}: pass --set model.vocab_size={tok.vocab_size}")
-            if tok.pad_id != model_cfg.pad_id:
-                self.log(f"model.pad_id {model_cfg.pad_id} -> {tok.pad_id} (the tokenizer's pad id)")
-                model_cfg = model_cfg.replace(pad_id=tok.pad_id)
-        if ckpt is not None:
-            ignore = ("impl", "attn_backend", "pixel_loss_weight", "text_loss_weight", "name")
-            diff = {k: (v, getattr(model_cfg, k)) for k, v in saved_model_cfg.items()
-                    if k not in ignore and getattr(model_cfg, k, None) != v}
-            if diff:
-                raise ValueError(f"--resume: the model config differs from checkpoint {str(ckpt)!r} "
-                                 f"(field: (checkpoint, now)): {diff}")
+            check_same_model(saved_model_cfg, model_cfg, ckpt)
         self.model_cfg = model_cfg
         self.cfg = dataclasses.replace(cfg, model=model_cfg)
-
-        model = AIMv2Pretrainer(model_cfg).to(self.device)
-        if use_compile:
-            compile_blocks(model)
-        self.model = D.wrap_model(model, info, self.bf16)
-        self.optimizer = build_optimizer(self.model, o, self.device)
-        self.fused = bool(self.optimizer.defaults.get("fused"))
-        self.schedule = WarmupCosine(o.lr, o.warmup_init_lr, o.min_lr, warmup_steps_for(o, r.steps),
-                                     o.decay_steps or r.steps)
-        self.scheduler = build_scheduler(self.optimizer, o, r.steps)
-        self.start_step, self.skipped_prev = 0, 0
-        if ckpt is not None:
-            D.load_full_state_dicts(self.model, self.optimizer, model_sd, state["optimizer"])
-            self._restore_schedule(state["step"])
-            ck.set_rng_state(state["rng"])
-            self.start_step = state["step"]
-            self.skipped_prev = int(state.get("counters", {}).get("skipped_steps", 0))
-            self.log(f"resumed from {ckpt} at step {self.start_step}")
+        self._build_model()
+        self._build_optimizer()
         self.resumed_from = ckpt
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.amp = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) \
-            if self.bf16 and info.mode != "fsdp" else contextlib.nullcontext
+        self.start_step, skipped = self._load_state(model_sd, state) if ckpt is not None else (0, 0)
+        self.stats = StepStats(self.device, skipped)
+        self.checkpointer = ck.CheckpointManager(self.run_dir, r.ckpt_every, r.keep_ckpts, info, self._snapshot,
+                                                 model_cfg.to_dict(), self.cfg.to_yaml(), latest=ckpt)
+        self.stop = StopController(info, r.max_minutes)
+        self.timer = IntervalTimer(self.start_step)          # restarted when the loop starts
         self.flops_per_image = flops_per_sample(model_cfg)
         self.peak = device_peak_tflops(self.device, r.peak_tflops)
 
-    def _restore_schedule(self, step: int) -> None:
-        """The LR schedule and hyper-parameters come from the (possibly changed) config; the
-        checkpoint only supplies the position in it."""
-        o = self.cfg.optim
-        self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
-        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
-        self.scheduler.last_epoch = step
-        self.scheduler._step_count = step + 1
-        wd = torch_weight_decay(o)
-        for g, decays in zip(self.optimizer.param_groups, (True, False)):    # optim.param_groups order
-            g.update(lr=self.schedule.lr(step), betas=tuple(o.betas), eps=o.eps,
-                     weight_decay=wd if decays else 0.0)
+    def _resume_checkpoint(self) -> Path | None:
+        if not self.cfg.run.resume:
+            if ck.list_checkpoints(self.run_dir):
+                raise ValueError(f"run directory {str(self.run_dir)!r} already holds checkpoints: pass "
+                                 f"--resume (run.resume=true) to continue it, or choose another --out")
+            return None
+        ckpt = ck.latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            self.log(f"--resume: no whole checkpoint under {self.run_dir / 'checkpoints'}; starting fresh")
+        return ckpt
+
+    def _build_model(self) -> None:
+        model = AIMv2Pretrainer(self.model_cfg).to(self.device)
+        if self.compiled:
+            compile_blocks(model)
+        self.model = D.wrap_model(model, self.info, self.bf16)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.amp = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) \
+            if self.bf16 and self.info.mode != "fsdp" else contextlib.nullcontext
+
+    def _build_optimizer(self) -> None:
+        self.optimizer = build_optimizer(self.model, self.cfg.optim, self.device)
+        self.fused = bool(self.optimizer.defaults.get("fused"))
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.run.steps)
+        self.schedule: WarmupCosine = self.scheduler.lr_lambdas[0]
+
+    def _load_state(self, model_sd: dict, state: dict) -> tuple[int, int]:
+        """Model, optimizer, LR-schedule position and RNG from a checkpoint -> (step, skipped steps)."""
+        D.load_full_state_dicts(self.model, self.optimizer, model_sd, state["optimizer"])
+        restore_schedule(self.scheduler, self.cfg.optim, state["scheduler"], state["step"])
+        ck.set_rng_state(state["rng"])
+        self.log(f"resumed from {self.resumed_from} at step {state['step']}")
+        return state["step"], int(state.get("counters", {}).get("skipped_steps", 0))
+
+    def _snapshot(self) -> tuple[dict, dict]:
+        """(model state dict, train state) of a checkpoint; a collective (FSDP gathers, data positions)."""
+        model_sd, optim_sd = D.full_state_dicts(self.model, self.optimizer)
+        data_per_rank = D.all_gather_object(dict(self.loader.state_dict()), self.info)
+        return model_sd, {"optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
+                          "rng": ck.rng_state(), "data": data_per_rank[0], "data_per_rank": data_per_rank,
+                          "counters": {"skipped_steps": self.stats.skipped_steps},
+                          "world_size": self.info.world_size}
 
     # ------------------------------------------------------------------ the step
-    def _step(self, it, acc: dict) -> None:
-        o, info = self.cfg.optim, self.info
-        A = o.grad_accum
+    def train_step(self, it) -> None:
+        """One optimizer step (module docstring); statistics stay on the device."""
+        losses = self._forward_backward(it)
+        norm = self._clip_grads()
+        bad = self._optimizer_step(losses, norm)
+        self.stats.update(losses, norm, bad)
+
+    def _next_batch(self, it) -> dict:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            raise RuntimeError("the data loader ran out: a training loader must be endless "
+                               "(aimv2.data loaders with train=True repeat over epochs)") from None
+        self.timer.waited(time.perf_counter() - t0)
+        return batch
+
+    def _forward_backward(self, it) -> torch.Tensor:
+        """grad_accum micro-batches; returns their mean (loss, pixel_loss, text_loss), (3,) fp32."""
+        A = self.cfg.optim.grad_accum
         losses = torch.zeros(3, device=self.device)
         for a in range(A):
-            t0 = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                raise RuntimeError("the data loader ran out: a training loader must be endless "
-                                   "(aimv2.data loaders with train=True repeat over epochs)") from None
-            self.data_wait += time.perf_counter() - t0
-            with D.grad_sync(self.model, info, sync=a == A - 1):
+            batch = self._next_batch(it)
+            with D.grad_sync(self.model, self.info, sync=a == A - 1):
                 with self.amp():
                     out = self.model(batch["images"], batch["text"], batch["prefix_len"])
                 (out["loss"] / A).backward()
             losses += torch.stack([out["loss"], out["pixel_loss"], out["text_loss"]]).detach().float() / A
+        return losses
+
+    def _clip_grads(self) -> torch.Tensor:
+        """The global gradient norm (); gradients clipped to optim.grad_clip when it is > 0."""
         norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None],
                                              foreach=True)
         if hasattr(norm, "full_tensor"):                              # FSDP2: a DTensor
             norm = norm.full_tensor()
-        if o.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.params, o.grad_clip, norm, foreach=True)
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.optim.grad_clip, norm, foreach=True)
+        return norm
+
+    def _optimizer_step(self, losses: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """AdamW step unless the loss or gradient is non-finite on any rank; returns that flag ()."""
         bad = (~(torch.isfinite(norm) & torch.isfinite(losses).all())).float()
-        D.all_reduce_(bad, info, "max")                            # every rank skips together
+        D.all_reduce_(bad, self.info, "max")                       # every rank skips together
         if self.fused:
             self.optimizer.found_inf = bad
             self.optimizer.step()
@@ -293,161 +331,134 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        ok = bad == 0
-        acc["sums"] += torch.where(ok, torch.cat([losses, norm.detach().float().view(1)]), 0.0)
-        acc["n_ok"] += ok.float()
-        acc["bad_total"] += bad
-        acc["bad_run"] = torch.where(ok, 0.0, acc["bad_run"] + 1)
-        acc["max_bad_run"] = torch.maximum(acc["max_bad_run"], acc["bad_run"])
+        return bad
 
-    # ------------------------------------------------------------------ logging
-    def _log_row(self, step: int, acc: dict) -> dict:
-        """Read the interval's device accumulators (the one host sync per interval) -> metrics row."""
-        info = self.info
-        sums = acc["sums"].clone()
-        D.all_reduce_(sums[:3], info, "sum")
-        vals = torch.cat([sums, acc["n_ok"].view(1), acc["bad_total"].view(1),
-                          acc["max_bad_run"].view(1)]).tolist()
-        now = time.perf_counter()
-        dt = max(now - self.t_last, 1e-9)
-        n_steps = step - self.step_last
-        n_ok = vals[4]
-        w = info.world_size
-        images = n_steps * self.cfg.data.batch_size
-        ips = images / dt
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> TrainResult:
+        """Step, then the per-step hooks, the stop check, a metrics row at log steps, checkpoints."""
+        r = self.cfg.run
+        res = TrainResult(run_dir=self.run_dir, config=self.run_dir / "config.yaml",
+                          metrics=self.run_dir / "metrics.jsonl", checkpoint=self.resumed_from,
+                          step=self.start_step)
+        self.writer = self.pbar = it = threads_before = None
+        try:
+            self._open_run(res)
+            self.stop.install()
+            threads_before = set(threading.enumerate())
+            it = iter(self.loader)
+            self.timer = IntervalTimer(self.start_step)
+            self.stop.start_clock()
+            step = self.start_step
+            while step < r.steps:
+                self.train_step(it)
+                step += 1
+                self._after_step(step)
+                at_log = step % r.log_every == 0 or step == r.steps
+                stopping = self.stop.check(at_log)
+                if at_log or stopping:
+                    self._log_interval(step, res)
+                self.checkpointer.after_step(step, stopping)
+                if stopping:
+                    res.stopped_by = self.stop.reason
+                    self.log(f"{self.stop.reason}: checkpoint written at step {step}; exiting (continue with --resume)")
+                    break
+            _close_iter(it, threads_before)     # stop loader threads now (position already read)
+            res.checkpoint = self.checkpointer.final(step)
+            res.step, res.skipped_steps = step, self.stats.skipped_steps
+            self._finish(res)
+            return res
+        finally:
+            self._close(it, threads_before)
+
+    def _open_run(self, res: TrainResult) -> None:
+        """Rank 0: the run directory, config.yaml, the metrics writer, the progress bar, a banner."""
+        if not self.info.is_main:
+            return
+        r = self.cfg.run
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ck.remove_stale_temps(self.run_dir)
+        self.cfg.to_yaml(res.config)
+        self.writer = MetricsWriter(res.metrics, self.start_step if self.resumed_from else None,
+                                    r.tensorboard, self.run_dir / "tensorboard")
+        from tqdm import tqdm
+        self.pbar = tqdm(total=r.steps, initial=self.start_step, disable=not r.progress,
+                         desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.log(f"run dir {self.run_dir} | {self.model_cfg.name} impl={self.model_cfg.impl} "
+                 f"attn={self.model_cfg.attn_backend} | {self.device} x{self.info.world_size} "
+                 f"({self.info.mode}) | batch {self.cfg.data.batch_size} = {self.info.world_size} x "
+                 f"{self.cfg.optim.grad_accum} x {self.micro_bs} | "
+                 f"{'bf16' if self.bf16 else 'fp32'} | compile={self.compiled}")
+
+    def _after_step(self, step: int) -> None:
+        for cb in self.callbacks:
+            cb.on_step_end(self, step)
+        if self.pbar is not None:
+            self.pbar.update(1)
+
+    def _log_interval(self, step: int, res: TrainResult) -> None:
+        """Read the interval's statistics (the one host sync per interval) and write its metrics row;
+        after run.max_bad_steps non-finite steps in a row, checkpoint and raise NonFiniteLossError."""
+        stats = self.stats.read(self.info)
+        row = self._metrics_row(step, stats, self.timer.lap(step))
+        for cb in self.callbacks:
+            cb.on_log(self, row)
+        if self.writer is not None:
+            self.writer.write(row)
+            res.loss, res.pixel_loss, res.text_loss = row["loss"], row["pixel_loss"], row["text_loss"]
+            res.images_per_s = row["images_per_s"]
+            if self.pbar is not None and row["loss"] is not None:
+                self.pbar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
+        max_bad = self.cfg.run.max_bad_steps
+        if stats.max_bad_run >= max_bad:
+            path = self.checkpointer.save(step)
+            raise NonFiniteLossError(
+                f"{stats.max_bad_run} consecutive steps with a non-finite loss or gradient "
+                f"(run.max_bad_steps={max_bad}) before step {step}; stopped. The skipped steps "
+                f"changed nothing, so checkpoint {path} holds the last good state. Lower optim.lr or "
+                f"check the data.")
+
+    def _metrics_row(self, step: int, s: IntervalStats, lap: Lap) -> dict:
+        """The metrics.jsonl row of an interval (fields: aimv2/train/metrics.py)."""
+        w = self.info.world_size
+        ips = lap.steps * self.cfg.data.batch_size / lap.seconds
         tflops = ips * self.flops_per_image / 1e12
-        stats = self.loader.stats() if hasattr(self.loader, "stats") else {}
-        mean = (lambda x: x / n_ok) if n_ok > 0 else (lambda x: None)
-        row = {
-            "step": step,
-            "loss": mean(vals[0] / w), "pixel_loss": mean(vals[1] / w), "text_loss": mean(vals[2] / w),
+        loader_stats = self.loader.stats() if hasattr(self.loader, "stats") else {}
+        return {
+            "step": step, "loss": s.loss, "pixel_loss": s.pixel_loss, "text_loss": s.text_loss,
             "lr": self.schedule.lr(step - 1),                        # the last step's learning rate
-            "grad_norm": mean(vals[3]),
+            "grad_norm": s.grad_norm,
             "images_per_s": ips,
             "tokens_per_s": ips * (self.model_cfg.num_patches + self.model_cfg.text_len),
             "tflops": tflops,
             "mfu": tflops / (self.peak * w) if self.peak else None,
             "peak_mem_mb": peak_memory_mb(self.device),
-            "data_wait_pct": 100.0 * self.data_wait / dt,
-            "skipped_samples": int(stats.get("skipped", 0)),
-            "skipped_steps": self.skipped_prev + int(vals[5]),
-            "elapsed_s": now - self.t_start,
+            "data_wait_pct": 100.0 * lap.data_wait / lap.seconds,
+            "skipped_samples": int(loader_stats.get("skipped", 0)),
+            "skipped_steps": s.skipped_steps,
+            "elapsed_s": lap.elapsed,
         }
-        self.max_bad_run = int(vals[6])
-        acc["sums"].zero_()
-        acc["n_ok"].zero_()
-        acc["max_bad_run"].copy_(acc["bad_run"])
-        self.t_last, self.step_last, self.data_wait = now, step, 0.0
-        return row
 
-    # ------------------------------------------------------------------ checkpoints
-    def save(self, step: int, skipped_steps: int) -> Path | None:
-        model_sd, optim_sd = D.full_state_dicts(self.model, self.optimizer)      # collective (FSDP)
-        data_per_rank = D.all_gather_object(dict(self.loader.state_dict()), self.info)
-        path = None
-        if self.info.is_main:
-            train_state = {"optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
-                           "rng": ck.rng_state(), "data": data_per_rank[0], "data_per_rank": data_per_rank,
-                           "counters": {"skipped_steps": skipped_steps},
-                           "world_size": self.info.world_size}
-            path = ck.save_checkpoint(self.run_dir, step, model_sd, self.model_cfg.to_dict(), train_state,
-                                      self.cfg.to_yaml(), self.cfg.run.keep_ckpts)
-        D.barrier(self.info)
-        return path
+    def _finish(self, res: TrainResult) -> None:
+        """Rank 0: plots (after closing the metrics file) and the closing line."""
+        if not self.info.is_main:
+            return
+        if self.cfg.run.plot:
+            from .plot import plot_run
+            self.writer.close()
+            self.writer = None
+            res.plots = plot_run(self.run_dir)
+        self.log(f"done at step {res.step}: checkpoint {res.checkpoint} | metrics {res.metrics}"
+                 + (f" | plots {', '.join(map(str, res.plots))}" if res.plots else ""))
 
-    # ------------------------------------------------------------------ the loop
-    def run(self) -> TrainResult:
-        cfg, info, r = self.cfg, self.info, self.cfg.run
-        res = TrainResult(run_dir=self.run_dir, config=self.run_dir / "config.yaml",
-                          metrics=self.run_dir / "metrics.jsonl", checkpoint=self.resumed_from,
-                          step=self.start_step)
-        writer = pbar = it = threads_before = None
-        stop = _StopFlag()
-        step_sleep = float(os.environ.get("AIMV2_DEBUG_STEP_SLEEP", "0") or 0)   # test hook (slow steps)
-        try:
-            if info.is_main:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                ck.remove_stale_temps(self.run_dir)
-                cfg.to_yaml(res.config)
-                writer = MetricsWriter(res.metrics, self.start_step if self.resumed_from else None,
-                                       r.tensorboard, self.run_dir / "tensorboard")
-                from tqdm import tqdm
-                pbar = tqdm(total=r.steps, initial=self.start_step, disable=not r.progress,
-                            desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
-                self.log(f"run dir {self.run_dir} | {self.model_cfg.name} impl={self.model_cfg.impl} "
-                         f"attn={self.model_cfg.attn_backend} | {self.device} x{info.world_size} "
-                         f"({info.mode}) | batch {cfg.data.batch_size} = {info.world_size} x "
-                         f"{cfg.optim.grad_accum} x {self.micro_bs} | "
-                         f"{'bf16' if self.bf16 else 'fp32'} | compile="
-                         f"{r.compile if r.compile is not None else self.device.type == 'cuda'}")
-            stop.install()
-            z = lambda: torch.zeros((), device=self.device)                 # noqa: E731
-            acc = {"sums": torch.zeros(4, device=self.device), "n_ok": z(), "bad_total": z(),
-                   "bad_run": z(), "max_bad_run": z()}
-            threads_before = set(threading.enumerate())
-            it = iter(self.loader)
-            self.t_start = self.t_last = time.perf_counter()
-            self.step_last, self.data_wait, self.max_bad_run = self.start_step, 0.0, 0
-            step, last_saved, skipped = self.start_step, None, self.skipped_prev
-            while step < r.steps:
-                self._step(it, acc)
-                step += 1
-                if step_sleep:
-                    time.sleep(step_sleep)
-                if pbar is not None:
-                    pbar.update(1)
-                if r.max_minutes and time.perf_counter() - self.t_start > 60 * r.max_minutes:
-                    stop.signal = stop.signal or "time limit"
-                at_log = step % r.log_every == 0 or step == r.steps
-                stopping = stop.signal is not None and info.world_size == 1
-                if info.world_size > 1 and at_log:                       # agree on a stop request
-                    flag = torch.tensor([1.0 if stop.signal else 0.0], device=self.device)
-                    stopping = bool(D.all_reduce_(flag, info, "max").item())
-                    stop.signal = stop.signal or ("SIGTERM on another rank" if stopping else None)
-                if at_log or stopping:
-                    row = self._log_row(step, acc)
-                    skipped = row["skipped_steps"]
-                    if writer is not None:
-                        writer.write(row)
-                        res.loss, res.pixel_loss, res.text_loss = row["loss"], row["pixel_loss"], row["text_loss"]
-                        res.images_per_s = row["images_per_s"]
-                        if pbar is not None and row["loss"] is not None:
-                            pbar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
-                    if self.max_bad_run >= r.max_bad_steps:
-                        res.checkpoint = self.save(step, skipped)
-                        raise NonFiniteLossError(
-                            f"{self.max_bad_run} consecutive steps with a non-finite loss or gradient "
-                            f"(run.max_bad_steps={r.max_bad_steps}) before step {step}; stopped. The "
-                            f"skipped steps changed nothing, so checkpoint {res.checkpoint} holds the "
-                            f"last good state. Lower optim.lr or check the data.")
-                if stopping or (r.ckpt_every > 0 and step % r.ckpt_every == 0):
-                    res.checkpoint, last_saved = self.save(step, skipped), step
-                if stopping:
-                    res.stopped_by = stop.signal
-                    self.log(f"{stop.signal}: checkpoint written at step {step}; exiting (continue with --resume)")
-                    break
-            _close_iter(it, threads_before)     # stop loader threads now (position already read)
-            if last_saved != step:
-                res.checkpoint = self.save(step, skipped)
-            res.step, res.skipped_steps = step, skipped
-            if info.is_main and r.plot:
-                from .plot import plot_run
-                writer.close()
-                writer = None
-                res.plots = plot_run(self.run_dir)
-            if info.is_main:
-                self.log(f"done at step {step}: checkpoint {res.checkpoint} | metrics {res.metrics}"
-                         + (f" | plots {', '.join(map(str, res.plots))}" if res.plots else ""))
-            return res
-        finally:
-            _close_iter(it, threads_before)
-            stop.restore()
-            if pbar is not None:
-                pbar.close()
-            if writer is not None:
-                writer.close()
-            if self.owns_pg:
-                D.shutdown(info)
+    def _close(self, it, threads_before) -> None:
+        _close_iter(it, threads_before)
+        self.stop.restore()
+        if self.pbar is not None:
+            self.pbar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.owns_pg:
+            D.shutdown(self.info)
 
 
 def _close_iter(it, threads_before: set | None = None) -> None:
@@ -463,7 +474,8 @@ def _close_iter(it, threads_before: set | None = None) -> None:
                 t.join(timeout=5.0)
 
 
-def train(cfg: TrainConfig, *, loader=None) -> TrainResult:
+def train(cfg: TrainConfig, *, loader=None, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train with `cfg` (see aimv2.train). `loader`: an optional iterable of batch dicts with
-    state_dict() / stats() that replaces the configured data (e.g. your own data pipeline)."""
-    return Trainer(cfg, loader).run()
+    state_dict() / stats() that replaces the configured data (e.g. your own data pipeline).
+    `callbacks`: aimv2.train.callbacks.Callback hooks called by the loop."""
+    return Trainer(cfg, loader, callbacks).train()
