@@ -35,9 +35,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
+from ._compat import tl, triton
 from ._utils import check_float, check_launchable, check_same_device, is_interpreting, last_dim_contiguous
 
 _LOG2E = 1.4426950408889634
@@ -486,7 +485,7 @@ _prefix_attention_fwd_op.register_autograd(_backward, setup_context=_setup_conte
 
 
 # ----------------------------------------------------------------------------- public op
-_HEAD_DIMS = (16, 32, 64, 128)
+ATTENTION_HEAD_DIMS = (16, 32, 64, 128)          # head dims D the kernels are built for
 
 
 def _check_inputs(q, k, v, prefix_len) -> None:
@@ -500,8 +499,8 @@ def _check_inputs(q, k, v, prefix_len) -> None:
         raise ValueError(f"q, k, v: expected one shape (B, H, N, D), got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     B, H, N, D = q.shape
-    if D not in _HEAD_DIMS:
-        raise ValueError(f"q: head dim D={D} not supported, expected one of {_HEAD_DIMS}")
+    if D not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"q: head dim D={D} not supported, expected one of {ATTENTION_HEAD_DIMS}")
     if B > 65535 or H > 65535:
         raise ValueError(f"q: B={B} and H={H} must each be <= 65535 (launch grid limit)")
     check_same_device(q=q, k=k, v=v, prefix_len=prefix_len)

@@ -24,9 +24,8 @@ Equivalent PyTorch: `rms_norm_ref` below.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from ._compat import tl, triton
 from ._utils import cast_rtne, check_float, check_launchable, check_same_device, is_interpreting, \
     last_dim_contiguous, num_programs_hint
 

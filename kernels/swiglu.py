@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from ._compat import tl, triton
 from ._utils import cast_rtne, check_float, check_launchable, check_same_device, is_interpreting, \
     last_dim_contiguous
 
