@@ -23,8 +23,9 @@ except Exception as e:                            # ImportError, or a broken ins
     IMPORT_ERROR = f"triton cannot be imported ({type(e).__name__}: {e})"
 
     def _fail(what: str):
-        raise TritonUnavailableError(f"aimv2.kernels: {what} needs Triton, but {IMPORT_ERROR}; use the "
-                                     f"plain-PyTorch references (the model's impl='torch', attn_backend='sdpa')")
+        raise TritonUnavailableError(
+            f"aimv2.kernels: {what} needs Triton, but {IMPORT_ERROR}; use the plain-PyTorch references "
+            f"(the model's impl='torch', attn_backend='sdpa')")
 
     class _UnlaunchableKernel:
         """What `@triton.jit` gives without triton: keeps the function, refuses to launch it."""

@@ -2,12 +2,27 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from ._compat import IMPORT_ERROR, TritonUnavailableError, tl, triton
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """The launch shape of one kernel: a program's tile is block_m x block_n, run by num_warps warps.
+
+    block_m: rows of the tile (BLOCK_M; patches BLOCK_T in patch_l2_loss; queries in attention).
+    block_n: its other axis (BLOCK_D / BLOCK_H / BLOCK_K: the row width; keys BLOCK_N in attention).
+    num_stages: software-pipelining depth of the kernel's loops; None leaves Triton's default.
+    """
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int | None = None
 
 
 def is_interpreting() -> bool:
