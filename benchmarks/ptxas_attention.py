@@ -1,9 +1,9 @@
 """Compile the prefix-attention kernels for a GPU architecture without a GPU and print ptxas stats.
 
 For each dtype and head dim, the four kernels (fwd, bwd delta, bwd dk/dv, bwd dq) are compiled with
-the tile table `_tile_configs` would pick on that architecture, then assembled with Triton's bundled
+the tile table `_tiles` would pick on that architecture, then assembled with Triton's bundled
 ptxas (-v): shared memory, registers per thread, spill bytes, and whether wgmma (Hopper tensor-core
-MMA) is used. This backs the NOTE in kernels/prefix_attention.py::_tile_configs; it times nothing.
+MMA) is used. This backs the NOTE in kernels/prefix_attention.py::_tiles; it times nothing.
 
     python benchmarks/ptxas_attention.py                 # sm_90a (H100), bf16/fp16/fp32, D 64 and 128
     python benchmarks/ptxas_attention.py --cap 80 --head-dims 128 --dtypes bf16
@@ -68,12 +68,12 @@ def main(argv=None) -> int:
     for name in args.dtypes.split(","):
         dtype = _TY[name]
         for D in map(int, args.head_dims.split(",")):
-            cfg = PA._tile_configs(D, dtype, dev)
+            cfg = PA._tiles(D, dtype, dev)
             prec = PA._dot_precision(dtype)
             kernels = (("fwd", PA._prefix_attention_fwd_kernel), ("dkdv", PA._prefix_attention_bwd_dkdv_kernel),
                        ("dq", PA._prefix_attention_bwd_dq_kernel), ("delta", PA._prefix_attention_bwd_delta_kernel))
             for kern, fn in kernels:
-                t = cfg[kern]
+                t = getattr(cfg, kern)
                 consts = {"HEAD_DIM": D, "BLOCK_M": t.block_m}
                 if kern != "delta":
                     consts.update(BLOCK_N=t.block_n, DOT_PRECISION=prec)

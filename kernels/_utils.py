@@ -2,12 +2,27 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
+
+from ._compat import IMPORT_ERROR, TritonUnavailableError, tl, triton
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """The launch shape of one kernel: a program's tile is block_m x block_n, run by num_warps warps.
+
+    block_m: rows of the tile (BLOCK_M; patches BLOCK_T in patch_l2_loss; queries in attention).
+    block_n: its other axis (BLOCK_D / BLOCK_H / BLOCK_K: the row width; keys BLOCK_N in attention).
+    num_stages: software-pipelining depth of the kernel's loops; None leaves Triton's default.
+    """
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int | None = None
 
 
 def is_interpreting() -> bool:
@@ -30,8 +45,40 @@ def check_same_device(**tensors) -> None:
         raise ValueError(f"all inputs must be on one device, got {desc}")
 
 
+def unavailable_reason(device=None, dtype: torch.dtype | None = None) -> str | None:
+    """None when the Triton kernels can run on `device` (default: "cuda" when CUDA is available,
+    else "cpu") with inputs of `dtype` (default: any), else the reason they cannot.
+
+    The one capability check of the kernel library: the model's, trainer's and loaders' backend
+    choices ask it and log what it says when they fall back.
+    """
+    if IMPORT_ERROR is not None:
+        return IMPORT_ERROR
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cpu":
+        if not is_interpreting():
+            return ("CPU device without TRITON_INTERPRET=1 (the kernels need a CUDA GPU; the interpreter, "
+                    "enabled before importing aimv2.kernels, is for testing)")
+        return None
+    if device.type != "cuda":
+        return f"device type {device.type!r} has no Triton backend"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if dtype == torch.bfloat16:
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 0):
+            return f"bf16 needs compute capability >= (8, 0) (bf16 tensor cores), {device} has {cap}"
+    return None
+
+
 def check_launchable(t: torch.Tensor) -> None:
-    """Triton kernels need a GPU tensor, or a CPU tensor under the interpreter."""
+    """Triton kernels need triton, and a GPU tensor or a CPU tensor under the interpreter."""
+    if IMPORT_ERROR is not None:
+        raise TritonUnavailableError(
+            f"aimv2.kernels: the Triton kernels cannot run: {IMPORT_ERROR}; use the plain-PyTorch "
+            f"references (the model's impl='torch', attn_backend='sdpa')")
     if t.device.type == "cpu" and not is_interpreting():
         raise RuntimeError(
             "aimv2.kernels: Triton kernels need a CUDA tensor; on a CPU set TRITON_INTERPRET=1 before "

@@ -28,10 +28,9 @@ It recomputes t_hat from images instead of storing it.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from ._utils import cast_rtne, check_float, check_launchable, check_same_device, is_interpreting, \
+from ._compat import tl, triton
+from ._utils import Tiles, cast_rtne, check_float, check_launchable, check_same_device, is_interpreting, \
     last_dim_contiguous
 
 
@@ -139,9 +138,9 @@ def _patch_l2_loss_bwd_kernel(SCALE, PRED, IMG, PLEN, DPRED, N, N_W, K, stride_p
 # --------------------------------------------------------------------------------------------
 # Host launchers: pred (B, N, K) with a contiguous last dim, images (B, C, H, W) any strides
 # --------------------------------------------------------------------------------------------
-def _blocks(K: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_K, num_warps): whole patches per tile, ~4k lanes (588 -> 1024 lanes, 4
-    patches a program).
+def _tiles(K: int, backward: bool) -> Tiles:
+    """block_m (BLOCK_T) whole patches of block_n (BLOCK_K) lanes per tile, ~4k lanes (588 -> 1024
+    lanes, 4 patches a program), and num_warps.
 
     NOTE (no GPU measurement yet; ptxas -arch=sm_90, no spills): the forward takes 62 registers
     at 8 warps; the backward (which also holds the gradient) 153 at 8 warps, 40 at 16, so 16.
@@ -151,7 +150,7 @@ def _blocks(K: int, backward: bool) -> tuple[int, int, int]:
     tile = 16384 if is_interpreting() else 4096
     BLOCK_T = max(1, tile // BLOCK_K)
     num_warps = 4 if BLOCK_T * BLOCK_K < 4096 else (16 if backward else 8)
-    return BLOCK_T, BLOCK_K, num_warps
+    return Tiles(BLOCK_T, BLOCK_K, num_warps)
 
 
 def _common_args(pred, images, patch_size):
@@ -162,15 +161,15 @@ def _common_args(pred, images, patch_size):
 
 def _fwd_launch(pred, images, plen, patch_size, eps):
     B, N, K = pred.shape
-    BLOCK_T, BLOCK_K, num_warps = _blocks(K, backward=False)
-    n_tb = max(1, triton.cdiv(N - 1, BLOCK_T))
+    t = _tiles(K, backward=False)
+    n_tb = max(1, triton.cdiv(N - 1, t.block_m))
     part = torch.empty((B, n_tb, 2), dtype=torch.float32, device=pred.device)   # (sum err, count)
     if B == 0:
         z = torch.zeros((), dtype=torch.float32, device=pred.device)
         return z, z.clone()
     _patch_l2_loss_fwd_kernel[(B, n_tb)](
         pred, images, plen, part, *_common_args(pred, images, patch_size), eps,
-        P=patch_size, C=images.shape[1], BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, num_warps=num_warps)
+        P=patch_size, C=images.shape[1], BLOCK_T=t.block_m, BLOCK_K=t.block_n, num_warps=t.num_warps)
     count = part[..., 1].sum()                      # exact in fp32 up to 2^24 counted pairs
     return part[..., 0].sum() / count.clamp(min=1.0), count
 
@@ -180,12 +179,12 @@ def _bwd_launch(scale, pred, images, plen, patch_size, eps):
     dpred = torch.empty((B, N, K), dtype=pred.dtype, device=pred.device)
     if B == 0 or N == 0:
         return dpred
-    BLOCK_T, BLOCK_K, num_warps = _blocks(K, backward=True)
-    _patch_l2_loss_bwd_kernel[(B, triton.cdiv(N, BLOCK_T))](
+    t = _tiles(K, backward=True)
+    _patch_l2_loss_bwd_kernel[(B, triton.cdiv(N, t.block_m))](
         scale, pred, images, plen, dpred, *_common_args(pred, images, patch_size),
         dpred.stride(0), dpred.stride(1), eps,
-        P=patch_size, C=images.shape[1], BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K,
-        INTERPRET=is_interpreting(), num_warps=num_warps)
+        P=patch_size, C=images.shape[1], BLOCK_T=t.block_m, BLOCK_K=t.block_n,
+        INTERPRET=is_interpreting(), num_warps=t.num_warps)
     return dpred
 
 
@@ -228,8 +227,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dloss, _dcount):
     pred, images, prefix_len, count = ctx.saved_tensors
     scale = dloss.float() / count.clamp(min=1.0)                                    # () on device
-    dpred = torch.ops.aimv2.patch_l2_loss_bwd(scale, pred, images, prefix_len, ctx.patch_size,
-                                              ctx.eps)
+    dpred = _patch_l2_loss_bwd_op(scale, pred, images, prefix_len, ctx.patch_size, ctx.eps)
     return dpred, None, None, None, None
 
 
@@ -275,6 +273,5 @@ def patch_l2_loss(pred: torch.Tensor, images: torch.Tensor, prefix_len, patch_si
         plen = prefix_len.to(device=pred.device, dtype=torch.int32).reshape(B)    # (B,)
     else:
         plen = torch.full((B,), int(prefix_len), dtype=torch.int32, device=pred.device)
-    loss, _ = torch.ops.aimv2.patch_l2_loss_fwd(last_dim_contiguous(pred), images, plen, p,
-                                                float(eps))
+    loss, _ = _patch_l2_loss_fwd_op(last_dim_contiguous(pred), images, plen, p, float(eps))
     return loss

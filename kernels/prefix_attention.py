@@ -35,10 +35,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
-from ._utils import check_float, check_launchable, check_same_device, is_interpreting, last_dim_contiguous
+from ._compat import tl, triton
+from ._utils import Tiles, check_float, check_launchable, check_same_device, is_interpreting, \
+    last_dim_contiguous
 
 _LOG2E = 1.4426950408889634
 
@@ -69,6 +69,63 @@ def prefix_attention_ref(q, k, v, prefix_len, scale: float | None = None) -> tor
 # Scores are kept in log2 units: s2 = (q . k) * scale * log2(e), p = exp2(s2 - m). The saved
 # LSE is in the same units: lse2 = m + log2(l), so the backward recomputes p = exp2(s2 - lse2).
 # Visibility of key j to query i:  (j < P) | (j <= i)  -- applied only on tiles that need it.
+# The helpers below take positions and a prefix, not a layout, so a packed (varlen) variant can share
+# them and the tile loops with its own prologue.
+
+
+@triton.jit
+def _visible(q_pos, k_pos, P):
+    """Key position k_pos is visible to query position q_pos (broadcastable) with prefix P."""
+    return (k_pos < P) | (k_pos <= q_pos)
+
+
+@triton.jit
+def _bh_prologue(Q, K, V, PLEN, N, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh):
+    """The program's sample b (grid axis 2) and head h (axis 1), as int64; its prefix P clamped to
+    [0, N] (no out-of-bounds access on a bad P); Q, K, V moved to (b, h); and the offset of its rows
+    in the (B, H, N) fp32 lse / delta."""
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    P = tl.minimum(tl.maximum(tl.load(PLEN + off_b).to(tl.int32), 0), N)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    return off_b, off_h, P, Q, K, V, (off_b * tl.num_programs(1) + off_h) * N
+
+
+@triton.jit
+def _query_tile(Q, stride_qn, P, N, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The query tile of a program on a (cdiv(N, BLOCK_M), H, B) grid, heavy (late) tiles first: its
+    row offsets, head-dim offsets, rows < N, q (BLOCK_M, HEAD_DIM) (0 past N), and the bounds of its
+    key tiles: [0, full_end) are seen whole by every query of the tile (no mask), [full_end, hi)
+    need the mask, keys >= hi are seen by none."""
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    # A key tile [n, n + BLOCK_N) is seen whole by every query of the tile iff n + BLOCK_N <= P
+    # (all in the prefix) or n + BLOCK_N <= start_m + 1 (all at or below the first query).
+    full_end = (tl.maximum(P, start_m + 1) // BLOCK_N) * BLOCK_N
+    # No query of the tile sees keys at or past max(P, last query + 1).
+    hi = tl.minimum(tl.maximum(P, start_m + BLOCK_M), N)
+    return offs_m, offs_d, row_ok, q, full_end, hi
+
+
+@triton.jit
+def _query_tile_bounds(P, start_n, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query tiles of key tile [start_n, start_n + BLOCK_N), on the grid q_lo + k * BLOCK_M:
+    [q_lo, full_lo) need the mask, [full_lo, full_hi) see every real key of the tile, [full_hi, N)
+    is the masked tail past the last whole tile; queries < q_lo see none of its keys."""
+    # Queries that see some key of this tile: all of them if the tile starts inside the prefix,
+    # else only queries >= start_n.
+    q_lo = tl.where(start_n < P, 0, start_n)
+    # Query tile [m, m + BLOCK_M) sees every real key of the tile iff its last real key is in the
+    # prefix or m >= that key; full_lo is the first such tile start on the q_lo + k * BLOCK_M grid.
+    last_key = tl.minimum(start_n + BLOCK_N, N) - 1
+    full_lo = tl.where(last_key < P, 0, q_lo + tl.cdiv(last_key - q_lo, BLOCK_M) * BLOCK_M)
+    full_hi = full_lo + tl.maximum(N - full_lo, 0) // BLOCK_M * BLOCK_M   # whole tiles inside N
+    return q_lo, full_lo, full_hi
 
 
 @triton.jit
@@ -88,7 +145,7 @@ def _fwd_key_tiles(acc, l_i, m_i, q, K, stride_kn, V, stride_vn, offs_m, offs_d,
             v = tl.load(v_ptrs)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale            # (BLOCK_M, BLOCK_N)
         if MASKED:
-            visible = ((offs_n[None, :] < P) | (offs_n[None, :] <= offs_m[:, None])) & (offs_n[None, :] < N)
+            visible = _visible(offs_m[:, None], offs_n[None, :], P) & (offs_n[None, :] < N)
             s = tl.where(visible, s, float("-inf"))
         # every row sees key 0, which lies in the first tile visited, so m_new is finite
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -108,31 +165,15 @@ def _prefix_attention_fwd_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
     """One program = one query tile of one (b, h). Grid (cdiv(N, BLOCK_M), H, B)."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)       # heavy (late) query tiles first
-    off_h = tl.program_id(1).to(tl.int64)
-    off_b = tl.program_id(2).to(tl.int64)
-    n_heads = tl.num_programs(1)
-    P = tl.minimum(tl.maximum(tl.load(PLEN + off_b).to(tl.int32), 0), N)   # clamp: no OOB on bad P
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
+    off_b, off_h, P, Q, K, V, stats = _bh_prologue(Q, K, V, PLEN, N, stride_qb, stride_qh,
+                                                   stride_kb, stride_kh, stride_vb, stride_vh)
     OUT += off_b * stride_ob + off_h * stride_oh
-    LSE += (off_b * n_heads + off_h) * N
-
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < N
-    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    LSE += stats
+    offs_m, offs_d, row_ok, q, full_end, hi = _query_tile(Q, stride_qn, P, N, HEAD_DIM, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # A key tile [n, n + BLOCK_N) is seen whole by every query of the tile iff n + BLOCK_N <= P
-    # (all in the prefix) or n + BLOCK_N <= start_m + 1 (all at or below the first query).
-    full_end = (tl.maximum(P, start_m + 1) // BLOCK_N) * BLOCK_N
-    # No query of the tile sees keys at or past max(P, last query + 1).
-    hi = tl.minimum(tl.maximum(P, start_m + BLOCK_M), N)
     acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, K, stride_kn, V, stride_vn, offs_m, offs_d, P, N,
                                    0, full_end, qk_scale, BLOCK_N, False, DOT_PRECISION)
     acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, K, stride_kn, V, stride_vn, offs_m, offs_d, P, N,
@@ -184,7 +225,7 @@ def _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_don, LSE, DELTA, of
         sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale          # (BLOCK_N, BLOCK_M)
         pT = tl.math.exp2(sT - lse[None, :])
         if MASKED:
-            visible = ((offs_n[:, None] < P) | (offs_n[:, None] <= offs_m[None, :])) & (offs_m[None, :] < N)
+            visible = _visible(offs_m[None, :], offs_n[:, None], P) & (offs_m[None, :] < N)
             pT = tl.where(visible, pT, 0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)          # (BLOCK_N, BLOCK_M)
@@ -202,18 +243,13 @@ def _prefix_attention_bwd_dkdv_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
     """One program = one key tile of one (b, h): dk, dv. Grid (cdiv(N, BLOCK_N), H, B)."""
-    off_h = tl.program_id(1).to(tl.int64)
-    off_b = tl.program_id(2).to(tl.int64)
-    n_heads = tl.num_programs(1)
-    P = tl.minimum(tl.maximum(tl.load(PLEN + off_b).to(tl.int32), 0), N)
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
+    off_b, off_h, P, Q, K, V, stats = _bh_prologue(Q, K, V, PLEN, N, stride_qb, stride_qh,
+                                                   stride_kb, stride_kh, stride_vb, stride_vh)
     DO += off_b * stride_db + off_h * stride_dh
     DK += off_b * stride_dkb + off_h * stride_dkh
     DV += off_b * stride_dvb + off_h * stride_dvh
-    LSE += (off_b * n_heads + off_h) * N
-    DELTA += (off_b * n_heads + off_h) * N
+    LSE += stats
+    DELTA += stats
 
     start_n = tl.program_id(0) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -224,14 +260,7 @@ def _prefix_attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     # (Padded keys >= N only produce dk/dv rows that are never stored: no key masking needed.)
-    # Queries that see some key of this tile: all of them if the tile starts inside the prefix,
-    # else only queries >= start_n.
-    q_lo = tl.where(start_n < P, 0, start_n)
-    # Query tile [m, m + BLOCK_M) sees every real key of the tile iff its last real key is in the
-    # prefix or m >= that key; full_lo is the first such tile start on the q_lo + k * BLOCK_M grid.
-    last_key = tl.minimum(start_n + BLOCK_N, N) - 1
-    full_lo = tl.where(last_key < P, 0, q_lo + tl.cdiv(last_key - q_lo, BLOCK_M) * BLOCK_M)
-    full_hi = full_lo + tl.maximum(N - full_lo, 0) // BLOCK_M * BLOCK_M   # whole tiles inside N
+    q_lo, full_lo, full_hi = _query_tile_bounds(P, start_n, N, BLOCK_M, BLOCK_N)
     dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_dn, LSE, DELTA, offs_n, offs_d,
                                P, N, q_lo, tl.minimum(full_lo, N), qk_scale, BLOCK_M, True, DOT_PRECISION)
     dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_dn, LSE, DELTA, offs_n, offs_d,
@@ -262,7 +291,7 @@ def _dq_key_tiles(dq, q, do, lse, delta, K, stride_kn, V, stride_vn, offs_m, off
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale            # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            visible = ((offs_n[None, :] < P) | (offs_n[None, :] <= offs_m[:, None])) & (offs_n[None, :] < N)
+            visible = _visible(offs_m[:, None], offs_n[None, :], P) & (offs_n[None, :] < N)
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)                    # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
@@ -279,30 +308,17 @@ def _prefix_attention_bwd_dq_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
     """One program = one query tile of one (b, h): dq. Grid (cdiv(N, BLOCK_M), H, B)."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    off_h = tl.program_id(1).to(tl.int64)
-    off_b = tl.program_id(2).to(tl.int64)
-    n_heads = tl.num_programs(1)
-    P = tl.minimum(tl.maximum(tl.load(PLEN + off_b).to(tl.int32), 0), N)
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
+    off_b, off_h, P, Q, K, V, stats = _bh_prologue(Q, K, V, PLEN, N, stride_qb, stride_qh,
+                                                   stride_kb, stride_kh, stride_vb, stride_vh)
     DO += off_b * stride_db + off_h * stride_dh
     DQ += off_b * stride_dqb + off_h * stride_dqh
-    LSE += (off_b * n_heads + off_h) * N
-    DELTA += (off_b * n_heads + off_h) * N
-
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < N
-    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    LSE += stats
+    DELTA += stats
+    offs_m, offs_d, row_ok, q, full_end, hi = _query_tile(Q, stride_qn, P, N, HEAD_DIM, BLOCK_M, BLOCK_N)
     do = tl.load(DO + offs_m[:, None] * stride_dn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full_end = (tl.maximum(P, start_m + 1) // BLOCK_N) * BLOCK_N           # as in the forward
-    hi = tl.minimum(tl.maximum(P, start_m + BLOCK_M), N)
     dq = _dq_key_tiles(dq, q, do, lse, delta, K, stride_kn, V, stride_vn, offs_m, offs_d, P, N,
                        0, full_end, qk_scale, BLOCK_N, False, DOT_PRECISION)
     dq = _dq_key_tiles(dq, q, do, lse, delta, K, stride_kn, V, stride_vn, offs_m, offs_d, P, N,
@@ -313,11 +329,12 @@ def _prefix_attention_bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------- host launchers
 @dataclass(frozen=True)
-class _Tiles:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
+class _AttentionTiles:
+    """The launch shape of each attention kernel (the delta pre-pass uses only block_m)."""
+    fwd: Tiles
+    dkdv: Tiles
+    dq: Tiles
+    delta: Tiles
 
 
 @functools.lru_cache(maxsize=None)
@@ -325,8 +342,8 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _tile_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, _Tiles]:
-    """Tile shapes per kernel ("fwd", "dkdv", "dq"; "delta" uses only block_m): fixed tables.
+def _tiles(head_dim: int, dtype: torch.dtype, device: torch.device) -> _AttentionTiles:
+    """Tile shapes per kernel: fixed tables.
 
     Interpreter: the cost is per program x op, so tiles are large, but BLOCK_M != BLOCK_N so the
     diagonal crosses several key tiles and every loop (unmasked, masked, N tail) runs on N ~ 17-97.
@@ -338,23 +355,23 @@ def _tile_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> di
     (~650 B; 64x32 tiles spilled 30-100 KB).
     """
     if is_interpreting():
-        return {"fwd": _Tiles(32, 16, 4, 1), "dkdv": _Tiles(16, 32, 4, 1), "dq": _Tiles(32, 16, 4, 1),
-                "delta": _Tiles(32, 0, 4, 1)}
+        return _AttentionTiles(fwd=Tiles(32, 16, 4, 1), dkdv=Tiles(16, 32, 4, 1), dq=Tiles(32, 16, 4, 1),
+                               delta=Tiles(32, 0, 4, 1))
     major = _capability(device.index if device.index is not None else torch.cuda.current_device())[0]
     stages = 3 if major >= 9 else 2
-    delta = _Tiles(max(16, 4096 // head_dim), 0, 4, 1)       # 64 rows at D=64: no spills
+    delta = Tiles(max(16, 4096 // head_dim), 0, 4, 1)       # 64 rows at D=64: no spills
     if dtype == torch.float32:
         w = 8 if head_dim > 64 else 4
-        return {"fwd": _Tiles(32, 32, w, 2), "dkdv": _Tiles(16, 32, w, 2), "dq": _Tiles(32, 32, w, 2),
-                "delta": delta}
+        return _AttentionTiles(fwd=Tiles(32, 32, w, 2), dkdv=Tiles(16, 32, w, 2), dq=Tiles(32, 32, w, 2),
+                               delta=delta)
     if major < 8:                   # small shared memory (e.g. T4): small tiles
-        return {"fwd": _Tiles(64, 32, 4, 2), "dkdv": _Tiles(32, 64, 4, 2), "dq": _Tiles(64, 32, 4, 2),
-                "delta": delta}
+        return _AttentionTiles(fwd=Tiles(64, 32, 4, 2), dkdv=Tiles(32, 64, 4, 2), dq=Tiles(64, 32, 4, 2),
+                               delta=delta)
     if head_dim <= 64:
-        return {"fwd": _Tiles(128, 64, 4, stages), "dkdv": _Tiles(32, 128, 8, stages),
-                "dq": _Tiles(128, 32, 8, stages), "delta": delta}
-    return {"fwd": _Tiles(128, 64, 8, stages), "dkdv": _Tiles(32, 128, 8, 2), "dq": _Tiles(128, 32, 8, 2),
-            "delta": delta}
+        return _AttentionTiles(fwd=Tiles(128, 64, 4, stages), dkdv=Tiles(32, 128, 8, stages),
+                               dq=Tiles(128, 32, 8, stages), delta=delta)
+    return _AttentionTiles(fwd=Tiles(128, 64, 8, stages), dkdv=Tiles(32, 128, 8, 2), dq=Tiles(128, 32, 8, 2),
+                           delta=delta)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -368,7 +385,7 @@ def _bhnd_like(t: torch.Tensor, dtype=None) -> torch.Tensor:
     return t.new_empty(B, N, H, D, dtype=dtype).permute(0, 2, 1, 3)      # (B, H, N, D) view
 
 
-def _launch_fwd(q, k, v, plen, scale: float, out=None, lse=None):
+def _fwd_launch(q, k, v, plen, scale: float, out=None, lse=None):
     """q, k, v (B, H, N, D) (last dim contiguous), plen int (B,) -> out (B, H, N, D), lse (B, H, N) fp32.
 
     out / lse may be given (tests poison them); lse must be contiguous.
@@ -376,7 +393,7 @@ def _launch_fwd(q, k, v, plen, scale: float, out=None, lse=None):
     B, H, N, D = q.shape
     out = _bhnd_like(q) if out is None else out
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if lse is None else lse
-    t = _tile_configs(D, q.dtype, q.device)["fwd"]
+    t = _tiles(D, q.dtype, q.device).fwd
     grid = (triton.cdiv(N, t.block_m), H, B)
     _prefix_attention_fwd_kernel[grid](
         q, k, v, plen, out, lse, scale * _LOG2E, N,
@@ -386,26 +403,26 @@ def _launch_fwd(q, k, v, plen, scale: float, out=None, lse=None):
     return out, lse
 
 
-def _launch_bwd(dout, q, k, v, out, lse, plen, scale: float, dq=None, dk=None, dv=None):
+def _bwd_launch(dout, q, k, v, out, lse, plen, scale: float, dq=None, dk=None, dv=None):
     """Gradients (dq, dk, dv), each (B, H, N, D) in q's dtype: delta pre-pass, dk/dv kernel, dq kernel."""
     B, H, N, D = q.shape
     dq = _bhnd_like(q) if dq is None else dq
     dk = _bhnd_like(q) if dk is None else dk
     dv = _bhnd_like(q) if dv is None else dv
-    cfg = _tile_configs(D, q.dtype, q.device)
+    cfg = _tiles(D, q.dtype, q.device)
     prec = _dot_precision(q.dtype)
     delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    bm = cfg["delta"].block_m
+    bm = cfg.delta.block_m
     _prefix_attention_bwd_delta_kernel[(triton.cdiv(N, bm), H, B)](
         out, dout, delta, N, *out.stride()[:3], *dout.stride()[:3], HEAD_DIM=D, BLOCK_M=bm)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    t = cfg["dkdv"]
+    t = cfg.dkdv
     _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(N, t.block_n), H, B)](
         q, k, v, dout, lse, delta, plen, dk, dv, scale, scale * _LOG2E, N,
         *strides, *dk.stride()[:3], *dv.stride()[:3],
         HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DOT_PRECISION=prec,
         num_warps=t.num_warps, num_stages=t.num_stages)
-    t = cfg["dq"]
+    t = cfg.dq
     _prefix_attention_bwd_dq_kernel[(triton.cdiv(N, t.block_m), H, B)](
         q, k, v, dout, lse, delta, plen, dq, scale, scale * _LOG2E, N,
         *strides, *dq.stride()[:3],
@@ -437,9 +454,9 @@ def _prefix_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if q.numel() == 0:
         return _bhnd_like(q), q.new_zeros(B, H, N, dtype=torch.float32)
     if _interpreter_needs_fp32(q):
-        out32, lse = _launch_fwd(q.float(), k.float(), v.float(), prefix_len, scale)
+        out32, lse = _fwd_launch(q.float(), k.float(), v.float(), prefix_len, scale)
         return _bhnd_like(q).copy_(out32), lse
-    return _launch_fwd(q, k, v, prefix_len, scale)
+    return _fwd_launch(q, k, v, prefix_len, scale)
 
 
 @_prefix_attention_fwd_op.register_fake
@@ -457,9 +474,9 @@ def _prefix_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
         return _bhnd_like(q).zero_(), _bhnd_like(q).zero_(), _bhnd_like(q).zero_()
     dout = last_dim_contiguous(dout)
     if _interpreter_needs_fp32(q):
-        grads = _launch_bwd(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, prefix_len, scale)
+        grads = _bwd_launch(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, prefix_len, scale)
         return tuple(_bhnd_like(q).copy_(g) for g in grads)
-    return _launch_bwd(dout, q, k, v, out, lse, prefix_len, scale)
+    return _bwd_launch(dout, q, k, v, out, lse, prefix_len, scale)
 
 
 @_prefix_attention_bwd_op.register_fake
@@ -486,7 +503,7 @@ _prefix_attention_fwd_op.register_autograd(_backward, setup_context=_setup_conte
 
 
 # ----------------------------------------------------------------------------- public op
-_HEAD_DIMS = (16, 32, 64, 128)
+ATTENTION_HEAD_DIMS = (16, 32, 64, 128)          # head dims D the kernels are built for
 
 
 def _check_inputs(q, k, v, prefix_len) -> None:
@@ -500,8 +517,8 @@ def _check_inputs(q, k, v, prefix_len) -> None:
         raise ValueError(f"q, k, v: expected one shape (B, H, N, D), got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     B, H, N, D = q.shape
-    if D not in _HEAD_DIMS:
-        raise ValueError(f"q: head dim D={D} not supported, expected one of {_HEAD_DIMS}")
+    if D not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"q: head dim D={D} not supported, expected one of {ATTENTION_HEAD_DIMS}")
     if B > 65535 or H > 65535:
         raise ValueError(f"q: B={B} and H={H} must each be <= 65535 (launch grid limit)")
     check_same_device(q=q, k=k, v=v, prefix_len=prefix_len)

@@ -24,10 +24,9 @@ Equivalent PyTorch: `rms_norm_ref` below.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from ._utils import cast_rtne, check_float, check_launchable, check_same_device, is_interpreting, \
+from ._compat import tl, triton
+from ._utils import Tiles, cast_rtne, check_float, check_launchable, check_same_device, is_interpreting, \
     last_dim_contiguous, num_programs_hint
 
 
@@ -110,8 +109,8 @@ def _rms_norm_bwd_kernel(DOUT, DS_IN, S, W, RSTD, DX, DRES, DW_PART, M, D, rows_
 # --------------------------------------------------------------------------------------------
 # Host launchers: 2-D (M, D) tensors with a contiguous last dim
 # --------------------------------------------------------------------------------------------
-def _blocks(D: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps): whole rows per tile.
+def _tiles(D: int, backward: bool) -> Tiles:
+    """block_m (BLOCK_M) whole rows of block_n (BLOCK_D) lanes per tile, and num_warps.
 
     NOTE (no GPU measurement yet; ptxas -arch=sm_90 register counts, no spills): forward tiles of
     ~4k elements at 8 warps (16 elements a thread, 40-64 registers); backward tiles of ~2k elements
@@ -123,7 +122,7 @@ def _blocks(D: int, backward: bool) -> tuple[int, int, int]:
     BLOCK_M = max(1, min(64, tile // BLOCK_D))
     per_thread = 8 if backward else 16
     num_warps = min(max(BLOCK_M * BLOCK_D // (32 * per_thread), 4), 16)
-    return BLOCK_M, BLOCK_D, num_warps
+    return Tiles(BLOCK_M, BLOCK_D, num_warps)
 
 
 def _fwd_launch(x, weight, residual, eps):
@@ -136,13 +135,13 @@ def _fwd_launch(x, weight, residual, eps):
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
     if M == 0:
         return out, s, rstd
-    BLOCK_M, BLOCK_D, num_warps = _blocks(D, backward=False)
+    t = _tiles(D, backward=False)
     r = residual if residual is not None else x
     s_arg = s if residual is not None else out
-    _rms_norm_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
+    _rms_norm_fwd_kernel[(triton.cdiv(M, t.block_m),)](
         x, r, weight, out, s_arg, rstd, M, D, x.stride(0), r.stride(0), out.stride(0),
-        s_arg.stride(0), eps, HAS_RES=residual is not None, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
-        INTERPRET=is_interpreting(), num_warps=num_warps)
+        s_arg.stride(0), eps, HAS_RES=residual is not None, BLOCK_M=t.block_m, BLOCK_D=t.block_n,
+        INTERPRET=is_interpreting(), num_warps=t.num_warps)
     return out, s, rstd
 
 
@@ -153,9 +152,9 @@ def _bwd_launch(dout, ds_in, s, weight, rstd, x_dtype, res_dtype):
     dres = torch.empty((M, D) if separate_dres else (0,), dtype=res_dtype or x_dtype, device=s.device)
     if M == 0:
         return dx, dres, torch.zeros_like(weight)
-    BLOCK_M, BLOCK_D, num_warps = _blocks(D, backward=True)
-    n_prog = max(1, min(triton.cdiv(M, BLOCK_M), num_programs_hint(s.device)))
-    rows_per_prog = triton.cdiv(triton.cdiv(M, n_prog), BLOCK_M) * BLOCK_M
+    t = _tiles(D, backward=True)
+    n_prog = max(1, min(triton.cdiv(M, t.block_m), num_programs_hint(s.device)))
+    rows_per_prog = triton.cdiv(triton.cdiv(M, n_prog), t.block_m) * t.block_m
     n_prog = triton.cdiv(M, rows_per_prog)
     dw_part = torch.empty((n_prog, D), dtype=torch.float32, device=s.device)
     dsi = ds_in if ds_in is not None else dout
@@ -163,8 +162,8 @@ def _bwd_launch(dout, ds_in, s, weight, rstd, x_dtype, res_dtype):
     _rms_norm_bwd_kernel[(n_prog,)](
         dout, dsi, s, weight, rstd, dx, dr, dw_part, M, D, rows_per_prog,
         dout.stride(0), dsi.stride(0), s.stride(0), dx.stride(0), dr.stride(0),
-        HAS_DS_IN=ds_in is not None, HAS_DRES=separate_dres, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
-        INTERPRET=is_interpreting(), num_warps=num_warps)
+        HAS_DS_IN=ds_in is not None, HAS_DRES=separate_dres, BLOCK_M=t.block_m, BLOCK_D=t.block_n,
+        INTERPRET=is_interpreting(), num_warps=t.num_warps)
     return dx, dres, dw_part.sum(0).to(weight.dtype)
 
 
@@ -207,7 +206,7 @@ def _(dout, ds_in, s, weight, rstd, x_dtype, res_dtype):
     return s.new_empty((M, D), dtype=x_dtype), dres, torch.empty_like(weight)
 
 
-def _rms_norm_setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     x, weight, residual, eps = inputs
     _, s, rstd = output
     ctx.has_res = residual is not None
@@ -217,17 +216,16 @@ def _rms_norm_setup_context(ctx, inputs, output):
     ctx.save_for_backward(s if residual is not None else x, weight, rstd)
 
 
-def _rms_norm_backward(ctx, dout, ds, _drstd):
+def _backward(ctx, dout, ds, _drstd):
     s, weight, rstd = ctx.saved_tensors
     ds_in = ds if ctx.has_res else None
-    dx, dres, dw = torch.ops.aimv2.rms_norm_bwd(dout, ds_in, s, weight, rstd, ctx.x_dtype,
-                                                ctx.res_dtype)
+    dx, dres, dw = _rms_norm_bwd_op(dout, ds_in, s, weight, rstd, ctx.x_dtype, ctx.res_dtype)
     if not ctx.has_res:
         return dx, dw, None, None
     return dx, dw, (dres if ctx.res_dtype != ctx.x_dtype else dx), None
 
 
-_rms_norm_fwd_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup_context)
+_rms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,6 +254,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
     D = x.shape[-1]
     x2 = last_dim_contiguous(x).reshape(-1, D)                                   # (M, D)
     r2 = last_dim_contiguous(residual).reshape(-1, D) if residual is not None else None
-    out, s, _ = torch.ops.aimv2.rms_norm_fwd(x2, last_dim_contiguous(weight), r2, float(eps))
+    out, s, _ = _rms_norm_fwd_op(x2, last_dim_contiguous(weight), r2, float(eps))
     out = out.view(x.shape)                                                      # (..., D)
     return out if residual is None else (out, s.view(x.shape))

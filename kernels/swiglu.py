@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from ._utils import cast_rtne, check_float, check_launchable, check_same_device, is_interpreting, \
+from ._compat import tl, triton
+from ._utils import Tiles, cast_rtne, check_float, check_launchable, check_same_device, is_interpreting, \
     last_dim_contiguous
 
 
@@ -68,8 +67,8 @@ def _swiglu_bwd_kernel(DOUT, G, U, DG, DU, M, H, stride_do, stride_g, stride_u, 
 # --------------------------------------------------------------------------------------------
 # Host launchers: 2-D (M, H) inputs, contiguous last dim, any row stride
 # --------------------------------------------------------------------------------------------
-def _blocks(H: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_H, num_warps): ~4k-element tiles at 8 warps (16 elements a thread).
+def _tiles(H: int) -> Tiles:
+    """block_m (BLOCK_M) rows x block_n (BLOCK_H) columns: ~4k-element tiles at 8 warps (16 a thread).
 
     NOTE (no GPU measurement yet): ptxas -arch=sm_90 gives the backward 85 registers, no spills.
     Under the interpreter ~16k-element tiles (its cost is per program and op, not per element).
@@ -77,11 +76,11 @@ def _blocks(H: int) -> tuple[int, int, int]:
     BLOCK_H = min(triton.next_power_of_2(H), 1024)
     tile = 16384 if is_interpreting() else 4096
     BLOCK_M = max(1, tile // BLOCK_H)
-    return BLOCK_M, BLOCK_H, 8 if BLOCK_M * BLOCK_H >= 4096 else 4
+    return Tiles(BLOCK_M, BLOCK_H, 8 if BLOCK_M * BLOCK_H >= 4096 else 4)
 
 
-def _grid(M, H, BLOCK_M, BLOCK_H):
-    return (triton.cdiv(M, BLOCK_M), triton.cdiv(H, BLOCK_H))
+def _grid(M, H, t: Tiles):
+    return (triton.cdiv(M, t.block_m), triton.cdiv(H, t.block_n))
 
 
 def _fwd_launch(gate, up):
@@ -89,10 +88,10 @@ def _fwd_launch(gate, up):
     out = torch.empty((M, H), dtype=gate.dtype, device=gate.device)
     if M == 0 or H == 0:
         return out
-    BLOCK_M, BLOCK_H, num_warps = _blocks(H)
-    _swiglu_fwd_kernel[_grid(M, H, BLOCK_M, BLOCK_H)](
+    t = _tiles(H)
+    _swiglu_fwd_kernel[_grid(M, H, t)](
         gate, up, out, M, H, gate.stride(0), up.stride(0), out.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, INTERPRET=is_interpreting(), num_warps=num_warps)
+        BLOCK_M=t.block_m, BLOCK_H=t.block_n, INTERPRET=is_interpreting(), num_warps=t.num_warps)
     return out
 
 
@@ -102,11 +101,11 @@ def _bwd_launch(dout, gate, up):
     du = torch.empty((M, H), dtype=up.dtype, device=up.device)
     if M == 0 or H == 0:
         return dg, du
-    BLOCK_M, BLOCK_H, num_warps = _blocks(H)
-    _swiglu_bwd_kernel[_grid(M, H, BLOCK_M, BLOCK_H)](
+    t = _tiles(H)
+    _swiglu_bwd_kernel[_grid(M, H, t)](
         dout, gate, up, dg, du, M, H, dout.stride(0), gate.stride(0), up.stride(0), dg.stride(0),
-        du.stride(0), BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, INTERPRET=is_interpreting(),
-        num_warps=num_warps)
+        du.stride(0), BLOCK_M=t.block_m, BLOCK_H=t.block_n, INTERPRET=is_interpreting(),
+        num_warps=t.num_warps)
     return dg, du
 
 
@@ -136,16 +135,16 @@ def _(dout, gate, up):
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
-def _swiglu_setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _swiglu_backward(ctx, dout):
+def _backward(ctx, dout):
     gate, up = ctx.saved_tensors
-    return torch.ops.aimv2.swiglu_bwd(dout, gate, up)
+    return _swiglu_bwd_op(dout, gate, up)
 
 
-_swiglu_fwd_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
+_swiglu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,5 +169,5 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"up: expected the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
     check_same_device(gate=gate, up=up)
     check_launchable(gate)
-    out = torch.ops.aimv2.swiglu_fwd(_rows(gate), _rows(up))                    # (M, H)
+    out = _swiglu_fwd_op(_rows(gate), _rows(up))                    # (M, H)
     return out.view(gate.shape)                                                  # (..., H)

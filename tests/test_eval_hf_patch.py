@@ -121,3 +121,13 @@ def test_clip_style_model_image_and_masked_text_features():
 def test_rejects_other_models():
     with pytest.raises(TypeError, match="Aimv2VisionModel"):
         patch_transformers(torch.nn.Linear(2, 2))
+
+
+def test_refuses_where_the_kernels_cannot_run(monkeypatch):
+    """The patch asks aimv2.kernels.unavailable_reason() and fails up front, naming the reason."""
+    import aimv2.kernels as K
+    monkeypatch.setattr(K, "unavailable_reason", lambda device=None, dtype=None: "no usable GPU (test)")
+    m = Aimv2VisionModel(_vision_cfg(layers=1, image=28))
+    with pytest.raises(RuntimeError, match=r"cannot run here: no usable GPU \(test\)"):
+        patch_transformers(m)
+    assert not any(getattr(mod, "_aimv2_patched", False) for mod in m.modules())

@@ -17,8 +17,8 @@ def test_top_level_kernels_import_does_not_replace_the_ops():
         "top = importlib.import_module('kernels')\n"
         "assert not hasattr(top, 'prefix_attention') and top.__version__ == 'N/A'\n"
         "calls = []\n"
-        "real = PA._launch_fwd\n"
-        "PA._launch_fwd = lambda *a, **k: (calls.append(1), real(*a, **k))[1]\n"
+        "real = PA._fwd_launch\n"
+        "PA._fwd_launch = lambda *a, **k: (calls.append(1), real(*a, **k))[1]\n"
         "q = torch.randn(1, 1, 8, 64)\n"
         "K.prefix_attention(q, q, q, 3)\n"
         "assert calls == [1], calls\n"
@@ -26,3 +26,18 @@ def test_top_level_kernels_import_does_not_replace_the_ops():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_unavailable_reason_names_why():
+    """The one capability check of the library (the trainer, the hub and the transformers patch ask it)."""
+    import torch
+
+    import aimv2.kernels as K
+    assert K.unavailable_reason("cpu") is None                             # conftest: the interpreter
+    assert "'meta'" in K.unavailable_reason("meta")
+    assert K.unavailable_reason("cuda") == (None if torch.cuda.is_available() else "CUDA is not available")
+    code = "import aimv2.kernels as K; print(K.unavailable_reason('cpu'))"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0 and "TRITON_INTERPRET=1" in r.stdout, r.stdout + r.stderr[-3000:]

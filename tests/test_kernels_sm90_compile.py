@@ -39,17 +39,19 @@ def _configs():
     out = []
     for D in (1024, 3072):
         for res in (False, True):
-            BM, BD, nw = R._blocks(D, backward=False)
-            out.append((R._rms_norm_fwd_kernel, {"HAS_RES": res, "BLOCK_M": BM, "BLOCK_D": BD}, nw, {}))
-            BM, BD, nw = R._blocks(D, backward=True)
-            out.append((R._rms_norm_bwd_kernel, {"HAS_DS_IN": res, "HAS_DRES": res, "BLOCK_M": BM,
-                                                 "BLOCK_D": BD}, nw, {}))
-    BM, BH, nw = S._blocks(2816)
+            t = R._tiles(D, backward=False)
+            out.append((R._rms_norm_fwd_kernel, {"HAS_RES": res, "BLOCK_M": t.block_m, "BLOCK_D": t.block_n},
+                        t.num_warps, {}))
+            t = R._tiles(D, backward=True)
+            out.append((R._rms_norm_bwd_kernel, {"HAS_DS_IN": res, "HAS_DRES": res, "BLOCK_M": t.block_m,
+                                                 "BLOCK_D": t.block_n}, t.num_warps, {}))
+    t = S._tiles(2816)
     for k in (S._swiglu_fwd_kernel, S._swiglu_bwd_kernel):
-        out.append((k, {"BLOCK_M": BM, "BLOCK_H": BH}, nw, {}))
+        out.append((k, {"BLOCK_M": t.block_m, "BLOCK_H": t.block_n}, t.num_warps, {}))
     for bwd, k in ((False, L._patch_l2_loss_fwd_kernel), (True, L._patch_l2_loss_bwd_kernel)):
-        BT, BK, nw = L._blocks(588, backward=bwd)
-        out.append((k, {"P": 14, "C": 3, "BLOCK_T": BT, "BLOCK_K": BK}, nw, {"PLEN": "*i32"}))
+        t = L._tiles(588, backward=bwd)
+        out.append((k, {"P": 14, "C": 3, "BLOCK_T": t.block_m, "BLOCK_K": t.block_n}, t.num_warps,
+                    {"PLEN": "*i32"}))
     return out
 
 

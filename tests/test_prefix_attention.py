@@ -134,8 +134,8 @@ def test_fused_qkv_views_are_not_copied(monkeypatch):
     qkv = torch.randn(B, N, 3 * H * D, device=DEV, requires_grad=True)
     q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)       # 3 x (B, H, N, D)
     seen = []
-    real_fwd = PA._launch_fwd
-    monkeypatch.setattr(PA, "_launch_fwd", lambda *a, **kw: (seen.append(a[:3]), real_fwd(*a, **kw))[1])
+    real_fwd = PA._fwd_launch
+    monkeypatch.setattr(PA, "_fwd_launch", lambda *a, **kw: (seen.append(a[:3]), real_fwd(*a, **kw))[1])
     plen = torch.tensor([3, 30], device=DEV)
     out = prefix_attention(q, k, v, plen)
     assert [(t.data_ptr(), t.stride()) for t in seen[0]] == [(t.data_ptr(), t.stride()) for t in (q, k, v)]
@@ -157,8 +157,8 @@ def test_poisoned_outputs_are_fully_written():
     q, k, v, do = _inputs(B, H, N, D, torch.float32)
     plen = torch.tensor([41, 7], device=DEV)
     nan = lambda *s: torch.full(s, float("nan"), device=DEV)                # noqa: E731
-    out, lse = PA._launch_fwd(q, k, v, plen, 0.125, out=nan(B, H, N, D), lse=nan(B, H, N))
-    grads = PA._launch_bwd(do, q, k, v, out, lse, plen, 0.125,
+    out, lse = PA._fwd_launch(q, k, v, plen, 0.125, out=nan(B, H, N, D), lse=nan(B, H, N))
+    grads = PA._bwd_launch(do, q, k, v, out, lse, plen, 0.125,
                            dq=nan(B, H, N, D), dk=nan(B, H, N, D), dv=nan(B, H, N, D))
     truth = _run(lambda *a: prefix_attention_ref(*a, scale=0.125), q.double(), k.double(), v.double(),
                  do.double(), plen)
@@ -208,10 +208,10 @@ def test_tiles_skipped_and_masked_only_where_needed(monkeypatch, N, P):
     dkdv = _record_loops(monkeypatch, "_dkdv_query_tiles", 10)
     q, k, v, do = _inputs(1, 1, N, D, torch.float32)
     plen = torch.tensor([P])
-    out, lse = PA._launch_fwd(q, k, v, plen, 0.25)
-    PA._launch_bwd(do, q, k, v, out, lse, plen, 0.25)
+    out, lse = PA._fwd_launch(q, k, v, plen, 0.25)
+    PA._bwd_launch(do, q, k, v, out, lse, plen, 0.25)
     mask = prefix_mask(P, 1, N)[0, 0]                                       # (N, N): [query, key]
-    cfg = PA._tile_configs(D, torch.float32, q.device)
+    cfg = PA._tiles(D, torch.float32, q.device)
 
     def check(calls, outer, inner, by_query):
         visits = _tiles(calls, N)
@@ -230,9 +230,9 @@ def test_tiles_skipped_and_masked_only_where_needed(monkeypatch, N, P):
             need = mask[o0:o0 + outer].any(0) if by_query else mask[:, o0:o0 + outer].any(1)
             assert seen[need].all(), f"tile {o0}: visited only {starts}"
 
-    check(fwd, cfg["fwd"].block_m, cfg["fwd"].block_n, by_query=True)
-    check(dq, cfg["dq"].block_m, cfg["dq"].block_n, by_query=True)
-    check(dkdv, cfg["dkdv"].block_n, cfg["dkdv"].block_m, by_query=False)
+    check(fwd, cfg.fwd.block_m, cfg.fwd.block_n, by_query=True)
+    check(dq, cfg.dq.block_m, cfg.dq.block_n, by_query=True)
+    check(dkdv, cfg.dkdv.block_n, cfg.dkdv.block_m, by_query=False)
 
 
 # ----------------------------------------------------------------------------- torch.library

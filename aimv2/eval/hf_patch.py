@@ -46,18 +46,14 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwa
     return s + self.ffn(h)                                                  # (B, N, D)
 
 
-def _head_dims() -> tuple[int, ...]:
-    from aimv2.eval.hub import _attention_head_dims
-    return _attention_head_dims()
-
-
 def _wants_weights(module, kwargs) -> bool:
     return bool(kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)))
 
 
 def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
     if (attention_mask is not None or self.is_causal or (self.training and self.dropout > 0)
-            or hidden_states.dim() != 3 or self.head_dim not in _head_dims() or _wants_weights(self, kwargs)):
+            or hidden_states.dim() != 3 or self.head_dim not in _kernels().ATTENTION_HEAD_DIMS
+            or _wants_weights(self, kwargs)):
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
     B, N, D = hidden_states.shape
     H, Dh = self.num_heads, self.head_dim
@@ -81,12 +77,9 @@ def patch_transformers(model):
     if not isinstance(model, M.Aimv2PreTrainedModel):
         raise TypeError(f"model: expected a transformers Aimv2VisionModel / Aimv2Model, "
                         f"got {type(model).__name__}")
-    if not torch.cuda.is_available():
-        from aimv2.kernels._utils import is_interpreting
-        if not is_interpreting():
-            raise RuntimeError("patch_transformers: the Triton kernels need a CUDA GPU (or "
-                               "TRITON_INTERPRET=1 set before importing aimv2.kernels, for testing)")
-    _kernels()                                  # fail here, not in the first forward, if triton is broken
+    why_not = _kernels().unavailable_reason()   # fail here, not in the first forward
+    if why_not is not None:
+        raise RuntimeError(f"patch_transformers: the Triton kernels cannot run here: {why_not}")
     for module in model.modules():
         if getattr(module, _MARK, False):
             continue

@@ -14,8 +14,6 @@ fp32. Every fallback logs its reason on the `aimv2.eval.hub` logger.
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import logging
 
 import torch
@@ -25,34 +23,24 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "triton", "torch")
 
 
-def _triton_unavailable_reason(device: torch.device, explicit: bool) -> str | None:
-    """None when the Triton kernels can (and, for "auto", should) run on `device`, else why not."""
-    if device.type == "cpu":
-        if not explicit:
-            return "CPU device (the Triton kernels need a GPU; backend='triton' runs them in the interpreter)"
-        from aimv2.kernels._utils import is_interpreting
-        if not is_interpreting():
-            return "CPU device without TRITON_INTERPRET=1 (the Triton kernels need a GPU)"
-    elif device.type != "cuda":
-        return f"device type {device.type!r} has no Triton backend"
-    try:
-        from aimv2 import kernels
-    except Exception as e:                                   # noqa: BLE001 - triton missing / broken
-        return f"aimv2.kernels failed to import ({type(e).__name__}: {e})"
-    missing = [op for op in ("rms_norm", "swiglu", "prefix_attention") if not callable(getattr(kernels, op, None))]
-    if missing:
-        return f"aimv2.kernels lacks {missing}"
-    return None
+def _triton_unavailable_reason(device: torch.device, explicit: bool, dtype=None) -> str | None:
+    """None when the Triton kernels can (and, for "auto", should) run on `device`, else why not.
+    "auto" never picks the CPU interpreter; everything else is aimv2.kernels' own check."""
+    if device.type == "cpu" and not explicit:
+        return "CPU device (the Triton kernels need a GPU; backend='triton' runs them in the interpreter)"
+    from aimv2 import kernels
+    return kernels.unavailable_reason(device, dtype)
 
 
-def select_backend(device, backend: str = "auto") -> tuple[str, str, str]:
-    """(impl, attn_backend, reason) for `device`: ("triton", "triton") when usable, else ("torch", "sdpa")."""
+def select_backend(device, backend: str = "auto", dtype=None) -> tuple[str, str, str]:
+    """(impl, attn_backend, reason) for `device` (and inputs of `dtype`, when given): ("triton", "triton")
+    when usable, else ("torch", "sdpa")."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
     if backend == "torch":
         return "torch", "sdpa", "backend='torch' requested"
-    why_not = _triton_unavailable_reason(device, explicit=backend == "triton")
+    why_not = _triton_unavailable_reason(device, explicit=backend == "triton", dtype=dtype)
     if why_not is None:
         return "triton", "triton", f"Triton kernels usable on {device}"
     if backend == "triton":
@@ -73,6 +61,7 @@ def from_pretrained(path, *, img_size: int | None = None, device=None, dtype=Non
     otherwise. backend: "auto" | "triton" | "torch". preset: the architecture when the file carries no
     config. Returns the encoder; `enc.cfg` says the resolution and backend chosen.
     """
+    from aimv2 import kernels
     from aimv2.weights import load_encoder
 
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -80,20 +69,13 @@ def from_pretrained(path, *, img_size: int | None = None, device=None, dtype=Non
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
-    impl, attn, reason = select_backend(device, backend)
+    impl, attn, reason = select_backend(device, backend, dtype)
     log.info("from_pretrained: impl=%s attn_backend=%s (%s)", impl, attn, reason)
     enc = load_encoder(path, preset, img_size=img_size, strict=strict, impl=impl, attn_backend=attn)
-    if attn == "triton" and enc.cfg.head_dim not in _attention_head_dims():
-        why = f"head dim {enc.cfg.head_dim} not in the Triton attention's {_attention_head_dims()}"
+    if attn == "triton" and enc.cfg.head_dim not in kernels.ATTENTION_HEAD_DIMS:
+        why = f"head dim {enc.cfg.head_dim} not in the Triton attention's {kernels.ATTENTION_HEAD_DIMS}"
         if backend == "triton":
             raise ValueError(f"backend='triton': {why}")
         log.warning("from_pretrained: attention falls back to SDPA: %s", why)
         enc.cfg = enc.cfg.replace(attn_backend="sdpa")          # read at every forward
     return enc.to(device=device, dtype=dtype).eval()
-
-
-@functools.lru_cache(maxsize=1)
-def _attention_head_dims() -> tuple[int, ...]:
-    """Head dims the Triton attention supports (the submodule's table; the op shares its name)."""
-    mod = importlib.import_module("aimv2.kernels.prefix_attention")
-    return tuple(getattr(mod, "_HEAD_DIMS", (16, 32, 64, 128)))

@@ -79,15 +79,11 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- backends
-def triton_unavailable_reason() -> str | None:
-    try:
-        import triton  # noqa: F401
-        from aimv2.kernels import patch_l2_loss, prefix_attention, rms_norm, swiglu  # noqa: F401
-    except Exception as e:                          # ImportError, or a driver / version problem
-        return f"{type(e).__name__}: {e}"
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
-        return f"compute capability {torch.cuda.get_device_capability()} < (8, 0) (no bf16 tensor cores)"
-    return None
+def triton_unavailable_reason(device=None) -> str | None:
+    """Why the Triton kernels cannot train (bf16) on `device` (default: the CUDA device when there is
+    one), or None: aimv2.kernels decides."""
+    from aimv2 import kernels
+    return kernels.unavailable_reason(device, torch.bfloat16)
 
 
 def resolve_kernels(model_cfg, mode: str, device: torch.device, log) -> object:
@@ -97,7 +93,7 @@ def resolve_kernels(model_cfg, mode: str, device: torch.device, log) -> object:
         return model_cfg
     if device.type != "cuda":
         return model_cfg.replace(impl="torch", attn_backend="sdpa")
-    reason = triton_unavailable_reason()
+    reason = triton_unavailable_reason(device)
     if reason is None:
         return model_cfg.replace(impl="triton", attn_backend="triton")
     log(f"kernels: Triton kernels unavailable ({reason}); falling back to impl=torch, attn_backend=flex")
