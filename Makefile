@@ -3,6 +3,10 @@
 #   make test                 create .venv, install torch / triton / the package + test extras, run the suite
 #   make demo                 the main job on the embedded synthetic dataset (train, then probe)
 #   make bench                the GPU benchmarks (writes benchmarks/results/*.json)
+#   make gpu                  every GPU number in one time-boxed call (<= 480 s; benchmarks/gpu_all.sh):
+#                             the image's python3 as it is (offline editable install, no venv, no
+#                             registry); files to $$OUT, else benchmarks/results/. Dry mode without CUDA.
+#   make gpu GPU_DEADLINE=300 OUT=/tmp/out GPU_ARGS=--dry
 #   TORCH_SPEC=torch==2.11.0 make test    pick another torch (kept if one is already importable)
 
 PYTHON     ?= python3
@@ -11,10 +15,13 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_CPU ?= triton==3.7.1
 DALI_SPEC  ?= nvidia-dali-cuda130
 PYTEST_ARGS ?=
+GPU_DEADLINE ?=
+GPU_ARGS ?=
+OUT ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.aimv2-installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench gpu clean
 
 setup: $(STAMP)
 
@@ -45,6 +52,11 @@ demo: setup
 
 bench: setup
 	$(BIN)/pytest benchmarks -q
+
+# no dependency on setup: on the GPU image python3 is used as it is (gpu_all.sh falls back to
+# `make setup` only where torch is not importable)
+gpu:
+	@PYTHON="$(PYTHON)" GPU_DEADLINE="$(GPU_DEADLINE)" GPU_ARGS="$(GPU_ARGS)" OUT="$(OUT)" bash benchmarks/gpu_all.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -4,9 +4,12 @@
                             loop on the CPU (interpreter smoke runs only, never reported)
     peak_mem_mb(fn)      -> MB allocated by one call of fn above what was live before it (GPU)
     measure_ceilings()   -> {"copy_gbps", "bf16_tflops", "datasheet_bf16_tflops"} measured here
+    load_ceilings(path)  -> the ceilings a `gpu_all.py` ceilings stage wrote (measured again without one)
     result_row(...)      -> one row dict: device, date, git_sha, torch, triton, command + the fields
-    write_results(rows, what, out_dir=None, extra=None)
-                         -> benchmarks/results/<what>-<device>-<date>.json (one JSON list of rows)
+    ResultFile(what, out_dir=None, extra=None)
+                         -> benchmarks/results/<what>-<device>-<date>.json, one JSON list of rows,
+                            rewritten whole (temp file + rename) after every .add(row): a run stopped
+                            at any moment leaves a valid file with every row measured so far
 
 Imported by the benchmark scripts as `from _common import ...` (benchmarks/ is put on sys.path by
 each script and by pytest's rootdir-relative import of files without __init__.py).
@@ -16,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -65,23 +69,36 @@ def peak_mem_mb(fn) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def measure_ceilings(copy_mb: int = 1024, n: int = 8192) -> dict:
+def measure_ceilings(copy_mb: int = 1024, n: int = 8192, cpu: bool = False) -> dict:
     """Measured device ceilings: device-to-device copy bandwidth (GB/s, read + write bytes) of a
-    copy_mb buffer, and bf16 matmul TFLOP/s of an (n x n) @ (n x n) product."""
-    if not torch.cuda.is_available():
+    copy_mb buffer, and bf16 matmul TFLOP/s of an (n x n) @ (n x n) product. Without CUDA: {} unless
+    cpu=True (the dry run's plumbing check; pass small sizes)."""
+    if not torch.cuda.is_available() and not cpu:
         return {}
-    src = torch.empty(copy_mb * 2**20, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    src = torch.empty(copy_mb * 2**20, dtype=torch.uint8, device=dev).random_(0, 255)
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src))[0]
     copy_gbps = 2 * src.numel() / (ms * 1e-3) / 1e9
     del src, dst
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     ms = bench(lambda: a @ b)[0]
-    name = torch.cuda.get_device_name()
+    name = device_name()
     sheet = next((v for k, v in _DATASHEET_BF16.items() if k in name), None)
     return {"copy_gbps": copy_gbps, "bf16_tflops": 2 * n**3 / (ms * 1e-3) / 1e12,
             "datasheet_bf16_tflops": sheet}
+
+
+def load_ceilings(path=None) -> dict:
+    """The ceilings of a ceilings result file (rows with a `ceilings` dict, see gpu_all.py), or
+    measured here when no path is given. A missing or unreadable file is an error, not a silent 0."""
+    if path is None:
+        return measure_ceilings()
+    rows = json.loads(Path(path).read_text())
+    if not rows or not isinstance(rows[0].get("ceilings"), dict):
+        raise ValueError(f"--ceilings {path}: expected a JSON list of rows with a 'ceilings' dict")
+    return rows[0]["ceilings"]
 
 
 def device_name() -> str:
@@ -129,32 +146,60 @@ def result_row(*, op: str, pass_: str, shape: str, dtype: str, provider: str, ms
     return row
 
 
+class ResultFile:
+    """The rows of one run in <out_dir or benchmarks/results>/<what>-<device>-<date>.json.
+
+    Each add() rewrites the file whole as one JSON list (to a temp file, then os.replace), so the
+    file is valid after every row and a run stopped at any moment (SIGINT, a time limit, SIGKILL)
+    keeps every row measured before it. `extra` (e.g. the measured ceilings) is added to every row.
+    A run starts its file afresh (same name on the same day: the later run replaces the earlier).
+    """
+
+    def __init__(self, what: str, out_dir=None, extra: dict | None = None):
+        out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        dev = re.sub(r"[^A-Za-z0-9.]+", "-", device_name()).strip("-")
+        date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+        self.path = out / f"{what}-{dev}-{date}.json"
+        self.extra = dict(extra or {})
+        self.rows: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        self.rows.append({**row, **self.extra})
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.rows, indent=1, default=str) + "\n")
+        os.replace(tmp, self.path)
+
+    def extend(self, rows) -> None:
+        for r in rows:
+            self.add(r)
+
+
 def write_results(rows: list[dict], what: str, out_dir=None, extra: dict | None = None) -> Path:
-    """Write rows as one JSON list to <out_dir or benchmarks/results>/<what>-<device>-<date>.json;
-    `extra` (e.g. the measured ceilings) is added to every row. Returns the path."""
-    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    dev = re.sub(r"[^A-Za-z0-9.]+", "-", device_name()).strip("-")
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-    path = out / f"{what}-{dev}-{date}.json"
-    rows = [{**r, **(extra or {})} for r in rows]
-    path.write_text(json.dumps(rows, indent=1, default=str) + "\n")
-    return path
+    """All of rows at once into a fresh ResultFile; returns its path."""
+    results = ResultFile(what, out_dir, extra)
+    results.extend(rows)
+    return results.path
 
 
-def finish(rows: list[dict], what: str, out_dir=None, quick: bool = False, ceilings: dict | None = None) -> Path:
-    """End of a benchmark CLI: write the rows (a temp dir for a --quick smoke run unless out_dir is
-    given; benchmarks/results otherwise), print where, and return the path."""
+def result_file(what: str, out_dir=None, quick: bool = False, ceilings: dict | None = None) -> ResultFile:
+    """A benchmark CLI's result file: a temp dir for a --quick smoke run unless out_dir is given,
+    benchmarks/results otherwise; every row carries the run's measured ceilings."""
     import tempfile
     out = out_dir or (tempfile.mkdtemp(prefix="aimv2-bench-") if quick else None)
-    path = write_results(rows, what, out_dir=out, extra={"ceilings": ceilings or {}})
-    print(f"wrote {len(rows)} rows to {path}")
-    return path
+    return ResultFile(what, out, extra={"ceilings": ceilings or {}})
+
+
+def finish(results: ResultFile, interrupted: bool = False) -> int:
+    """End of a benchmark CLI: say where the rows are; exit code 130 when stopped by SIGINT."""
+    how = "stopped by SIGINT; kept" if interrupted else "wrote"
+    print(f"{how} {len(results.rows)} rows to {results.path}", flush=True)
+    return 130 if interrupted else 0
 
 
 def gpu_session(what: str):
     """Body of a benchmark module's pytest fixture: skip without CUDA, measure the ceilings once,
-    collect the tests' rows and write them when the module ends.
+    append the tests' rows to the module's result file as each test measures them.
 
         @pytest.fixture(scope="module")
         def _session():
@@ -163,7 +208,8 @@ def gpu_session(what: str):
     import pytest
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    state = {"ceilings": measure_ceilings(), "rows": []}
+    ceilings = measure_ceilings()
+    state = {"ceilings": ceilings, "results": ResultFile(what, extra={"ceilings": ceilings})}
     yield state
-    if state["rows"]:
-        finish(state["rows"], what, ceilings=state["ceilings"])
+    if state["results"].rows:
+        finish(state["results"])

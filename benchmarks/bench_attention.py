@@ -25,10 +25,17 @@ peak_mem_mb: what one call allocates above its inputs.
     python benchmarks/bench_attention.py                       # GPU: all shapes and providers
     python benchmarks/bench_attention.py --shapes encoder-1024 --providers aimv2,flex
     pytest benchmarks/bench_attention.py                       # the same through pytest-benchmark
+    python benchmarks/bench_attention.py --gpu-quick           # the `make gpu` profile (below)
     python benchmarks/bench_attention.py --quick               # CPU smoke run (interpreter, tiny)
 
+--gpu-quick: encoder-256, encoder-1024, decoder-334; aimv2, sdpa_dense, sdpa_flash_causal,
+sdpa_cudnn_causal, flex (the compiled one last: its compile is the slow part). B=128, H=8: B*H =
+1024 (b, h) pairs, several query tiles each, so every case fills the 132 SMs of an H100/H200 many
+times over.
+
 Rows (CONVENTIONS.md schema) go to benchmarks/results/attention-<device>-<date>.json (a temp dir
-with --quick unless --out is given).
+with --quick unless --out is given), each appended the moment it is measured; SIGINT stops the run
+with the rows so far kept (exit code 130).
 """
 from __future__ import annotations
 
@@ -50,6 +57,8 @@ FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 # name -> (N, mask kind)
 SHAPES = {"encoder-256": (256, "prefix"), "encoder-576": (576, "prefix"), "encoder-1024": (1024, "prefix"),
           "decoder-334": (334, "causal"), "inference-256": (256, "none"), "inference-1024": (1024, "none")}
+GPU_QUICK_SHAPES = "encoder-256,encoder-1024,decoder-334"
+GPU_QUICK_PROVIDERS = "aimv2,sdpa_dense,sdpa_flash_causal,sdpa_cudnn_causal,flex"
 PROVIDERS = ("aimv2", "sdpa_dense", "flex", "sdpa_flash_causal", "sdpa_cudnn_causal", "flash_attn",
              "xformers", "eager_ref", "compile_ref")
 
@@ -121,7 +130,11 @@ def providers(case: Case, wanted) -> dict[str, tuple[Callable, str]]:
     if "sdpa_dense" in wanted:
         dense = prefix_mask(plen, B, N, case.q.device)                       # (B, 1, N, N) bool
         out["sdpa_dense"] = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), kind)
-    if "flex" in wanted and cuda:
+    suffix = "_causal" if causal else ""
+    for be in ("flash", "cudnn"):
+        if f"sdpa_{be}_causal" in wanted and cuda:
+            out[f"sdpa_{be}{suffix}"] = (_sdpa_backend(be, causal), "causal" if causal else "none")
+    if "flex" in wanted and cuda:       # after the SDPA rows: its compile is the slow part of a case
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         flex = torch.compile(flex_attention, dynamic=False)
         if kind == "prefix":
@@ -133,10 +146,6 @@ def providers(case: Case, wanted) -> dict[str, tuple[Callable, str]]:
         else:
             block_mask = None
         out["flex"] = (lambda q, k, v: flex(q, k, v, block_mask=block_mask), kind)
-    suffix = "_causal" if causal else ""
-    for be in ("flash", "cudnn"):
-        if f"sdpa_{be}_causal" in wanted and cuda:
-            out[f"sdpa_{be}{suffix}"] = (_sdpa_backend(be, causal), "causal" if causal else "none")
     if "flash_attn" in wanted and cuda:
         try:
             from flash_attn import flash_attn_func
@@ -172,7 +181,9 @@ def pass_fn(case: Case, fn: Callable, pass_: str) -> Callable:
     return lambda: torch.autograd.grad(out, qkv, case.dout, retain_graph=True)
 
 
-def run_case(case: Case, wanted, ceilings: dict, command: str, log=print) -> list[dict]:
+def run_case(case: Case, wanted, ceilings: dict, command: str, log=print, emit=None) -> list[dict]:
+    """Every (provider, pass) of one case; each row is handed to emit (e.g. ResultFile.add) the
+    moment it is measured, and all are returned."""
     from _common import bench, peak_mem_mb, result_row
     rows = []
     for provider, (fn, mask) in providers(case, wanted).items():
@@ -195,6 +206,8 @@ def run_case(case: Case, wanted, ceilings: dict, command: str, log=print) -> lis
                                    ms_p20=p20, ms_p80=p80, tflops=tflops, pct_of_ceiling=pct,
                                    peak_mem_mb=peak, command=command, mask=mask, case=case.name,
                                    unmasked_pairs=pairs))
+            if emit is not None:
+                emit(rows[-1])
             log(f"  {case.name:15s} {pass_:6s} {provider:18s} {ms:9.3f} ms {tflops:7.1f} TFLOP/s"
                 + (f" {pct:5.1f}%" if pct is not None else "") + (f" {peak:8.0f} MB" if peak else ""))
     return rows
@@ -207,31 +220,39 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shapes, interpreter")
+    ap.add_argument("--gpu-quick", action="store_true", help="the short GPU profile of `make gpu`")
+    ap.add_argument("--ceilings", default=None, help="a ceilings result file (default: measure them)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; temp dir with --quick)")
     args = ap.parse_args(argv)
+    if args.gpu_quick:
+        args.shapes = args.shapes or GPU_QUICK_SHAPES
+        args.providers = GPU_QUICK_PROVIDERS
     cuda = torch.cuda.is_available()
     if not cuda and not args.quick:
         print("bench_attention: no CUDA device; use --quick for a CPU smoke run", file=sys.stderr)
         return 2
     if not cuda:                       # before aimv2.kernels defines its @triton.jit functions
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from _common import finish, measure_ceilings
+    from _common import finish, load_ceilings, result_file
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32    # bf16 tl.dot is broken in the interpreter
     B, H, D = (2, 2, 64) if args.quick else (args.batch, 8, 128)
-    ceilings = measure_ceilings() if cuda else {}
-    print(f"ceilings: {ceilings}")
+    ceilings = load_ceilings(args.ceilings) if cuda or args.ceilings else {}
+    print(f"ceilings: {ceilings}", flush=True)
     command = " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv)))
     wanted = set(args.providers.split(","))
-    rows = []
+    results = result_file("attention", args.out, args.quick, ceilings)
     shapes = args.shapes or ("encoder-256,decoder-334,inference-256" if args.quick else ",".join(SHAPES))
-    for name in shapes.split(","):
-        N = max(8, SHAPES[name][0] // 16) if args.quick else None
-        rows += run_case(make_case(name, B, H, D, device, dtype, N), wanted, ceilings, command)
-        if cuda:
-            torch.cuda.empty_cache()
-    finish(rows, "attention", args.out, args.quick, ceilings)
-    return 0
+    try:
+        for name in shapes.split(","):
+            N = max(8, SHAPES[name][0] // 16) if args.quick else None
+            run_case(make_case(name, B, H, D, device, dtype, N), wanted, ceilings, command,
+                     emit=results.add)
+            if cuda:
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        return finish(results, interrupted=True)
+    return finish(results)
 
 
 # ------------------------------------------------------------------ pytest-benchmark harness
@@ -250,7 +271,7 @@ if pytest is not None:
     def test_attention_benchmark(benchmark, _session, name):
         case = make_case(name, 128, 8, 128, torch.device("cuda"), torch.bfloat16)
         rows = run_case(case, set(PROVIDERS), _session["ceilings"], "pytest benchmarks/bench_attention.py")
-        _session["rows"] += rows
+        _session["results"].extend(rows)
         benchmark.extra_info["rows"] = rows
         f = pass_fn(case, providers(case, {"aimv2"})["aimv2"][0], "fwdbwd")
         benchmark.pedantic(lambda: (f(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)

@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         return 2
     if not cuda:                       # before aimv2.kernels defines its @triton.jit functions
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from _common import finish, measure_ceilings
+    from _common import finish, measure_ceilings, result_file
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32        # bf16 tl.dot is broken in the interpreter
     wanted = set(args.providers.split(","))
@@ -142,15 +142,18 @@ def main(argv=None) -> int:
     sizes = [28] if args.quick else [int(s) for s in args.sizes.split(",")]
     batches = [1, 2] if args.quick else [int(b) for b in args.batches.split(",")]
     backend = "triton" if args.quick else "auto"
-    rows = []
-    for preset in presets:
-        for img in sizes:
-            for batch in batches:
-                rows += run_case(preset, img, batch, device, dtype, wanted, ceilings, command, args.quick, backend)
-                if cuda:
-                    torch.cuda.empty_cache()
-    finish(rows, "inference", args.out, args.quick, ceilings)
-    return 0
+    results = result_file("inference", args.out, args.quick, ceilings)
+    try:
+        for preset in presets:
+            for img in sizes:
+                for batch in batches:
+                    results.extend(run_case(preset, img, batch, device, dtype, wanted, ceilings, command,
+                                            args.quick, backend))
+                    if cuda:
+                        torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        return finish(results, interrupted=True)
+    return finish(results)
 
 
 # ------------------------------------------------------------------ pytest-benchmark harness
@@ -171,7 +174,7 @@ if pytest is not None:
     def test_inference_benchmark(benchmark, _session, preset, img, batch):
         rows = run_case(preset, img, batch, torch.device("cuda"), torch.bfloat16, set(PROVIDERS),
                         _session["ceilings"], "pytest benchmarks/bench_inference.py")
-        _session["rows"] += rows
+        _session["results"].extend(rows)
         benchmark.extra_info["rows"] = rows
         benchmark.pedantic(lambda: None, rounds=1)          # timings are in the rows (do_bench)
         torch.cuda.empty_cache()

@@ -21,12 +21,17 @@ Run on a GPU (one command; rows go to benchmarks/results/kernels-<device>-<date>
 
     python benchmarks/bench_kernels.py                    # all ops, all providers
     python benchmarks/bench_kernels.py --ops rms_norm     # a subset
+    python benchmarks/bench_kernels.py --gpu-quick        # `make gpu`: AIMv2-L shapes (D=1024 with and
+                                                          # without residual, H=2816, the loss) only
     pytest benchmarks/bench_kernels.py                    # the same through pytest-benchmark
 
 CPU smoke run (tiny shapes, Triton interpreter, aimv2 + eager_ref only; results to a temp dir unless
 --out is given; the numbers mean nothing):
 
     python benchmarks/bench_kernels.py --quick
+
+Each row is appended to the result file the moment it is measured; SIGINT stops the run with the
+rows so far kept (exit code 130).
 """
 from __future__ import annotations
 
@@ -161,7 +166,9 @@ def _pass_fn(case: Case, fn, pass_: str) -> Callable:
     return lambda: grad(outs)
 
 
-def run_case(case: Case, ceilings: dict, command: str, log=print) -> list[dict]:
+def run_case(case: Case, ceilings: dict, command: str, log=print, emit=None) -> list[dict]:
+    """Every (provider, pass) of one case; each row is handed to emit (e.g. ResultFile.add) the
+    moment it is measured, and all are returned."""
     from _common import bench, peak_mem_mb, result_row
     rows = []
     for provider, fn in case.providers.items():
@@ -180,22 +187,25 @@ def run_case(case: Case, ceilings: dict, command: str, log=print) -> list[dict]:
                                    provider=provider, ms=ms, ms_p20=p20, ms_p80=p80, gbps=gbps,
                                    pct_of_ceiling=pct, peak_mem_mb=peak, command=command,
                                    min_bytes=case.bytes[pass_]))
+            if emit is not None:
+                emit(rows[-1])
             log(f"  {case.op:18s} {case.shape:28s} {pass_:6s} {provider:12s} {ms:9.3f} ms "
                 f"{gbps:8.1f} GB/s" + (f" {pct:5.1f}%" if pct is not None else ""))
     return rows
 
 
-def make_cases(ops, device, quick: bool, compile_ref: bool) -> list[Callable[[], Case]]:
-    """Deferred case builders (each allocates its tensors only when run)."""
+def make_cases(ops, device, quick: bool, compile_ref: bool, gpu_quick: bool = False) -> list[Callable[[], Case]]:
+    """Deferred case builders (each allocates its tensors only when run). gpu_quick: the AIMv2-L
+    shapes only (D=1024, H=2816, the loss at 224 px)."""
     dt = torch.bfloat16
     M = 64 if quick else 128 * 256
     cases = []
     if "rms_norm" in ops:
-        for D in ((96, 160) if quick else (1024, 1536, 2048, 3072)):
+        for D in ((96, 160) if quick else (1024,) if gpu_quick else (1024, 1536, 2048, 3072)):
             for res in (False, True):
                 cases.append(lambda D=D, res=res: rms_norm_case(M, D, res, device, dt, compile_ref))
     if "swiglu" in ops:
-        for H in ((96,) if quick else (2816, 8192)):
+        for H in ((96,) if quick else (2816,) if gpu_quick else (2816, 8192)):
             cases.append(lambda H=H: swiglu_case(M, H, device, dt, compile_ref))
     if "patch_l2_loss" in ops:
         B, img, p = (2, 16, 4) if quick else (128, 224, 14)
@@ -209,6 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shapes, interpreter")
     ap.add_argument("--no-compile-ref", dest="compile_ref", action="store_false",
                     help="skip torch.compile of the references (always skipped with --quick on CPU)")
+    ap.add_argument("--gpu-quick", action="store_true", help="the short GPU profile of `make gpu`")
+    ap.add_argument("--ceilings", default=None, help="a ceilings result file (default: measure them)")
     ap.add_argument("--out", default=None,
                     help="results folder (default benchmarks/results; a temp dir with --quick)")
     args = ap.parse_args(argv)
@@ -218,19 +230,21 @@ def main(argv=None) -> int:
         return 2
     if not cuda:                       # before aimv2.kernels defines its @triton.jit functions
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from _common import finish, measure_ceilings
+    from _common import finish, load_ceilings, result_file
     device = torch.device("cuda" if cuda else "cpu")
     compile_ref = args.compile_ref and cuda
-    ceilings = measure_ceilings() if cuda else {}
+    ceilings = load_ceilings(args.ceilings) if cuda or args.ceilings else {}
     print(f"ceilings: {ceilings}")
     command = " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv)))
-    rows = []
-    for build in make_cases(args.ops.split(","), device, args.quick, compile_ref):
-        rows += run_case(build(), ceilings, command)
-        if cuda:
-            torch.cuda.empty_cache()
-    finish(rows, "kernels", args.out, args.quick, ceilings)
-    return 0
+    results = result_file("kernels", args.out, args.quick, ceilings)
+    try:
+        for build in make_cases(args.ops.split(","), device, args.quick, compile_ref, args.gpu_quick):
+            run_case(build(), ceilings, command, emit=results.add)
+            if cuda:
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        return finish(results, interrupted=True)
+    return finish(results)
 
 
 # ------------------------------------------------------------------ pytest-benchmark harness
@@ -252,7 +266,7 @@ if pytest is not None:
     def test_kernel_benchmark(benchmark, _session, idx):
         case = make_cases(["rms_norm", "swiglu", "patch_l2_loss"], torch.device("cuda"), False, True)[idx]()
         rows = run_case(case, _session["ceilings"], "pytest benchmarks/bench_kernels.py")
-        _session["rows"] += rows
+        _session["results"].extend(rows)
         benchmark.extra_info["rows"] = rows
         f = _pass_fn(case, case.providers["aimv2"], "fwdbwd")
         benchmark.pedantic(lambda: (f(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)

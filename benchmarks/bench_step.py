@@ -15,10 +15,17 @@ largest batch (halving on OOM). `--real-data SHARDS` then runs the `aimv2` recip
 pipeline (DALI when installed, else the torch backend) and reports the data-wait share.
 
     python benchmarks/bench_step.py --preset aimv2-large --batch 128 [--max-batch] [--real-data 'shards/{0..9}.tar']
+    python benchmarks/bench_step.py --gpu-quick      # `make gpu`: aimv2-large, B=128, eager_ref, aimv2,
+                                                     # then flex only if --time-left allows
     python benchmarks/bench_step.py --quick          # CPU smoke run (tiny model), results to a temp dir
 
-Rows (CONVENTIONS.md schema) go to benchmarks/results/step-<device>-<date>.json; `pass` = "step",
-with `images_per_s`, `mfu`, `mfu_datasheet`, `peak_mem_mb`, `profile_share`.
+Dynamo is reset before each recipe is built: every recipe compiles `Block.forward` (fullgraph) into
+the same code object's cache, and without a reset the cache entries of all recipes and batch sizes
+add up to Dynamo's recompile limit (FailOnRecompileLimitHit, every row lost).
+
+Rows (CONVENTIONS.md schema) go to benchmarks/results/step-<device>-<date>.json, each appended as its
+recipe is measured (SIGINT stops the run with them kept, exit code 130); `pass` = "step", with
+`images_per_s`, `mfu`, `mfu_datasheet`, `peak_mem_mb`, `profile_share`.
 """
 from __future__ import annotations
 
@@ -37,6 +44,11 @@ RECIPES = {  # name -> (attn_backend, impl, compile)
     "flex": ("flex", "torch", True),
     "aimv2": ("triton", "triton", True),
 }
+
+# NOTE (an estimate, not measured yet): a compiled recipe of aimv2-large needs about a minute on an
+# H100-class GPU (Inductor compile of the encoder and decoder blocks, forward and backward, then
+# 13 steps and the profile); --time-left skips one that would start with less than this left.
+RECIPE_MIN_S = 60.0
 
 CATEGORIES = [  # first match wins; lower-case substring rules on GPU kernel names
     ("attention", ("prefix_attention", "flash", "fmha", "attn", "flex", "sdpa", "cudnn_mha", "softmax")),
@@ -71,6 +83,7 @@ def build(recipe, preset, img_size, device):
     from aimv2.presets import get_preset
     from aimv2.train.trainer import compile_blocks
     attn, impl, comp = RECIPES[recipe]
+    torch._dynamo.reset()             # one recipe's compiled blocks never count against the next's
     cfg = get_preset(preset, img_size=img_size, attn_backend=attn, impl=impl)
     model = AIMv2Pretrainer(cfg).to(device)
     if comp:
@@ -219,7 +232,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="aimv2-large")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--recipes", default="eager_ref,flex,aimv2")
+    ap.add_argument("--recipes", default=None,
+                    help="comma-separated (default eager_ref,flex,aimv2; --gpu-quick: eager_ref,aimv2,flex)")
     ap.add_argument("--max-batch", action="store_true", help="also each recipe at its largest batch")
     ap.add_argument("--real-data", default=None, help="shards for the decode-pipeline run")
     ap.add_argument("--workers", type=int, default=8)
@@ -227,32 +241,57 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 2 steps")
+    ap.add_argument("--gpu-quick", action="store_true",
+                    help="the short GPU profile of `make gpu`: 3 warm-up and 10 timed steps per recipe")
+    ap.add_argument("--time-left", type=float, default=None,
+                    help="seconds this run may take: a compiled recipe that would start with less than "
+                         f"{RECIPE_MIN_S:.0f} s left is skipped (said so), the others still run")
+    ap.add_argument("--ceilings", default=None, help="a ceilings result file (default: measure them)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; temp dir with --quick)")
     args = ap.parse_args(argv)
+    t_start = time.monotonic()
+    if args.gpu_quick:
+        args.warmup, args.iters = 3, 10
 
-    from _common import finish, measure_ceilings
+    from _common import finish, load_ceilings, result_file
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.quick:
         print("bench_step: no CUDA device; use --quick for a CPU smoke run", file=sys.stderr)
         return 2
-    recipes = args.recipes.split(",")
+    recipes = (args.recipes or ("eager_ref,aimv2,flex" if args.gpu_quick else "eager_ref,flex,aimv2")).split(",")
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        ap.error(f"--recipes: unknown {unknown}; expected names from {list(RECIPES)}")
     if args.quick:
         os.environ.setdefault("TRITON_INTERPRET", "1") if device.type == "cpu" else None
         args.preset, args.img_size, args.batch, args.warmup, args.iters = "aimv2-tiny", 56, 2, 1, 2
         if device.type == "cpu":       # FlexAttention has no backward on CPU; compile is slow there
             recipes = [r for r in recipes if r == "eager_ref"]
-    ceilings = measure_ceilings() if device.type == "cuda" else {}
+    ceilings = load_ceilings(args.ceilings) if device.type == "cuda" or args.ceilings else {}
     common = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
-    rows = [run_recipe(r, args.batch, args, device, ceilings, common) for r in recipes]
-    if args.max_batch and device.type == "cuda":
+    results = result_file("step", args.out, args.quick, ceilings)
+
+    def time_for(recipe) -> bool:
+        left = None if args.time_left is None else args.time_left - (time.monotonic() - t_start)
+        if left is not None and RECIPES[recipe][2] and left < RECIPE_MIN_S:
+            print(f"{recipe:>10}  skipped: {left:.0f} s left, a compiled recipe needs ~{RECIPE_MIN_S:.0f} s")
+            return False
+        return True
+
+    try:
         for r in recipes:
-            B = largest_batch(r, args, device, 512)
-            if B and B != args.batch:
-                rows.append(run_recipe(r, B, args, device, ceilings, common))
-    if args.real_data:
-        rows.append(run_real_data(args, device, args.batch, common))
-    finish(rows, "step", args.out, args.quick, ceilings)
-    return 0
+            if time_for(r):
+                results.add(run_recipe(r, args.batch, args, device, ceilings, common))
+        if args.max_batch and device.type == "cuda":
+            for r in recipes:
+                B = largest_batch(r, args, device, 512) if time_for(r) else 0
+                if B and B != args.batch:
+                    results.add(run_recipe(r, B, args, device, ceilings, common))
+        if args.real_data:
+            results.add(run_real_data(args, device, args.batch, common))
+    except KeyboardInterrupt:
+        return finish(results, interrupted=True)
+    return finish(results)
 
 
 if __name__ == "__main__":

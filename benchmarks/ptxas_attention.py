@@ -5,7 +5,17 @@ the tile table `_tiles` would pick on that architecture, then assembled with Tri
 ptxas (-v): shared memory, registers per thread, spill bytes, and whether wgmma (Hopper tensor-core
 MMA) is used. This backs the NOTE in kernels/prefix_attention.py::_tiles; it times nothing.
 
-    python benchmarks/ptxas_attention.py                 # sm_90a (H100), bf16/fp16/fp32, D 64 and 128
+The kernels are specialised as a real launch at one shape specialises them: Triton's launcher marks
+every pointer and every integer argument divisible by 16 with tt.divisibility=16 and turns an integer
+equal to 1 into a constant. So the integer arguments (N and the strides the launchers pass: q, k, v
+as views of one (B, N, 3, H, D) qkv buffer, out / dout / dq / dk / dv stored as (B, N, H, D)) are
+computed at --seq-len / --heads and specialised the same way. Specialising only the pointers (as an
+earlier version did) compiles a kernel the real launch never runs: without the divisibility of the
+strides the loads are not vectorised and the pipelining is different (different shared memory, and
+spills the real kernel does not have).
+
+    python benchmarks/ptxas_attention.py                 # sm_90a (H100), bf16/fp16/fp32, D 64 and 128, N=256
+    python benchmarks/ptxas_attention.py --dtypes bf16 --head-dims 128 --seq-len 334   # the decoder
     python benchmarks/ptxas_attention.py --cap 80 --head-dims 128 --dtypes bf16
 
 Takes ~10 s per bf16 kernel and up to a minute per fp32 kernel on a CPU.
@@ -15,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,16 +42,37 @@ _TY = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _FLOATS = ("qk_scale", "sm_scale")
 
 
-def compile_stats(fn, elem: str, consts: dict, num_warps: int, num_stages: int, cap: int) -> str:
-    sig, attrs = {}, {}
+def launch_ints(name: str, N: int, H: int, D: int) -> int:
+    """The value a launcher passes for integer argument `name` at (N, H, D) (see the docstring)."""
+    if name == "N":
+        return N
+    qkv = {"b": N * 3 * H * D, "h": D, "n": 3 * H * D}                 # views of (B, N, 3, H, D)
+    bnhd = {"b": N * H * D, "h": D, "n": H * D}                       # out, dout, dq, dk, dv
+    m = re.fullmatch(r"stride_([a-z]+)([bhn])", name)
+    if m is None:
+        raise ValueError(f"ptxas_attention: no launch value known for integer argument {name!r}")
+    return (qkv if m.group(1) in ("q", "k", "v") else bnhd)[m.group(2)]
+
+
+def compile_stats(fn, elem: str, consts: dict, num_warps: int, num_stages: int, cap: int,
+                  N: int, H: int) -> str:
+    sig, attrs, consts = {}, {}, dict(consts)
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
         elif name.isupper() and name != "N":                   # tensors: pointers, 16-byte aligned
             sig[name] = "*" + {"LSE": "fp32", "DELTA": "fp32", "PLEN": "i64"}.get(name, elem)
             attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[name] = "fp32" if name in _FLOATS else "i32"
+        elif name in _FLOATS:
+            sig[name] = "fp32"
+        else:                                                  # as the launcher specialises ints
+            value = launch_ints(name, N, H, consts["HEAD_DIM"])
+            if value == 1:
+                sig[name], consts[name] = "constexpr", 1
+            else:
+                sig[name] = "i32"
+                if value % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", cap, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -61,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cap", type=int, default=90, help="compute capability x 10 (90 = H100)")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--seq-len", type=int, default=256, help="N of the launch (256: AIMv2-L encoder)")
+    ap.add_argument("--heads", type=int, default=8)
     args = ap.parse_args(argv)
     PA.is_interpreting = lambda: False                         # the GPU tables, on this CPU
     PA._capability = lambda index: (args.cap // 10, args.cap % 10)
@@ -77,7 +111,8 @@ def main(argv=None) -> int:
                 consts = {"HEAD_DIM": D, "BLOCK_M": t.block_m}
                 if kern != "delta":
                     consts.update(BLOCK_N=t.block_n, DOT_PRECISION=prec)
-                stats = compile_stats(fn, name, consts, t.num_warps, t.num_stages, args.cap)
+                stats = compile_stats(fn, name, consts, t.num_warps, t.num_stages, args.cap,
+                                      args.seq_len, args.heads)
                 tiles = f"{t.block_m:3d}x{t.block_n:<3d} w{t.num_warps} s{t.num_stages}"
                 print(f"{name} D={D:<4d}{kern:6s} {tiles}  {stats}", flush=True)
     return 0

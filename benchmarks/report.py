@@ -5,8 +5,11 @@
 
 One table per result file kind (kernels, attention, data, inference, step): each row is one
 measurement (op, pass, shape, provider) with ms, GB/s or TFLOP/s, % of the measured device ceiling,
-and the speed-up over the strongest same-run baseline (`compile_ref` for the memory-bound kernels,
-`flex` for attention and steps). Device and date come from the rows themselves.
+and the speed-up over the strongest same-run baseline, the first of BASELINE measured for the same
+(op, pass, shape, dtype): `flex`, then `sdpa_dense` (attention, steps), `compile_ref` (the fused
+kernels; never the attention baseline while a real one ran: it is the naive fp32 reference),
+`hf_compile` (inference), `eager_ref`. Every row names the mask its provider computed (attention:
+a causal SDPA row does less work than a prefix mask). Device and date come from the rows themselves.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
-BASELINE = ("compile_ref", "flex", "hf_compile")
+BASELINE = ("flex", "sdpa_dense", "compile_ref", "hf_compile", "eager_ref")
 
 
 def load_rows(results: Path = RESULTS) -> dict[str, list[dict]]:
@@ -43,14 +46,14 @@ def table(rows: list[dict]) -> str:
     base = defaultdict(dict)          # (op, pass, shape, dtype) -> provider -> ms
     for r in rows:
         base[(r.get("op"), r.get("pass"), r.get("shape"), r.get("dtype"))][r.get("provider")] = r.get("ms")
-    out = ["| op | pass | shape | dtype | provider | ms | GB/s | TFLOP/s | % ceiling | img/s | vs baseline |",
-           "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| op | pass | shape | dtype | provider | mask | ms | GB/s | TFLOP/s | % ceiling | img/s | vs baseline |",
+           "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         key = (r.get("op"), r.get("pass"), r.get("shape"), r.get("dtype"))
         ref = next(((b, base[key][b]) for b in BASELINE if base[key].get(b)), None)
         speed = f"{ref[1] / r['ms']:.2f}x {ref[0]}" if ref and r.get("ms") and r.get("provider") != ref[0] else ""
-        out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-            r.get("op"), r.get("pass"), r.get("shape"), r.get("dtype"), r.get("provider"),
+        out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            r.get("op"), r.get("pass"), r.get("shape"), r.get("dtype"), r.get("provider"), r.get("mask") or "",
             _fmt(r.get("ms"), 3), _fmt(r.get("gbps")), _fmt(r.get("tflops")), _fmt(r.get("pct_of_ceiling")),
             _fmt(r.get("images_per_s")), speed))
     return "\n".join(out)

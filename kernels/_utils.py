@@ -90,12 +90,35 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def num_programs_hint(device: torch.device) -> int:
-    """A persistent-grid size: 4 programs per SM on a GPU, 4 under the interpreter (each program is
-    a Python loop there, so few is fast)."""
+def programs_per_sm(n_regs: int, shared_bytes: int, num_warps: int, props) -> int:
+    """Programs of one compiled kernel resident on an SM at once: the least of what its threads,
+    registers and shared memory allow. props: torch.cuda.get_device_properties(...) (or any object
+    with max_threads_per_multi_processor, regs_per_multiprocessor, shared_memory_per_multiprocessor)."""
+    threads = 32 * num_warps
+    by_threads = props.max_threads_per_multi_processor // threads
+    by_regs = props.regs_per_multiprocessor // max(1, n_regs * threads)
+    by_smem = props.shared_memory_per_multiprocessor // shared_bytes if shared_bytes else by_threads
+    return max(1, min(by_threads, by_regs, by_smem))
+
+
+_RESIDENT: dict = {}
+
+
+def resident_programs(kernel, args, kwargs: dict, device: torch.device, key) -> int:
+    """A persistent grid's size: the programs resident at once, SMs x programs_per_sm of `kernel`
+    compiled for these args (Triton's warmup compiles without launching; the answer is cached under
+    `key`, which must name everything that changes the compiled code's resources). 4 off the GPU:
+    under the interpreter each program is a Python loop, so few is fast."""
     if device.type != "cuda":
         return 4
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    cache_key = (kernel.fn.__name__ if hasattr(kernel, "fn") else repr(kernel), device.index, key)
+    if cache_key not in _RESIDENT:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled._init_handles()                                   # loads the cubin: n_regs
+        props = torch.cuda.get_device_properties(device)
+        _RESIDENT[cache_key] = props.multi_processor_count * programs_per_sm(
+            compiled.n_regs, compiled.metadata.shared, kwargs["num_warps"], props)
+    return _RESIDENT[cache_key]
 
 
 @triton.jit

@@ -79,10 +79,12 @@ def _normalised_targets(IMG, b, j, counted, N_W, K, stride_ib, stride_ic, stride
     mask = counted[:, None] & (k < K)[None, :]
     t = tl.load(IMG + b.to(tl.int64) * stride_ib + off_t[:, None] + off_k[None, :], mask=mask,
                 other=0.0).to(tl.float32)
-    mean = tl.sum(t, axis=1) / K
+    # div_rn / sqrt_rn: exactly rounded, as in the interpreter and torch (a plain `/` and tl.sqrt
+    # compile to approximate PTX on a GPU)
+    mean = tl.div_rn(tl.sum(t, axis=1), K * 1.0)
     diff = tl.where(mask, t - mean[:, None], 0.0)
-    var = tl.sum(diff * diff, axis=1) / (K - 1)                                   # unbiased
-    return diff * (1.0 / tl.sqrt(var + eps))[:, None], mask
+    var = tl.div_rn(tl.sum(diff * diff, axis=1), (K - 1) * 1.0)                   # unbiased
+    return diff * tl.div_rn(1.0, tl.sqrt_rn(var + eps))[:, None], mask
 
 
 @triton.jit
@@ -104,7 +106,7 @@ def _patch_l2_loss_fwd_kernel(PRED, IMG, PLEN, PART, N, N_W, K, stride_pb, strid
     pred = tl.load(PRED + b.to(tl.int64) * stride_pb + i[:, None] * stride_pn + k[None, :],
                    mask=mask, other=0.0).to(tl.float32)
     e = pred - t_hat                                                               # 0 off the mask
-    err = tl.sum(e * e, axis=1) / K                                                # (BLOCK_T,)
+    err = tl.div_rn(tl.sum(e * e, axis=1), K * 1.0)                                # (BLOCK_T,)
     part = PART + (b * tl.num_programs(1) + tb) * 2
     tl.store(part, tl.sum(err, axis=0))
     tl.store(part + 1, tl.sum(counted.to(tl.float32), axis=0))
@@ -128,7 +130,7 @@ def _patch_l2_loss_bwd_kernel(SCALE, PRED, IMG, PLEN, DPRED, N, N_W, K, stride_p
     k = tl.arange(0, BLOCK_K)
     pred = tl.load(PRED + b.to(tl.int64) * stride_pb + i[:, None] * stride_pn + k[None, :],
                    mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE) * 2.0 / K
+    scale = tl.div_rn(tl.load(SCALE) * 2.0, K * 1.0)
     dpred = (pred - t_hat) * scale                                                 # 0 off the mask
     wmask = (i < N)[:, None] & (k < K)[None, :]
     tl.store(DPRED + b.to(tl.int64) * stride_db + i[:, None] * stride_dn + k[None, :],

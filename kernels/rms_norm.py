@@ -27,7 +27,7 @@ import torch
 
 from ._compat import tl, triton
 from ._utils import Tiles, cast_rtne, check_float, check_launchable, check_same_device, is_interpreting, \
-    last_dim_contiguous, num_programs_hint
+    last_dim_contiguous, resident_programs
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
@@ -60,7 +60,9 @@ def _rms_norm_fwd_kernel(X, R, W, OUT, S, RSTD, M, D, stride_x, stride_r, stride
         s = cast_rtne(s + r, S.dtype.element_ty, INTERPRET)
         tl.store(S + rows[:, None] * stride_s + cols[None, :], s, mask=mask)
         s = s.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / D + eps)                        # (BLOCK_M,)
+    # div_rn / sqrt_rn: exactly rounded, as in the interpreter and torch; a plain `/` and tl.sqrt
+    # compile to approximate PTX (div.full, sqrt.approx), which the fp32 bounds do not allow for
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(s * s, axis=1), D * 1.0) + eps))   # (BLOCK_M,)
     w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
     out = s * rstd[:, None] * w[None, :]
     tl.store(OUT + rows[:, None] * stride_o + cols[None, :],
@@ -92,7 +94,7 @@ def _rms_norm_bwd_kernel(DOUT, DS_IN, S, W, RSTD, DX, DRES, DW_PART, M, D, rows_
         rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
         s_hat = s * rstd[:, None]
         dy = dout * w[None, :]
-        c = tl.sum(dy * s_hat, axis=1) / D                                          # (BLOCK_M,)
+        c = tl.div_rn(tl.sum(dy * s_hat, axis=1), D * 1.0)          # (BLOCK_M,), exactly rounded
         ds = (dy - s_hat * c[:, None]) * rstd[:, None]
         if HAS_DS_IN:
             ds += tl.load(DS_IN + rows[:, None] * stride_dsi + cols[None, :], mask=mask,
@@ -153,17 +155,26 @@ def _bwd_launch(dout, ds_in, s, weight, rstd, x_dtype, res_dtype):
     if M == 0:
         return dx, dres, torch.zeros_like(weight)
     t = _tiles(D, backward=True)
-    n_prog = max(1, min(triton.cdiv(M, t.block_m), num_programs_hint(s.device)))
-    rows_per_prog = triton.cdiv(triton.cdiv(M, n_prog), t.block_m) * t.block_m
-    n_prog = triton.cdiv(M, rows_per_prog)
-    dw_part = torch.empty((n_prog, D), dtype=torch.float32, device=s.device)
+    BLOCK_M, BLOCK_D, num_warps = t.block_m, t.block_n, t.num_warps
     dsi = ds_in if ds_in is not None else dout
     dr = dres if separate_dres else dx
-    _rms_norm_bwd_kernel[(n_prog,)](
-        dout, dsi, s, weight, rstd, dx, dr, dw_part, M, D, rows_per_prog,
-        dout.stride(0), dsi.stride(0), s.stride(0), dx.stride(0), dr.stride(0),
-        HAS_DS_IN=ds_in is not None, HAS_DRES=separate_dres, BLOCK_M=t.block_m, BLOCK_D=t.block_n,
-        INTERPRET=is_interpreting(), num_warps=t.num_warps)
+    kw = dict(HAS_DS_IN=ds_in is not None, HAS_DRES=separate_dres, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+              INTERPRET=is_interpreting(), num_warps=num_warps)
+
+    def args(dw_part, rows_per_prog):
+        return (dout, dsi, s, weight, rstd, dx, dr, dw_part, M, D, rows_per_prog,
+                dout.stride(0), dsi.stride(0), s.stride(0), dx.stride(0), dr.stride(0))
+    # persistent grid: as many programs as are resident at once (occupancy of the compiled kernel:
+    # threads, registers, shared memory per SM), each with whole BLOCK_M tiles of rows
+    resident = resident_programs(
+        _rms_norm_bwd_kernel, args(torch.empty((1, D), dtype=torch.float32, device=s.device), 16 * BLOCK_M),
+        kw, s.device, (BLOCK_M, BLOCK_D, num_warps, dout.dtype, dsi.dtype, s.dtype, weight.dtype, dx.dtype,
+                       dr.dtype, ds_in is not None, separate_dres))
+    n_prog = max(1, min(triton.cdiv(M, BLOCK_M), resident))
+    rows_per_prog = triton.cdiv(triton.cdiv(M, n_prog), BLOCK_M) * BLOCK_M
+    n_prog = triton.cdiv(M, rows_per_prog)
+    dw_part = torch.empty((n_prog, D), dtype=torch.float32, device=s.device)
+    _rms_norm_bwd_kernel[(n_prog,)](*args(dw_part, rows_per_prog), **kw)
     return dx, dres, dw_part.sum(0).to(weight.dtype)
 
 

@@ -38,9 +38,28 @@ def test_report_table_and_readme_block(tmp_path):
         report.update_readme("no markers", md)
 
 
+def test_report_attention_baseline_order_and_masks(tmp_path):
+    """flex, then sdpa_dense, before compile_ref (the naive fp32 reference); every row shows its mask."""
+    def att(provider, ms, mask):
+        return _row(provider, ms, op="prefix_attention", shape="B=128,H=8,N=256,D=128,mask=prefix", mask=mask)
+    rows = [att("aimv2", 1.0, "prefix"), att("compile_ref", 8.0, "prefix"), att("sdpa_dense", 3.0, "prefix"),
+            att("flex", 2.0, "prefix"), att("sdpa_flash_causal", 0.9, "causal")]
+    md = report.table(rows).splitlines()
+    assert "| mask |" in md[0]
+    assert md[2].startswith("| prefix_attention | fwd |") and "| aimv2 | prefix |" in md[2]
+    assert md[2].endswith("| 2.00x flex |")
+    assert "| sdpa_flash_causal | causal |" in md[6] and md[6].endswith("| 2.22x flex |")
+    no_flex = report.table([r for r in rows if r["provider"] != "flex"]).splitlines()
+    assert no_flex[2].endswith("| 3.00x sdpa_dense |") and no_flex[3].endswith("| 0.38x sdpa_dense |")
+    steps = [_row(p, ms, op="train_step", **{"pass": "step"}) for p, ms in (("eager_ref", 300.0), ("aimv2", 200.0))]
+    assert report.table(steps).splitlines()[3].endswith("| 1.50x eager_ref |")
+
+
 def test_step_benchmark_cpu_smoke(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick", "--out",
-                        str(tmp_path)], capture_output=True, text=True, timeout=300)
+    # eager_ref only: on a GPU machine --quick would otherwise compile the flex and aimv2 recipes
+    # (minutes of Inductor) under this test's timeout
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick", "--recipes",
+                        "eager_ref", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     (f,) = tmp_path.glob("step-*.json")
     rows = json.loads(f.read_text())

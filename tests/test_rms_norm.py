@@ -131,3 +131,18 @@ def test_bad_inputs(device, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="need a CUDA tensor"):
         rms_norm(x.cpu(), w.cpu())
+
+
+def test_backward_grid_from_occupancy():
+    """The backward's persistent grid is SMs x the programs of the compiled kernel that fit on an
+    SM at once (threads, registers, shared memory), not a fixed multiple of the SMs; 4 off the GPU."""
+    from types import SimpleNamespace
+
+    from aimv2.kernels._utils import programs_per_sm, resident_programs
+    h100 = SimpleNamespace(max_threads_per_multi_processor=2048, regs_per_multiprocessor=65536,
+                           shared_memory_per_multiprocessor=233472)
+    assert programs_per_sm(64, 0, 8, h100) == 4                 # registers: 65536 / (64 * 256)
+    assert programs_per_sm(32, 0, 8, h100) == 8                 # threads: 2048 / 256
+    assert programs_per_sm(32, 100_000, 4, h100) == 2           # shared memory: 233472 // 100000
+    assert programs_per_sm(255, 0, 16, h100) == 1               # at least one
+    assert resident_programs(None, (), {"num_warps": 8}, torch.device("cpu"), key=None) == 4
