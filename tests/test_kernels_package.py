@@ -11,7 +11,8 @@ def test_top_level_kernels_import_does_not_replace_the_ops():
     # must not re-register the torch.library ops (which would bypass aimv2.kernels' modules).
     code = (
         "import importlib, os, torch\n"
-        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "gpu = torch.cuda.is_available()\n"
+        "if not gpu: os.environ['TRITON_INTERPRET'] = '1'   # a GPU runs the compiled kernel\n"
         "import aimv2.kernels as K\n"
         "PA = importlib.import_module('aimv2.kernels.prefix_attention')\n"
         "top = importlib.import_module('kernels')\n"
@@ -19,7 +20,7 @@ def test_top_level_kernels_import_does_not_replace_the_ops():
         "calls = []\n"
         "real = PA._fwd_launch\n"
         "PA._fwd_launch = lambda *a, **k: (calls.append(1), real(*a, **k))[1]\n"
-        "q = torch.randn(1, 1, 8, 64)\n"
+        "q = torch.randn(1, 1, 8, 64, device='cuda' if gpu else 'cpu', dtype=torch.float16 if gpu else torch.float32)\n"
         "K.prefix_attention(q, q, q, 3)\n"
         "assert calls == [1], calls\n"
         "print('ok')\n")
@@ -33,7 +34,10 @@ def test_unavailable_reason_names_why():
     import torch
 
     import aimv2.kernels as K
-    assert K.unavailable_reason("cpu") is None                             # conftest: the interpreter
+    if torch.cuda.is_available():       # the compiled kernels: the CPU needs the interpreter, unset here
+        assert "TRITON_INTERPRET=1" in K.unavailable_reason("cpu")
+    else:
+        assert K.unavailable_reason("cpu") is None                         # conftest: the interpreter
     assert "'meta'" in K.unavailable_reason("meta")
     assert K.unavailable_reason("cuda") == (None if torch.cuda.is_available() else "CUDA is not available")
     code = "import aimv2.kernels as K; print(K.unavailable_reason('cpu'))"
