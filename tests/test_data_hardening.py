@@ -108,6 +108,32 @@ def test_random_pax_payloads_and_byte_flips_never_hang_or_raise_bare(tmp_path):
                 assert 0 <= off and off + size <= len(b)
 
 
+@pytest.mark.timeout(60)
+def test_cut_anywhere_keeps_a_prefix_of_the_samples(tmp_path):
+    """A shard with pax headers and long names cut at any offset (inside a header, a pax payload, a
+    member): indexing returns the samples before the cut, never an invented one; only the last may lack
+    members that came after the cut (the reader then counts it, e.g. missing_caption)."""
+    rng = np.random.default_rng(8)
+    parts = []
+    for i in range(4):
+        key = f"{'d' * 110}/k{i}"  # > 100 characters: needs a pax path record
+        parts += [adv.pax(adv.pax_record("path", f"{key}.jpg")), adv.member(f"k{i}.jpg", adv.jpeg(rng, 24, 16)),
+                  adv.pax(adv.pax_record("path", f"{key}.txt")), adv.member(f"k{i}.txt", b"caption")]
+    data = b"".join(parts) + adv.end()
+    path = tmp_path / "cut.tar"
+    path.write_bytes(data)
+    full = index_shard(str(path))
+    assert len(full.keys) == 4 and not full.truncated and not full.damaged
+    for cut in sorted(set(range(0, len(data), 211)) | set(range(0, len(data), 512))):
+        path.write_bytes(data[:cut])
+        idx = index_shard(str(path))
+        n = len(idx.keys)
+        assert idx.keys == full.keys[:n] and idx.components[:-1] == full.components[: max(n - 1, 0)], cut
+        if n:
+            assert idx.components[-1].items() <= full.components[n - 1].items(), cut
+        assert (idx.truncated or cut > len(data) - 2 * 512) and not idx.damaged and idx.dropped <= 1, cut
+
+
 def test_pax_size_record_sets_the_member_size(tmp_path):
     """A pax `size` record (how tar writes members over 8 GiB) overrides the ustar size field."""
     rng = np.random.default_rng(2)
