@@ -139,7 +139,7 @@ def _nts(b: bytes) -> str:
 
 def _octal(field_: bytes, what: str) -> int:
     """A tar numeric field: octal digits padded with spaces / NULs, or GNU base-256 (non-negative only)."""
-    if field_[0] & 0x80:
+    if field_[0] & 0x80 and what == "size":
         if field_[0] != 0x80:  # 0xff: negative base-256
             raise _BadHeader(f"negative base-256 {what}")
         return int.from_bytes(field_[1:], "big")
