@@ -25,6 +25,7 @@ setup(
         "numpy",
         "safetensors",
         "pillow",
+        "simplejpeg",  # strict JPEG scan check (aimv2/data/dataset.py: jpeg_intact)
         "pyyaml",
         "tqdm",
         "matplotlib",

@@ -56,15 +56,17 @@ def _synth(args) -> int:
 def _index(args) -> int:
     from .shards import load_index, resolve_shards, write_dali_index
 
-    total = 0
+    total = damaged = 0
     for path in resolve_shards(args.shards):
         idx = load_index(path, args.index_dir)
         total += len(idx.keys)
+        damaged += len(idx.damaged)
         if args.dali:
             write_dali_index(idx, os.path.splitext(path)[0] + ".idx")
-        note = " (truncated)" if idx.truncated else ""
-        print(f"{path}: {len(idx.keys)} samples{note}")
-    print(f"total: {total} samples")
+        notes = (["truncated"] if idx.truncated else []) + [
+            f"{reason} at offset {off} ({n} bytes skipped)" for off, n, reason, _ in idx.damaged]
+        print(f"{path}: {len(idx.keys)} samples" + (f" ({'; '.join(notes)})" if notes else ""))
+    print(f"total: {total} samples" + (f", {damaged} damaged region(s) skipped" if damaged else ""))
     return 0
 
 
@@ -76,12 +78,17 @@ def _inspect(args) -> int:
 
     from .config import DataConfig
     from .dataset import SampleReader, SampleTable
+    from .loader import to_rgb
     from .shards import resolve_shards
 
     paths = resolve_shards(args.shards)
     table = SampleTable.build(paths)
     reader = SampleReader(table, DataConfig(shards=paths))
     counts: dict[str, int] = {"samples": table.num_samples, "truncated_shards": len(table.truncated)}
+    if table.dropped:
+        counts["skipped_truncated_shard"] = table.dropped
+    for reason, n in sorted(table.damaged.items()):
+        counts["skipped_" + reason] = n
     thumbs = []
     for sid in range(table.num_samples):
         rec = reader.read(sid)
@@ -89,7 +96,7 @@ def _inspect(args) -> int:
             counts["skipped_" + rec] = counts.get("skipped_" + rec, 0) + 1
         elif args.sheet and len(thumbs) < args.n:
             try:
-                im = Image.open(io.BytesIO(rec.image)).convert("RGB")
+                im = to_rgb(Image.open(io.BytesIO(rec.image)))
             except Exception:
                 counts["skipped_corrupt_image"] = counts.get("skipped_corrupt_image", 0) + 1
                 continue

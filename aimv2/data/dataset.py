@@ -17,15 +17,21 @@ count or backend, which is what makes resume bit-exact and ranks exactly-once:
 `SampleReader.read(sid)` reads a sample's components with pread and checks it before any pixel is
 decoded: image present and at most MAX_IMAGE_BYTES, caption present and non-empty after
 normalisation, label present when asked for, image header parses (PIL, lazily), format decodable by
-both backends, W*H <= max_image_pixels, JPEG ends with its EOI marker (truncation). It returns a
-`Record` or the name of the skip reason.
+both backends, W*H <= max_image_pixels, and for JPEGs `jpeg_intact`: the marker segments reach an EOI
+after the last scan (bytes after the EOI are allowed: motion photos append a video) and the
+entropy-coded data does not run short (a scan cut and "repaired" with an EOI, which PIL and DALI
+both decode to flat gray without an error). It returns a `Record` or the name of the skip reason.
 """
 from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 import os
+import re
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,7 +43,10 @@ from .config import DataConfig
 from .shards import ShardIndex, load_index
 from .tokenizer import normalize_caption
 
-__all__ = ["SampleTable", "epoch_order", "keyed_rng", "prefix_lengths", "Record", "SampleReader", "SKIP_REASONS"]
+__all__ = ["SampleTable", "epoch_order", "keyed_rng", "prefix_lengths", "Record", "SampleReader", "SKIP_REASONS",
+           "jpeg_intact"]
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 CAPTION_EXTS = ("txt", "caption", "text")
@@ -45,7 +54,8 @@ DECODABLE = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"}  # formats both PIL an
 MAX_IMAGE_BYTES = 64 << 20  # encoded image payloads above this are skipped unread
 MAX_CAPTION_BYTES = 64 << 10
 SKIP_REASONS = ("missing_image", "missing_caption", "empty_caption", "missing_label", "not_image",
-                "corrupt_image", "unsupported_format", "too_large")
+                "corrupt_image", "unsupported_format", "too_large",
+                "truncated_shard", "bad_tar_header", "bad_pax_header")  # the last three: counted at indexing
 
 
 class SampleTable:
@@ -58,6 +68,7 @@ class SampleTable:
         self.shard_start = np.concatenate([[0], np.cumsum(counts)])  # (num_shards + 1,)
         self.num_samples = int(self.shard_start[-1])
         self.dropped = sum(ix.dropped for ix in indexes)
+        self.damaged = Counter(d[2] for ix in indexes for d in ix.damaged)  # {reason: damaged regions / members}
         self.truncated = [ix.path for ix in indexes if ix.truncated]
 
     @classmethod
@@ -209,6 +220,78 @@ class SampleReader:
             return "unsupported_format"
         if w * h > self.cfg.max_image_pixels:
             return "too_large"
-        if w < 1 or h < 1 or (fmt in ("JPEG", "MPO") and b"\xff\xd9" not in data[-4096:]):
-            return "corrupt_image"  # a JPEG without its end-of-image marker was cut short
+        if w < 1 or h < 1 or (fmt in ("JPEG", "MPO") and not jpeg_intact(data)):
+            return "corrupt_image"
         return Record(sid, data, w, h, caption, label, key)
+
+
+_ECS_END = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")  # the marker ending entropy-coded data (FF00 = stuffing)
+
+
+def _jpeg_end(data: bytes) -> int | None:
+    """Offset just past the EOI that ends the JPEG's marker structure, or None when it has no complete one.
+
+    Walks the segments from SOI by their lengths (so an EXIF thumbnail's EOI is never mistaken for
+    ours) and each scan's entropy-coded data up to its next marker; bytes before a marker are skipped
+    as libjpeg does. Whatever follows the EOI (an appended video, padding) is not looked at."""
+    n = len(data)
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while True:
+        pos = data.find(b"\xff", pos)
+        while 0 <= pos < n and data[pos] == 0xFF:  # fill bytes before the marker code
+            pos += 1
+        if pos < 0 or pos >= n:
+            return None
+        marker, pos = data[pos], pos + 1
+        if marker == 0xD9:
+            return pos
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn, TEM: no length
+            continue
+        length = int.from_bytes(data[pos: pos + 2], "big")
+        if length < 2 or pos + length > n:
+            return None
+        pos += length
+        if marker == 0xDA:  # SOS: entropy-coded data runs to the next marker
+            hit = _ECS_END.search(data, pos)
+            if hit is None:
+                return None
+            pos = hit.end() - 2
+
+
+try:
+    import simplejpeg as _simplejpeg
+except ImportError:  # pragma: no cover - simplejpeg is a dependency; logged where the check is skipped
+    _simplejpeg = None
+# libjpeg warnings that mean missing or garbled entropy-coded data (PIL and DALI both decode such a
+# file without an error, filling the lost blocks with gray); others (e.g. extraneous bytes between
+# segments) leave a correct image and are accepted
+_SCAN_DAMAGE = ("premature end", "huffman", "instead of rst")
+_warned_no_simplejpeg = False
+
+
+def jpeg_intact(data: bytes) -> bool:
+    """False for a JPEG cut short: no EOI after its scans, or scans whose data ends early (a cut file
+    "repaired" with an EOI) or holds bad Huffman codes.
+
+    The scan check decodes at 1/8 scale with libjpeg-turbo (simplejpeg, strict: warnings raise).
+    NOTE: 0.7 ms for a 500x375 q90 JPEG where PIL's full decode takes 1.4 ms (2 shared cores): the
+    price of never training on gray blocks; the structural walk alone is ~20 us."""
+    global _warned_no_simplejpeg
+    if _jpeg_end(data) is None:
+        return False
+    if _simplejpeg is None:
+        if not _warned_no_simplejpeg:
+            _warned_no_simplejpeg = True
+            log.warning("data: simplejpeg is not importable: JPEGs whose scan was cut but that end with an EOI "
+                        "are not detected (pip install simplejpeg)")
+        return True
+    try:
+        cs = _simplejpeg.decode_jpeg_header(data)[2]
+        _simplejpeg.decode_jpeg(data, colorspace="CMYK" if cs in ("CMYK", "YCCK") else "GRAY",
+                                min_height=1, min_width=1, min_factor=8, strict=True)
+    except ValueError as e:
+        msg = str(e).lower()
+        return not any(s in msg for s in _SCAN_DAMAGE)
+    return True

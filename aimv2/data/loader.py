@@ -43,7 +43,7 @@ from .shards import resolve_shards
 from .tokenizer import _Base as _BaseTokenizer
 from .tokenizer import get_tokenizer
 
-__all__ = ["Loader", "build_loader", "dali_available", "decode_pil"]
+__all__ = ["Loader", "build_loader", "dali_available", "decode_pil", "to_rgb"]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,19 @@ def decode_pil(rec: Record, plan: CropPlan, size: int) -> np.ndarray:
             # crop at least `size` pixels on each axis so the final resize still only shrinks.
             im.draft("RGB", (math.ceil(rec.width * size / plan.w), math.ceil(rec.height * size / plan.h)))
             scale = (im.size[0] / rec.width, im.size[1] / rec.height)
-        return pil_crop_resize(im.convert("RGB"), plan, size, scale)
+        return pil_crop_resize(to_rgb(im), plan, size, scale)
+
+
+_WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit gray PNG / TIFF (Pillow has no 16-bit RGB mode)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB of any PIL image; 16-bit gray is scaled as round(v / 257) as DALI does, where
+    convert("RGB") would clip every value above 255 to white. Mode "I" is read as 16-bit (0..65535)."""
+    if im.mode in _WIDE_GRAY:
+        v = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)  # (H, W)
+        im = Image.fromarray(((v * 510 + 65535) // 131070).astype(np.uint8))  # round(v * 255 / 65535)
+    return im.convert("RGB")
 
 
 def _identity(x):
@@ -175,6 +187,8 @@ class Loader:
         self._stats = Counter(samples=0, batches=0, skipped=0)
         if self.table.dropped:
             self._count_skip("truncated_shard", self.table.dropped)
+        for reason, n in sorted(self.table.damaged.items()):  # damaged tar regions / members (logged by shards)
+            self._count_skip(reason, n)
         self._stats["truncated_shards"] = len(self.table.truncated)
         self._order_len = len(epoch_order(self.table, cfg, cfg.start_epoch))
         self.num_samples = self._order_len  # samples (before skips) this rank reads per epoch
