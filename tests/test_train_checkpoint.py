@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from aimv2.cli import main as cli_main
+from aimv2.errors import CheckpointError, DiskFullError
 from aimv2.train import checkpoint as ck
 from _train_common import TINY_SET, cli, cli_env, losses, rows, slow_cli
 
@@ -158,6 +159,9 @@ def test_checkpoint_is_a_loadable_encoder(reference):
 
 
 # ----------------------------------------------------------------------------- integrity
+INTEGRITY = "integrity.json"                          # the record's file name (part of the format)
+
+
 def _saved(tmp_path, steps=(1,), keep=5):
     """Checkpoints of a small fake model (float tensors big enough to hold a data area)."""
     for step in steps:
@@ -170,7 +174,7 @@ def _saved(tmp_path, steps=(1,), keep=5):
 def test_integrity_record_matches_the_files(tmp_path):
     import hashlib
     path = _saved(tmp_path)
-    rec = json.loads((path / ck.INTEGRITY_FILE).read_text())
+    rec = json.loads((path / INTEGRITY).read_text())
     assert set(rec["files"]) == {ck.MODEL_FILE, ck.STATE_FILE, ck.CONFIG_FILE}
     for name, want in rec["files"].items():
         data = (path / name).read_bytes()
@@ -209,7 +213,7 @@ DAMAGE = {
     "state-cut": (_cut(ck.STATE_FILE, 0.6), ck.STATE_FILE),
     "state-zeroed-bytes": (_overwrite(ck.STATE_FILE, lambda p, d: len(d) // 2, b"\0"), ck.STATE_FILE),
     "config-edited": (lambda p: (p / ck.CONFIG_FILE).write_text("run: {steps: 1}\n"), ck.CONFIG_FILE),
-    "record-garbled": (lambda p: (p / ck.INTEGRITY_FILE).write_text("{not json"), ck.INTEGRITY_FILE),
+    "record-garbled": (lambda p: (p / INTEGRITY).write_text("{not json"), INTEGRITY),
     "model-missing": (lambda p: (p / ck.MODEL_FILE).unlink(), ck.MODEL_FILE),
 }
 
@@ -219,7 +223,7 @@ def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path, kind):
     path = _saved(tmp_path)
     damage, name = DAMAGE[kind]
     damage(path)
-    with pytest.raises(ck.CheckpointError, match=rf"{path.name}.*: {name} is (damaged|missing)"):
+    with pytest.raises(CheckpointError, match=rf"{path.name}.*: {name} is (damaged|missing)"):
         ck.load_checkpoint(path)
 
 
@@ -227,23 +231,23 @@ def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path, kind):
 def test_old_checkpoint_without_record_still_parsed(tmp_path, kind):
     """Checkpoints from before the record: structural damage is still caught by parsing."""
     path = _saved(tmp_path)
-    (path / ck.INTEGRITY_FILE).unlink()
+    (path / INTEGRITY).unlink()
     damage, name = DAMAGE[kind]
     damage(path)
     with pytest.warns(UserWarning, match="no integrity.json"), \
-            pytest.raises(ck.CheckpointError, match=rf": {name} is damaged"):
+            pytest.raises(CheckpointError, match=rf": {name} is damaged"):
         ck.load_checkpoint(path)
 
 
 def test_old_checkpoint_without_record_loads_with_warning_unless_weights_non_finite(tmp_path):
     path = _saved(tmp_path)
-    (path / ck.INTEGRITY_FILE).unlink()
+    (path / INTEGRITY).unlink()
     logged = []
     model, mcfg, state = ck.load_checkpoint(path, log=logged.append)
     assert len(logged) == 1 and "no integrity.json" in logged[0] and state["step"] == 1
     # bytes turned into NaN inside the tensor data (0xFF.. is a NaN in fp32): refused
     _overwrite(ck.MODEL_FILE, lambda p, d: _tensor_data_offset(p) + 64, b"\xff")(path)
-    with pytest.raises(ck.CheckpointError, match=r"model.safetensors is damaged \(tensor .* non-finite"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors is damaged \(tensor .* non-finite"):
         ck.load_checkpoint(path, log=logged.append)
 
 
@@ -259,7 +263,7 @@ def test_disk_full_names_path_and_bytes_and_keeps_the_previous(tmp_path, monkeyp
     monkeypatch.setattr(ck.torch, "save", full)
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: usage._replace(free=4096))
-    with pytest.raises(ck.DiskFullError) as e:
+    with pytest.raises(DiskFullError) as e:
         ck.save_checkpoint(tmp_path, 2, sd, {"name": "x"}, _fake_state(2), "run: {}\n", keep=5)
     msg = str(e.value)
     assert "step_00000002" in msg and "4,096 bytes are free" in msg and "unexpected pos" in msg
@@ -273,7 +277,7 @@ def test_disk_full_names_path_and_bytes_and_keeps_the_previous(tmp_path, monkeyp
     monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: usage)
     monkeypatch.setattr(ck.torch, "save", lambda *a, **k: (_ for _ in ()).throw(
         OSError(errno.ENOSPC, "No space left on device")))
-    with pytest.raises(ck.DiskFullError, match="disk full writing checkpoint .*step_00000002"):
+    with pytest.raises(DiskFullError, match="disk full writing checkpoint .*step_00000002"):
         ck.save_checkpoint(tmp_path, 2, sd, {"name": "x"}, _fake_state(2), "", keep=5)
     # any other write error is not called a full disk, and leaves no temp either
     monkeypatch.setattr(ck.torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
