@@ -69,11 +69,18 @@ def cmd_info(args) -> int:
     return 0
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one `error:` line too (exit 2), pointing at --help."""
+
+    def error(self, message: str):
+        self.exit(errors.EXIT_CONFIG, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from aimv2 import __version__
     from aimv2.presets import list_presets
 
-    parser = argparse.ArgumentParser(prog="aimv2", description="AIMv2 pre-training, kernels and serving")
+    parser = ArgumentParser(prog="aimv2", description="AIMv2 pre-training, kernels and serving")
     parser.add_argument("--version", action="version", version=f"aimv2 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="print a preset's config, parameter count and FLOPs per image")

@@ -164,3 +164,17 @@ def test_disk_full_during_training_is_one_line(files, tmp_path, capsys, monkeypa
     assert rc == 1 and line.startswith(f"error: disk full writing checkpoint {str(out / 'checkpoints' / 'step_00000002')!r}")
     assert "needs about" in line and "bytes" in line and "step_00000001' is intact" in line
     assert [p.name for p in ck.list_checkpoints(out)] == ["step_00000001"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--preset", "nope"], ["aimv2 train", "--preset", "nope"]),
+    (["train", "--steps", "many"], ["--steps", "many"]),
+    (["data", "synth"], ["aimv2 data synth", "--out"]),
+    (["bogus"], ["bogus"]),
+], ids=["bad-choice", "bad-int", "missing-required", "unknown-command"])
+def test_usage_error_is_one_line(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    line = _error_line(capsys.readouterr().err)
+    assert all(w in line for w in words) and "--help" in line

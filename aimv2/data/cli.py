@@ -117,7 +117,9 @@ def _inspect(args) -> int:
 
 def main(argv=None) -> int:
     """Stand-alone entry point: `python -m aimv2.data.cli synth --out DIR`."""
-    parser = argparse.ArgumentParser(prog="aimv2")
+    from aimv2.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="aimv2")
     register(parser.add_subparsers(dest="cmd", required=True))
     args = parser.parse_args(["data"] + list(argv if argv is not None else sys.argv[1:]))
     return run_command(args.func, args)
