@@ -2,6 +2,10 @@
 
 Commands are registered by their own packages (`register(subparsers)` in aimv2/data/cli.py,
 aimv2/train/cli.py, aimv2/eval/cli.py); `info` lives here.
+
+Errors: commands raise, and `main` reports every exception in one place (aimv2/errors.py): one line
+`error: ...` on stderr, exit code 2 for a config error and 1 for a runtime error; `--debug` (before or
+after the command) or AIMV2_DEBUG=1 also prints the traceback.
 """
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import argparse
 import importlib
 import json
 import sys
+
+from aimv2 import errors
 
 _COMMAND_MODULES = ("aimv2.data.cli", "aimv2.train.cli", "aimv2.eval.cli", "aimv2.demo")
 
@@ -63,11 +69,18 @@ def cmd_info(args) -> int:
     return 0
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one `error:` line too (exit 2), pointing at --help."""
+
+    def error(self, message: str):
+        self.exit(errors.EXIT_CONFIG, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from aimv2 import __version__
     from aimv2.presets import list_presets
 
-    parser = argparse.ArgumentParser(prog="aimv2", description="AIMv2 pre-training, kernels and serving")
+    parser = ArgumentParser(prog="aimv2", description="AIMv2 pre-training, kernels and serving")
     parser.add_argument("--version", action="version", version=f"aimv2 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="print a preset's config, parameter count and FLOPs per image")
@@ -77,7 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
     for mod in _COMMAND_MODULES:
         importlib.import_module(mod).register(sub)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error as well")
+    _add_debug_flag(parser)
     return parser
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """Accept --debug after any (sub)command too: `aimv2 train ... --debug`. SUPPRESS as the default,
+    so a subcommand without the flag does not reset one given before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                 help="print the traceback of an error as well")
+                _add_debug_flag(sub)
 
 
 def main(argv=None) -> int:
@@ -86,11 +112,7 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return errors.run_command(args.func, args, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from aimv2.cli import main as cli_main
+from aimv2.errors import CheckpointError, DiskFullError
 from aimv2.train import checkpoint as ck
 from _train_common import TINY_SET, cli, cli_env, losses, rows, slow_cli
 
@@ -155,3 +156,181 @@ def test_checkpoint_is_a_loadable_encoder(reference):
     # a fresh run into a directory with checkpoints is refused
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train(TrainConfig.from_yaml(run / "config.yaml").merge({"run.resume": False}))
+
+
+# ----------------------------------------------------------------------------- integrity
+INTEGRITY = "integrity.json"                          # the record's file name (part of the format)
+
+
+def _saved(tmp_path, steps=(1,), keep=5):
+    """Checkpoints of a small fake model (float tensors big enough to hold a data area)."""
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        sd = {"encoder.w": torch.randn(64, 32, generator=g), "decoder.b": torch.randn(100, generator=g)}
+        ck.save_checkpoint(tmp_path, step, sd, {"name": "x", "dim": 4}, _fake_state(step), "run: {}\n", keep=keep)
+    return ck.latest_checkpoint(tmp_path)
+
+
+def test_integrity_record_matches_the_files(tmp_path):
+    import hashlib
+    path = _saved(tmp_path)
+    rec = json.loads((path / INTEGRITY).read_text())
+    assert set(rec["files"]) == {ck.MODEL_FILE, ck.STATE_FILE, ck.CONFIG_FILE}
+    for name, want in rec["files"].items():
+        data = (path / name).read_bytes()
+        assert want == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert ck.verify_integrity(path) is True
+
+
+def _tensor_data_offset(path):
+    """Where the tensor bytes of a safetensors file start (8-byte header length + JSON header)."""
+    return 8 + int.from_bytes((path / ck.MODEL_FILE).read_bytes()[:8], "little")
+
+
+def _cut(name, frac):
+    def damage(path):
+        data = (path / name).read_bytes()
+        (path / name).write_bytes(data[:int(len(data) * frac)])
+    return damage
+
+
+def _overwrite(name, where, value):
+    """Replace 16 bytes at offset where(path, data) with `value` * 16."""
+    def damage(path):
+        data = bytearray((path / name).read_bytes())
+        at = where(path, data)
+        data[at:at + 16] = value * 16
+        (path / name).write_bytes(bytes(data))
+    return damage
+
+
+DAMAGE = {
+    "model-truncated": (_cut(ck.MODEL_FILE, 0.5), ck.MODEL_FILE),
+    "model-garbled-header": (_overwrite(ck.MODEL_FILE, lambda p, d: 8, b"#"), ck.MODEL_FILE),
+    "model-zeroed-tensor-bytes": (_overwrite(ck.MODEL_FILE, lambda p, d: _tensor_data_offset(p) + 400, b"\0"),
+                                  ck.MODEL_FILE),
+    "state-empty": (_cut(ck.STATE_FILE, 0.0), ck.STATE_FILE),
+    "state-cut": (_cut(ck.STATE_FILE, 0.6), ck.STATE_FILE),
+    "state-zeroed-bytes": (_overwrite(ck.STATE_FILE, lambda p, d: len(d) // 2, b"\0"), ck.STATE_FILE),
+    "config-edited": (lambda p: (p / ck.CONFIG_FILE).write_text("run: {steps: 1}\n"), ck.CONFIG_FILE),
+    "record-garbled": (lambda p: (p / INTEGRITY).write_text("{not json"), INTEGRITY),
+    "model-missing": (lambda p: (p / ck.MODEL_FILE).unlink(), ck.MODEL_FILE),
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path, kind):
+    path = _saved(tmp_path)
+    damage, name = DAMAGE[kind]
+    damage(path)
+    with pytest.raises(CheckpointError, match=rf"{path.name}.*: {name} is (damaged|missing)"):
+        ck.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("kind", ["model-truncated", "model-garbled-header", "state-empty", "state-cut"])
+def test_old_checkpoint_without_record_still_parsed(tmp_path, kind):
+    """Checkpoints from before the record: structural damage is still caught by parsing."""
+    path = _saved(tmp_path)
+    (path / INTEGRITY).unlink()
+    damage, name = DAMAGE[kind]
+    damage(path)
+    with pytest.warns(UserWarning, match="no integrity.json"), \
+            pytest.raises(CheckpointError, match=rf": {name} is damaged"):
+        ck.load_checkpoint(path)
+
+
+def test_old_checkpoint_without_record_loads_with_warning_unless_weights_non_finite(tmp_path):
+    path = _saved(tmp_path)
+    (path / INTEGRITY).unlink()
+    logged = []
+    model, mcfg, state = ck.load_checkpoint(path, log=logged.append)
+    assert len(logged) == 1 and "no integrity.json" in logged[0] and state["step"] == 1
+    # bytes turned into NaN inside the tensor data (0xFF.. is a NaN in fp32): refused
+    _overwrite(ck.MODEL_FILE, lambda p, d: _tensor_data_offset(p) + 64, b"\xff")(path)
+    with pytest.raises(CheckpointError, match=r"model.safetensors is damaged \(tensor .* non-finite"):
+        ck.load_checkpoint(path, log=logged.append)
+
+
+def test_disk_full_names_path_and_bytes_and_keeps_the_previous(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    prev = _saved(tmp_path, steps=(1,))
+    sd = {"encoder.w": torch.zeros(1000, 250)}                       # 1,000,000 bytes of fp32
+
+    # torch.save reports a full disk as its own RuntimeError; the file system says how much is free
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    monkeypatch.setattr(ck.torch, "save", full)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: usage._replace(free=4096))
+    with pytest.raises(DiskFullError) as e:
+        ck.save_checkpoint(tmp_path, 2, sd, {"name": "x"}, _fake_state(2), "run: {}\n", keep=5)
+    msg = str(e.value)
+    assert "step_00000002" in msg and "4,096 bytes are free" in msg and "unexpected pos" in msg
+    need = int(msg.split("needs about ")[1].split(" bytes")[0].replace(",", ""))
+    assert need >= 1_000_000
+    assert f"previous checkpoint {str(prev)!r} is intact" in msg
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]   # no temp left
+    assert ck.verify_integrity(prev) and ck.load_checkpoint(prev)[2]["step"] == 1
+
+    # a plain ENOSPC from Python I/O, with free space reported as plenty (a quota): still disk full
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: usage)
+    monkeypatch.setattr(ck.torch, "save", lambda *a, **k: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(DiskFullError, match="disk full writing checkpoint .*step_00000002"):
+        ck.save_checkpoint(tmp_path, 2, sd, {"name": "x"}, _fake_state(2), "", keep=5)
+    # any other write error is not called a full disk, and leaves no temp either
+    monkeypatch.setattr(ck.torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        ck.save_checkpoint(tmp_path, 2, sd, {"name": "x"}, _fake_state(2), "", keep=5)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]
+
+
+# ----------------------------------------------------------------------------- resume fallback
+def _tiny(out, **over):
+    from _train_common import tiny_cfg
+    return tiny_cfg(out, **{"run.steps": 6, "run.ckpt_every": 2, "run.keep_ckpts": 2, **over})
+
+
+@pytest.fixture(scope="module")
+def random_reference(tmp_path_factory):
+    from aimv2.train import train
+    out = tmp_path_factory.mktemp("rref") / "run"
+    train(_tiny(out))
+    return losses(out)
+
+
+@pytest.mark.parametrize("kind", ["model-zeroed-tensor-bytes", "state-cut"])
+def test_resume_falls_back_to_the_newest_whole_checkpoint(tmp_path, random_reference, kind, capsys):
+    from aimv2.train import train
+    out = tmp_path / "run"
+    train(_tiny(out, **{"run.steps": 4}))                              # checkpoints 2 and 4
+    newest = ck.latest_checkpoint(out)
+    assert newest.name == "step_00000004"
+    DAMAGE[kind][0](newest)
+    capsys.readouterr()
+    res = train(_tiny(out, **{"run.resume": True}))
+    err = capsys.readouterr().err
+    assert f"step_00000004': {DAMAGE[kind][1]} is damaged" in err
+    assert f"resumed from {out / 'checkpoints' / 'step_00000002'} at step 2" in err
+    assert (out / "damaged-checkpoints" / "step_00000004").is_dir()       # set aside, kept for inspection
+    assert "damaged checkpoint step_00000004 moved to" in err
+    assert res.step == 6 and losses(out) == random_reference            # steps 3..6 redone exactly
+    assert [p.name for p in ck.list_checkpoints(out)] == ["step_00000004", "step_00000006"]
+    assert all(ck.verify_integrity(p) for p in ck.list_checkpoints(out))
+
+
+def test_resume_with_no_whole_checkpoint_is_one_error_line(tmp_path, capsys):
+    from aimv2.train import train
+    out = tmp_path / "run"
+    train(_tiny(out, **{"run.steps": 4}))
+    for p in ck.list_checkpoints(out):
+        DAMAGE["model-zeroed-tensor-bytes"][0](p)
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.rstrip().splitlines()[-1]
+    assert last.startswith("error: --resume: none of the 2 checkpoint(s) under") and "step_00000004" in last
+    assert err.count("model.safetensors is damaged") == 2                  # each one named in the log
+    assert [p.name for p in ck.list_checkpoints(out)] == ["step_00000002", "step_00000004"]   # untouched

@@ -204,3 +204,20 @@ def test_too_many_nonfinite_steps_stop_with_checkpoint(tmp_path):
     assert not (run / "checkpoints" / "step_00000005").exists()
     _assert_same_state(_ckpt(run, 1), _ckpt(run, 4))                       # the last good state
     assert rows(run)[-1]["skipped_steps"] == 3
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_run_whose_every_step_is_skipped_is_an_error(tmp_path, steps):
+    """Fewer steps than run.max_bad_steps, all non-finite: the run trained nothing and must not
+    return as if it had (nor write a final checkpoint of the unchanged state)."""
+    cfg = tiny_cfg(tmp_path / "run", **{"run.steps": steps, "run.ckpt_every": 1, "run.log_every": 2})
+    assert cfg.run.max_bad_steps > steps
+    data = PoisonedBatches(RandomBatches(cfg.model, 4, seed=0), bad=range(100))
+    with pytest.raises(NonFiniteLossError, match=rf"every step of this run \(steps 1..{steps}\) .* skipped"):
+        train(cfg, loader=data)
+    assert not (tmp_path / "run" / "checkpoints" / f"step_{steps:08d}").exists()    # no final checkpoint
+    assert all(r["loss"] is None for r in rows(tmp_path / "run"))
+    # one good step among them is a (poor) run, not an error
+    cfg = tiny_cfg(tmp_path / "run2", **{"run.steps": 3, "run.log_every": 2})
+    res = train(cfg, loader=PoisonedBatches(RandomBatches(cfg.model, 4, seed=0), bad={0, 2}))
+    assert res.skipped_steps == 2 and res.step == 3

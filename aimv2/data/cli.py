@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+
+from aimv2.errors import run_command
 
 __all__ = ["register", "main"]
 
@@ -121,13 +124,13 @@ def _inspect(args) -> int:
 
 def main(argv=None) -> int:
     """Stand-alone entry point: `python -m aimv2.data.cli synth --out DIR`."""
-    parser = argparse.ArgumentParser(prog="aimv2")
+    from aimv2.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="aimv2")
     register(parser.add_subparsers(dest="cmd", required=True))
-    args = parser.parse_args(["data"] + list(argv) if argv is not None else None)
-    return args.func(args)
+    args = parser.parse_args(["data"] + list(argv if argv is not None else sys.argv[1:]))
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":
-    import sys
-
     raise SystemExit(main(sys.argv[1:]))

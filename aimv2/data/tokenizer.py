@@ -213,8 +213,14 @@ def get_tokenizer(spec=None, text_len: int = 77):
     path = os.fspath(spec)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer: no such file {path!r} (expected tokenizer.json or a SentencePiece .model)")
-    if path.endswith(".json"):
-        return HFTokenizer(path, text_len)
-    if path.endswith(".model"):
-        return SentencePieceTokenizer(path, text_len)
+    kinds = {".json": (HFTokenizer, "Hugging Face tokenizer.json"),
+             ".model": (SentencePieceTokenizer, "SentencePiece model")}
+    for ext, (cls, what) in kinds.items():
+        if path.endswith(ext):
+            try:
+                return cls(path, text_len)
+            except ImportError:
+                raise
+            except Exception as e:   # the libraries raise bare Exception / RuntimeError naming no file
+                raise ValueError(f"tokenizer: {path!r} is not a valid {what} ({' '.join(str(e).split())})") from e
     raise ValueError(f"tokenizer: {path!r} is neither a .json (Hugging Face) nor a .model (SentencePiece) file")

@@ -1,18 +1,20 @@
-"""`aimv2 probe` (attentive probe top-1) and `aimv2 embed` (features to safetensors)."""
+"""`aimv2 probe` (attentive probe top-1) and `aimv2 embed` (features to safetensors).
+Errors are raised; aimv2/cli.py reports them as one line."""
 from __future__ import annotations
 
 import json
 import math
-import sys
+
+from aimv2.errors import ConfigError
 
 
 def _floats(s: str) -> list[float]:
     try:
         vals = [float(v) for v in s.replace(",", " ").split()]
     except ValueError:
-        raise ValueError(f"--lrs: expected comma-separated floats, got {s!r}") from None
+        raise ConfigError(f"--lrs: expected comma-separated floats, got {s!r}") from None
     if not vals or any(v <= 0 for v in vals):
-        raise ValueError(f"--lrs: expected positive floats, got {s!r}")
+        raise ConfigError(f"--lrs: expected positive floats, got {s!r}")
     return vals
 
 
@@ -20,19 +22,14 @@ def cmd_probe(args) -> int:
     from aimv2.eval.probe import run_probe
 
     if args.checkpoint is None and not (args.random_init and args.preset):
-        print("aimv2 probe: --checkpoint is required (or --random-init with --preset)", file=sys.stderr)
-        return 2
-    try:
-        res = run_probe(args.checkpoint, train_shards=args.train, val_shards=args.val,
-                        label_key=args.label_key, random_init=args.random_init, preset=args.preset,
-                        lrs=_floats(args.lrs), epochs=args.epochs, batch_size=args.batch_size,
-                        weight_decay=args.weight_decay, holdout=args.holdout,
-                        extract_batch_size=args.extract_batch_size, num_workers=args.num_workers,
-                        device=args.device, seed=args.seed, feature_cache=args.feature_cache,
-                        progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"aimv2 probe: error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError("aimv2 probe: --checkpoint is required (or --random-init with --preset)")
+    res = run_probe(args.checkpoint, train_shards=args.train, val_shards=args.val,
+                    label_key=args.label_key, random_init=args.random_init, preset=args.preset,
+                    lrs=_floats(args.lrs), epochs=args.epochs, batch_size=args.batch_size,
+                    weight_decay=args.weight_decay, holdout=args.holdout,
+                    extract_batch_size=args.extract_batch_size, num_workers=args.num_workers,
+                    device=args.device, seed=args.seed, feature_cache=args.feature_cache,
+                    progress=not args.no_progress)
     if args.json:
         print(json.dumps({**res, "per_lr": {str(k): v for k, v in res["per_lr"].items()}}))
     what = "random-init encoder" if args.random_init else "encoder"
@@ -51,13 +48,9 @@ def cmd_embed(args) -> int:
 
     from aimv2.eval.embed import embed
 
-    try:
-        res = embed(args.checkpoint, data=args.data, out=args.out, pool=args.pool, batch_size=args.batch_size,
-                    num_workers=args.num_workers, device=args.device, preset=args.preset,
-                    img_size=args.img_size, dtype=getattr(torch, args.dtype), progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"aimv2 embed: error: {e}", file=sys.stderr)
-        return 2
+    res = embed(args.checkpoint, data=args.data, out=args.out, pool=args.pool, batch_size=args.batch_size,
+                num_workers=args.num_workers, device=args.device, preset=args.preset,
+                img_size=args.img_size, dtype=getattr(torch, args.dtype), progress=not args.no_progress)
     print(f"embedded {res['num_images']} image(s) ({', '.join(res['keys'])}) -> {res['out']}; "
           f"skipped {res['num_skipped']} unreadable")
     return 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 # everyday flag -> config key
@@ -18,6 +17,8 @@ FLAG_KEYS = {"steps": "run.steps", "batch_size": "data.batch_size", "lr": "optim
 
 
 def build_config(args):
+    from aimv2.errors import ConfigError
+
     from .config import TrainConfig, load_yaml
 
     if args.config:
@@ -30,8 +31,8 @@ def build_config(args):
     elif args.resume and args.out and (Path(args.out) / "config.yaml").is_file():
         cfg = TrainConfig.from_yaml(Path(args.out) / "config.yaml")
     else:
-        raise ValueError("aimv2 train: pass --preset NAME or --config FILE.yaml "
-                         "(or --resume --out RUN_DIR of an existing run)")
+        raise ConfigError("aimv2 train: pass --preset NAME or --config FILE.yaml "
+                          "(or --resume --out RUN_DIR of an existing run)")
     over = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
     if args.resume:
         over["run.resume"] = True
@@ -41,22 +42,15 @@ def build_config(args):
 
 
 def cmd_train(args, callbacks=()) -> int:
-    """`aimv2 train`; `callbacks` (aimv2.train.callbacks.Callback) for a caller that wraps the command."""
-    from .trainer import NonFiniteLossError, train
+    """`aimv2 train`; `callbacks` (aimv2.train.callbacks.Callback) for a caller that wraps the command.
+    Errors are raised (aimv2/cli.py reports them)."""
+    from .trainer import train
 
-    try:
-        cfg = build_config(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = build_config(args)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    try:
-        res = train(cfg, callbacks=callbacks)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    res = train(cfg, callbacks=callbacks)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(f"step {res.step}" + (f" (stopped by {res.stopped_by})" if res.stopped_by else "")
@@ -71,12 +65,7 @@ def cmd_train(args, callbacks=()) -> int:
 def cmd_plot(args) -> int:
     from .plot import plot_run
 
-    try:
-        paths = plot_run(args.run_dir)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for p in paths:
+    for p in plot_run(args.run_dir):
         print(p)
     return 0
 

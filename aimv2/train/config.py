@@ -310,7 +310,13 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
-    d = yaml.safe_load(path.read_text()) or {}
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:                   # its message spans lines: keep the position
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ValueError(f"config file {str(path)!r}:{where}: not valid YAML "
+                         f"({getattr(e, 'problem', None) or type(e).__name__})") from None
     if not isinstance(d, dict):
         raise ValueError(f"config file {str(path)!r}: expected a mapping at the top level")
     return d

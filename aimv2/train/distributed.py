@@ -38,7 +38,10 @@ class DistInfo:
 def resolve_device(spec: str, local_rank: int) -> torch.device:
     if spec == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"run.device={spec!r}: expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"run.device={spec!r}: CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is None:

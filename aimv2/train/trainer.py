@@ -12,7 +12,8 @@ and are read once per log interval. A non-finite step is skipped by the fused Ad
 (`found_inf`: parameters, moments and the step count are left exactly as they were; GradScaler's
 mechanism), so skipped steps never corrupt the state; the LR schedule and the data still advance.
 `run.max_bad_steps` non-finite steps in a row stop the run at the next log interval with a
-checkpoint (of the last good state, since skipped steps change nothing) and NonFiniteLossError.
+checkpoint (of the last good state, since skipped steps change nothing) and NonFiniteLossError; so
+does a run none of whose steps was good, at its end however short it is (without a checkpoint).
 With optim.fused=false the skip needs a host read of the flag every step (documented slow path).
 
 SIGTERM / Ctrl-C set a flag; the loop finishes the current step, writes a checkpoint and returns
@@ -46,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aimv2.errors import CheckpointError, ConfigError, RunError
 from aimv2.model import AIMv2Pretrainer, flops_per_sample
 
 from . import checkpoint as ck
@@ -58,7 +60,7 @@ from .stats import IntervalStats, IntervalTimer, Lap, StepStats
 from .stop import StopController
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
     """Too many consecutive steps with a non-finite loss or gradient (a checkpoint was written)."""
 
 
@@ -209,9 +211,9 @@ class Trainer:
         self.micro_bs = micro_batch_size(cfg, info)
         self.bf16 = r.precision == "bf16" or (r.precision == "auto" and self.device.type == "cuda")
         self.compiled = r.compile if r.compile is not None else self.device.type == "cuda"
-        ckpt = self._resume_checkpoint()
+        self.damaged: list[Path] = []                        # newer checkpoints that failed verification
+        ckpt, (model_sd, saved_model_cfg, state) = self._resume_checkpoint()
         model_cfg = resolve_kernels(cfg.model, r.kernels, self.device, self.log)
-        model_sd, saved_model_cfg, state = ck.load_checkpoint(ckpt) if ckpt is not None else (None, None, None)
         seed_everything(r.seed)
         self.loader = loader if loader is not None else \
             build_data(cfg, model_cfg, info, self.micro_bs, data_position(state, info))
@@ -232,16 +234,30 @@ class Trainer:
         self.flops_per_image = flops_per_sample(model_cfg)
         self.peak = device_peak_tflops(self.device, r.peak_tflops)
 
-    def _resume_checkpoint(self) -> Path | None:
+    def _resume_checkpoint(self) -> tuple[Path | None, tuple]:
+        """The checkpoint to resume from and its loaded (model state, model config, train state):
+        the newest one that verifies (checkpoint.load_checkpoint). A damaged one is logged, remembered
+        in self.damaged (set aside when the run starts) and skipped for the one before it; when none
+        is whole, CheckpointError. Nothing to resume from: (None, (None, None, None))."""
+        none = (None, (None, None, None))
+        ckpts = ck.list_checkpoints(self.run_dir)
         if not self.cfg.run.resume:
-            if ck.list_checkpoints(self.run_dir):
-                raise ValueError(f"run directory {str(self.run_dir)!r} already holds checkpoints: pass "
-                                 f"--resume (run.resume=true) to continue it, or choose another --out")
-            return None
-        ckpt = ck.latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            self.log(f"--resume: no whole checkpoint under {self.run_dir / 'checkpoints'}; starting fresh")
-        return ckpt
+            if ckpts:
+                raise ConfigError(f"run directory {str(self.run_dir)!r} already holds checkpoints: pass "
+                                  f"--resume (run.resume=true) to continue it, or choose another --out")
+            return none
+        if not ckpts:
+            self.log(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}; starting fresh")
+            return none
+        for path in reversed(ckpts):
+            try:
+                return path, ck.load_checkpoint(path, log=self.log)
+            except CheckpointError as e:
+                self.damaged.append(path)
+                self.log(f"--resume: {e}; trying the checkpoint before it")
+        raise CheckpointError(f"--resume: none of the {len(ckpts)} checkpoint(s) under "
+                              f"{str(self.run_dir / 'checkpoints')!r} is whole (newest: {self.damaged[0].name}; "
+                              f"each reason is logged above); continue from a copy you trust or start a new --out")
 
     def _build_model(self) -> None:
         model = AIMv2Pretrainer(self.model_cfg).to(self.device)
@@ -337,6 +353,7 @@ class Trainer:
                           metrics=self.run_dir / "metrics.jsonl", checkpoint=self.resumed_from,
                           step=self.start_step)
         self.writer = self.pbar = it = threads_before = None
+        self.good_steps_run = 0                     # steps of this process's run that were not skipped
         try:
             self._open_run(res)
             self.stop.install()
@@ -373,6 +390,8 @@ class Trainer:
         r = self.cfg.run
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ck.remove_stale_temps(self.run_dir)
+        for path in self.damaged:
+            self.log(f"damaged checkpoint {path.name} moved to {ck.set_aside(path)}")
         self.cfg.to_yaml(res.config)
         self.writer = MetricsWriter(res.metrics, self.start_step if self.resumed_from else None,
                                     r.tensorboard, self.run_dir / "tensorboard")
@@ -393,7 +412,7 @@ class Trainer:
 
     def _log_interval(self, step: int, res: TrainResult) -> None:
         """Read the interval's statistics (the one host sync per interval) and write its metrics row;
-        after run.max_bad_steps non-finite steps in a row, checkpoint and raise NonFiniteLossError."""
+        then stop on non-finite steps (_check_nonfinite)."""
         stats = self.stats.read(self.info)
         row = self._metrics_row(step, stats, self.timer.lap(step))
         for cb in self.callbacks:
@@ -404,8 +423,23 @@ class Trainer:
             res.images_per_s = row["images_per_s"]
             if self.pbar is not None and row["loss"] is not None:
                 self.pbar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
+        self._check_nonfinite(step, stats)
+
+    def _check_nonfinite(self, step: int, stats: IntervalStats) -> None:
+        """NonFiniteLossError after run.max_bad_steps skipped steps in a row, with a checkpoint of the
+        last good state; or, when no step of this run was good, at the end of the run however short it
+        is (a run that trained nothing never exits 0): its state is the one it started from, so no
+        further checkpoint is written then."""
+        self.good_steps_run += stats.good_steps
         max_bad = self.cfg.run.max_bad_steps
-        if stats.max_bad_run >= max_bad:
+        too_many = stats.max_bad_run >= max_bad
+        if self.good_steps_run == 0 and (too_many or step == self.cfg.run.steps):
+            start = f"checkpoint {self.resumed_from}" if self.resumed_from else "the initial weights"
+            raise NonFiniteLossError(
+                f"every step of this run (steps {self.start_step + 1}..{step}) had a non-finite loss or "
+                f"gradient and was skipped, so nothing was trained (no final checkpoint written): the model "
+                f"is still {start}. Check those weights (a NaN / Inf parameter), optim.lr and the data.")
+        if too_many:
             path = self.checkpointer.save(step)
             raise NonFiniteLossError(
                 f"{stats.max_bad_run} consecutive steps with a non-finite loss or gradient "
