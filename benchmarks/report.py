@@ -8,7 +8,8 @@ measurement (op, pass, shape, provider) with ms, GB/s or TFLOP/s, % of the measu
 and the speed-up over the strongest same-run baseline, the first of BASELINE measured for the same
 (op, pass, shape, dtype): `flex`, then `sdpa_dense` (attention, steps), `compile_ref` (the fused
 kernels; never the attention baseline while a real one ran: it is the naive fp32 reference),
-`hf_compile` (inference), `eager_ref`. Every row names the mask its provider computed (attention:
+`hf_compile` (inference), `eager_ref`; rows with a `timing` (host launches or CUDA-graph replay,
+benchmarks/tune_kernels.py) are compared only with rows timed the same way. Every row names the mask its provider computed (attention:
 a causal SDPA row does less work than a prefix mask). Device and date come from the rows themselves.
 """
 from __future__ import annotations
@@ -43,17 +44,18 @@ def _fmt(x, nd=1):
 
 
 def table(rows: list[dict]) -> str:
-    base = defaultdict(dict)          # (op, pass, shape, dtype) -> provider -> ms
+    def key(r):                       # rows timed differently (host launches / CUDA graph) never compared
+        return r.get("op"), r.get("pass"), r.get("shape"), r.get("dtype"), r.get("timing")
+    base = defaultdict(dict)          # key -> provider -> ms
     for r in rows:
-        base[(r.get("op"), r.get("pass"), r.get("shape"), r.get("dtype"))][r.get("provider")] = r.get("ms")
+        base[key(r)][r.get("provider")] = r.get("ms")
     out = ["| op | pass | shape | dtype | provider | mask | ms | GB/s | TFLOP/s | % ceiling | img/s | vs baseline |",
            "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        key = (r.get("op"), r.get("pass"), r.get("shape"), r.get("dtype"))
-        ref = next(((b, base[key][b]) for b in BASELINE if base[key].get(b)), None)
+        ref = next(((b, base[key(r)][b]) for b in BASELINE if base[key(r)].get(b)), None)
         speed = f"{ref[1] / r['ms']:.2f}x {ref[0]}" if ref and r.get("ms") and r.get("provider") != ref[0] else ""
         out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-            r.get("op"), r.get("pass"), r.get("shape"), r.get("dtype"), r.get("provider"), r.get("mask") or "",
+            r.get("op"), r.get("pass") + (f" ({r['timing']})" if r.get("timing") else ""), r.get("shape"), r.get("dtype"), r.get("provider"), r.get("mask") or "",
             _fmt(r.get("ms"), 3), _fmt(r.get("gbps")), _fmt(r.get("tflops")), _fmt(r.get("pct_of_ceiling")),
             _fmt(r.get("images_per_s")), speed))
     return "\n".join(out)

@@ -68,3 +68,30 @@ def test_step_benchmark_cpu_smoke(tmp_path):
     assert abs(sum(rows[0]["profile_share"].values()) - 1.0) < 1e-2
     for key in ("device", "date", "git_sha", "torch", "triton", "command", "op", "shape", "dtype"):
         assert key in rows[0]
+
+
+def test_report_compares_only_rows_timed_alike(tmp_path):
+    rows = [_row("compile_ref", 0.2, timing="host"), _row("aimv2", 0.4, timing="host"),
+            _row("compile_ref", 0.1, timing="graph"), _row("aimv2", 0.05, timing="graph"),
+            _row("aimv2[m=8,n=1024,w=8]", 0.025, timing="graph")]
+    md = [ln for ln in report.table(rows).splitlines() if ln.startswith("| rms_norm")]
+    assert "| fwd (host) |" in md[1] and md[1].endswith("| 0.50x compile_ref |")
+    assert "| fwd (graph) |" in md[3] and md[3].endswith("| 2.00x compile_ref |")
+    assert md[4].endswith("| 4.00x compile_ref |")
+
+
+def test_tune_kernels_cpu_smoke(tmp_path):
+    """The kernel tuning script's CPU path: provider rows and a tile sweep whose first row per pass is
+    the current tile choice, every row parseable by the report."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tune_kernels.py"), "--quick", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(next(tmp_path.glob("tune_kernels-*.json")).read_text())
+    sweep = [x for x in rows if x.get("kernel_only")]
+    assert {(x["op"], x["pass"]) for x in sweep} == {("rms_norm_residual", "fwd"), ("rms_norm_residual", "bwd"),
+                                                      ("swiglu", "fwd"), ("swiglu", "bwd")}
+    for op_pass in {(x["op"], x["pass"]) for x in sweep}:
+        group = [x for x in sweep if (x["op"], x["pass"]) == op_pass]
+        assert group[0]["default"] and not any(x["default"] for x in group[1:]) and len(group) >= 2
+    assert {x["provider"] for x in rows if not x.get("kernel_only")} == {"aimv2"}     # no compile on CPU
+    assert report.table(rows).count("\n") == len(rows) + 1
