@@ -183,3 +183,24 @@ def test_bad_inputs(device, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="need a CUDA tensor"):
         linear_cross_entropy(h.cpu(), w.cpu(), t.cpu())
+
+
+def test_benchmark_quick_cpu(tmp_path):
+    """benchmarks/bench_text_loss.py --quick: one fresh process per provider, rows in the results
+    schema with a measured peak memory, and both providers computing the same loss."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_text_loss.py"), "--quick",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(next(tmp_path.glob("text_loss-*.json")).read_text())
+    assert {(x["provider"], x["pass"]) for x in rows} == \
+        {(p, q) for p in ("aimv2", "eager_ref") for q in ("fwd", "bwd", "fwdbwd")}
+    for x in rows:
+        assert x["op"] == "linear_cross_entropy" and x["ms"] > 0 and x["peak_mem_mb"] >= 0
+        assert x["git_sha"] and x["device"] and x["dtype"] in ("fp32", "bf16")
+    losses = {x["provider"]: x["loss"] for x in rows}
+    assert losses["aimv2"] == pytest.approx(losses["eager_ref"], rel=1e-5)
