@@ -133,6 +133,12 @@ def test_autocast_casts_like_linear(device):
     want = linear_cross_entropy(h.detach().bfloat16(), w.detach().bfloat16(), t)
     torch.testing.assert_close(loss, want, rtol=0, atol=0)
 
+    def f(h, w):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return linear_cross_entropy(h, w, t)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(h, w)      # autocast traced
+    torch.testing.assert_close(compiled, want, rtol=0, atol=0)
+
 
 def test_opcheck(device):
     h, w, b, t = _inputs(10, 40, 70, torch.float32, device)
