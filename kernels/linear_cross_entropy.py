@@ -120,6 +120,25 @@ def _dlogits_tile(H, W, BIAS, TGT, LSE, G, rows, cols, T, V, D, stride_h, stride
 
 
 @triton.jit
+def _add_product(OUT, out_rows, out_mask, stride_out, a, SRC, src_rows, src_mask, stride_src, D,
+                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """OUT[out_rows, :D] += a @ SRC[src_rows, :D] in BLOCK_D-wide chunks; OUT is fp32 and owned by
+    this program, a (R, K) is fp32 (interpreter) or the inputs' dtype, SRC rows src_rows (K,)."""
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        dmask = dd < D
+        src = tl.load(SRC + src_rows[:, None] * stride_src + dd[None, :],
+                      mask=src_mask[:, None] & dmask[None, :], other=0.0)        # (K, BLOCK_D)
+        if INTERPRET:
+            src = src.to(tl.float32)
+        ptrs = OUT + out_rows[:, None] * stride_out + dd[None, :]
+        omask = out_mask[:, None] & dmask[None, :]
+        tl.debug_barrier()                 # this program's earlier stores (any thread) land first
+        acc = tl.load(ptrs, mask=omask, other=0.0)                               # (R, BLOCK_D)
+        tl.store(ptrs, tl.dot(a, src, acc, input_precision=PRECISION), mask=omask)
+
+
+@triton.jit
 def _linear_ce_fwd_kernel(H, W, BIAS, TGT, LSE, LOSS, T, V, D, stride_h, stride_w, ignore_index,
                           HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
                           BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
@@ -161,20 +180,8 @@ def _linear_ce_bwd_dh_kernel(H, W, BIAS, TGT, LSE, G, DH, T, V, D, stride_h, str
         dl = cast_rtne(dl, W.dtype.element_ty, INTERPRET)                      # as eager's d_logits
         if INTERPRET:
             dl = dl.to(tl.float32)
-        cmask = cols < V
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            dmask = dd < D
-            w = tl.load(W + cols[:, None] * stride_w + dd[None, :],
-                        mask=cmask[:, None] & dmask[None, :], other=0.0)         # (BLOCK_V, BLOCK_D)
-            if INTERPRET:
-                w = w.to(tl.float32)
-            ptrs = DH + rows[:, None] * stride_dh + dd[None, :]
-            omask = rmask[:, None] & dmask[None, :]
-            tl.debug_barrier()             # this program's earlier stores (any thread) land first
-            acc = tl.load(ptrs, mask=omask, other=0.0)
-            acc = tl.dot(dl, w, acc, input_precision=PRECISION)
-            tl.store(ptrs, acc, mask=omask)
+        _add_product(DH, rows, rmask, stride_dh, dl, W, cols, cols < V, stride_w, D, BLOCK_D,
+                     PRECISION, INTERPRET)                                       # DH += dl @ W
 
 
 @triton.jit
@@ -195,20 +202,8 @@ def _linear_ce_bwd_dw_kernel(H, W, BIAS, TGT, LSE, G, DW, DB, T, V, D, stride_h,
         dlt = tl.trans(cast_rtne(dl, H.dtype.element_ty, INTERPRET))            # (BLOCK_V, BLOCK_T)
         if INTERPRET:
             dlt = dlt.to(tl.float32)
-        rmask = rows < T
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            dmask = dd < D
-            h = tl.load(H + rows[:, None] * stride_h + dd[None, :],
-                        mask=rmask[:, None] & dmask[None, :], other=0.0)         # (BLOCK_T, BLOCK_D)
-            if INTERPRET:
-                h = h.to(tl.float32)
-            ptrs = DW + cols[:, None] * stride_dw + dd[None, :]
-            omask = cmask[:, None] & dmask[None, :]
-            tl.debug_barrier()
-            acc = tl.load(ptrs, mask=omask, other=0.0)
-            acc = tl.dot(dlt, h, acc, input_precision=PRECISION)
-            tl.store(ptrs, acc, mask=omask)
+        _add_product(DW, cols, cmask, stride_dw, dlt, H, rows, rows < T, stride_h, D, BLOCK_D,
+                     PRECISION, INTERPRET)                                       # DW += dl^T @ H
     tl.store(DB + cols, db, mask=cmask)
 
 
