@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from aimv2.model import (AIMv2Decoder, AIMv2Encoder, AIMv2Pretrainer, _prefix_pairs, count_params,
+from aimv2.model import (AIMv2Encoder, AIMv2Pretrainer, _prefix_pairs, count_params,
                          flops_per_sample, forward_flops)
 from aimv2.presets import get_preset, list_presets
 
