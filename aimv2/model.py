@@ -6,8 +6,10 @@
 
 Module names follow Apple's ml-aim checkpoints (`preprocessor.*`, `trunk.blocks.b.*`), so those load
 by name; `aimv2.weights` maps the transformers and timm layouts onto them.
-`cfg.impl` picks the norm / SwiGLU / pixel-loss implementation ("torch" references or the fused
-Triton kernels of `aimv2.kernels`); `cfg.attn_backend` picks the attention ("sdpa" | "flex" | "triton").
+`cfg.impl` picks the norm / SwiGLU / pixel-loss / text-loss implementation ("torch" references or the
+fused Triton kernels of `aimv2.kernels`); `cfg.attn_backend` picks the attention ("sdpa" | "flex" | "triton").
+The text head belongs to the pretrainer (`text_head.weight`): with impl="triton" it is applied inside
+the fused linear + cross-entropy, so the (B, T, V) logits are never materialised.
 """
 from __future__ import annotations
 
@@ -225,7 +227,6 @@ class AIMv2Decoder(nn.Module):
         self.trunk = Transformer(d, cfg.dec_depth, cfg.dec_heads, cfg.dec_mlp_hidden, cfg.norm_eps,
                                  cfg.impl, "norm")
         self.pixel_head = nn.Linear(d, cfg.patch_dim, bias=False)
-        self.text_head = nn.Linear(d, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -242,7 +243,8 @@ class AIMv2Decoder(nn.Module):
         nn.init.normal_(self.text_pos_embed, std=0.01)
 
     def forward(self, enc_tokens: torch.Tensor, text: torch.Tensor):
-        """enc_tokens (B, N, D), text (B, T) -> pixel predictions (B, N, p*p*C), logits (B, T, V).
+        """enc_tokens (B, N, D), text (B, T) -> pixel predictions (B, N, p*p*C), text hidden states
+        (B, T, Dd) (final-normed; the pretrainer's text head maps them to the vocabulary).
 
         Pixel output i predicts patch i+1; text output at CLS predicts t_1, at t_k predicts t_{k+1}
         (the output at t_T is dropped)."""
@@ -254,7 +256,7 @@ class AIMv2Decoder(nn.Module):
         x = torch.cat([img, txt + self.text_pos_embed.to(img.dtype)], dim=1)  # (B, N+T+1, Dd)
         mask = AttentionMask(self.cfg.attn_backend, 0, B, N + T + 1, x.device)
         x = self.trunk(x, mask)
-        return self.pixel_head(x[:, :N]), self.text_head(x[:, N:N + T])
+        return self.pixel_head(x[:, :N]), x[:, N:N + T]
 
 
 def text_loss_fn(logits: torch.Tensor, text: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -264,17 +266,37 @@ def text_loss_fn(logits: torch.Tensor, text: torch.Tensor, pad_id: int) -> torch
     return (ce * valid).sum() / valid.sum().clamp(min=1.0)
 
 
-class AIMv2Pretrainer(nn.Module):
-    """Encoder + decoder + losses: forward(images, text, prefix_len) -> dict(loss, pixel_loss, text_loss).
+def _old_text_head_keys(module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: checkpoints written before the text head moved out of the decoder
+    name it `decoder.text_head.weight`; rename it to `text_head.weight`."""
+    old, new = prefix + "decoder.text_head.", prefix + "text_head."
+    for k in [k for k in state_dict if k.startswith(old)]:
+        state_dict.setdefault(new + k[len(old):], state_dict.pop(k))
 
-    The total loss is differentiable and computed without host syncs (token-weighted means are
-    device-side divisions)."""
+
+class AIMv2Pretrainer(nn.Module):
+    """Encoder + decoder + text head + losses:
+    forward(images, text, prefix_len) -> dict(loss, pixel_loss, text_loss).
+
+    The text head (Linear(Dd -> V), no bias) lives here, not in the decoder, so that the text loss can
+    fuse it: impl="triton" runs `aimv2.kernels.linear_cross_entropy` (no (B, T, V) logits), impl="torch"
+    its reference (F.linear, then fp32 cross-entropy). Under FSDP the root module owns it, so its
+    weight is unsharded for the whole forward. The total loss is differentiable and computed without
+    host syncs (token-weighted means are device-side divisions)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg.validate()
         self.encoder = AIMv2Encoder(cfg)
         self.decoder = AIMv2Decoder(cfg)
+        self.text_head = nn.Linear(cfg.dec_dim, cfg.vocab_size, bias=False)
+        nn.init.xavier_uniform_(self.text_head.weight)
+        self.register_load_state_dict_pre_hook(_old_text_head_keys)
+
+    def text_logits(self, text_hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, Dd) decoder text outputs -> (B, T, V) logits (evaluation and inspection only; the
+        training loss never builds them under impl="triton")."""
+        return self.text_head(text_hidden)
 
     def forward(self, images: torch.Tensor, text: torch.Tensor, prefix_len) -> dict:
         cfg = self.cfg
@@ -283,11 +305,13 @@ class AIMv2Pretrainer(nn.Module):
         N = cfg.num_patches
         prefix_len = check_prefix_len(prefix_len, images.shape[0], N, images.device)
         enc = self.encoder(images, prefix_len)                               # (B, N, D)
-        pixels, logits = self.decoder(enc, text)
+        pixels, text_hidden = self.decoder(enc, text)                       # (B, N, p*p*C), (B, T, Dd)
         plen = N if prefix_len is None else prefix_len
-        loss_fn = K.patch_l2_loss if cfg.impl == "triton" else K.patch_l2_loss_ref
+        triton = cfg.impl == "triton"
+        loss_fn = K.patch_l2_loss if triton else K.patch_l2_loss_ref
         pixel_loss = loss_fn(pixels, images, plen, cfg.patch_size, cfg.patch_norm_eps)
-        text_loss = text_loss_fn(logits, text, cfg.pad_id)
+        ce_fn = K.linear_cross_entropy if triton else K.linear_cross_entropy_ref
+        text_loss = ce_fn(text_hidden, self.text_head.weight, text, ignore_index=cfg.pad_id)
         loss = cfg.pixel_loss_weight * pixel_loss + cfg.text_loss_weight * text_loss
         return {"loss": loss, "pixel_loss": pixel_loss, "text_loss": text_loss}
 

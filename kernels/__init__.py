@@ -5,6 +5,7 @@ Ops (each with a plain-PyTorch `<op>_ref`):
 - swiglu(gate, up)                            silu(gate) * up
 - patch_l2_loss(pred, images, prefix_len, p)  AIMv2 patch-normalised l2 pixel loss
 - prefix_attention(q, k, v, prefix_len)       prefix-causal flash attention
+- linear_cross_entropy(hidden, weight, target) fused linear + cross-entropy, no (T, V) logits
 
 Without triton (setup.py installs it on Linux only) the package still imports: the references,
 `prefix_mask` and `patchify` work, and the ops raise `TritonUnavailableError` naming the reason.
@@ -14,6 +15,7 @@ Without triton (setup.py installs it on Linux only) the package still imports: t
 if __name__ == "aimv2.kernels":
     from ._compat import TritonUnavailableError
     from ._utils import unavailable_reason
+    from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
     from .patch_l2_loss import patch_l2_loss, patch_l2_loss_ref, patchify
     from .prefix_attention import ATTENTION_HEAD_DIMS, prefix_attention, prefix_attention_ref, prefix_mask
     from .rms_norm import rms_norm, rms_norm_ref

@@ -86,7 +86,8 @@ def test_pretrainer_losses_are_spec_formulas():
     images, text = rand_batch(cfg, 2)
     P = torch.tensor([4, 13])
     captured = {}
-    model.decoder.register_forward_hook(lambda m, i, o: captured.update(pix=o[0], logits=o[1]))
+    model.decoder.register_forward_hook(
+        lambda m, i, o: captured.update(pix=o[0], logits=model.text_logits(o[1])))
     out = model(images, text, P)
     pix, logits = captured["pix"].detach(), captured["logits"].detach()
     assert pix.shape == (2, cfg.num_patches, 588) and logits.shape == (2, 77, cfg.vocab_size)
@@ -104,7 +105,8 @@ def test_no_leakage_of_targets():
     images, text = rand_batch(cfg, 1)
     P, p, gw = 5, cfg.patch_size, cfg.grid
     captured = {}
-    model.decoder.register_forward_hook(lambda m, i, o: captured.update(pix=o[0], logits=o[1]))
+    model.decoder.register_forward_hook(
+        lambda m, i, o: captured.update(pix=o[0], logits=model.text_logits(o[1])))
 
     def run(img, txt):
         with torch.no_grad():

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from aimv2.model import (AIMv2Decoder, AIMv2Encoder, AIMv2Pretrainer, _prefix_pairs, count_params,
+from aimv2.model import (AIMv2Encoder, AIMv2Pretrainer, _prefix_pairs, count_params,
                          flops_per_sample, forward_flops)
 from aimv2.presets import get_preset, list_presets
 
@@ -48,15 +48,15 @@ def perturb_(module, std=0.05, seed=1):
 def test_param_counts_match_spec(name):
     cfg = get_preset(name)
     with torch.device("meta"):
-        enc = AIMv2Encoder(cfg)
-        dec = AIMv2Decoder(cfg)
+        pre = AIMv2Pretrainer(cfg)
+    enc, dec = pre.encoder, pre.decoder
     assert count_params(enc) == SPEC_PARAMS[name]
     # decoder of SPEC §3: width 1024, 12 blocks, H = 2816, same for every encoder size
     assert (cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, cfg.dec_mlp_hidden) == (1024, 12, 8, 2816)
     blk = 4 * 1024 * 1024 + 3 * 1024 * 2816 + 2 * 1024
     expect = (cfg.dim * 1024 + 1024 + 1024 + 32000 * 1024 + 78 * 1024 + 12 * blk + 1024
               + 1024 * 588 + 1024 * 32000)
-    assert count_params(dec) == expect
+    assert count_params(dec) + count_params(pre.text_head) == expect      # the pretrainer owns the text head
     assert cfg.head_dim == 128 and cfg.num_patches == 256
 
 

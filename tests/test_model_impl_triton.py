@@ -1,5 +1,5 @@
-"""The model with impl="triton" (fused RMSNorm+residual, SwiGLU, patch l2 loss) trains like
-impl="torch": same init, same batches, AdamW, 20 steps; and gives the same gradients.
+"""The model with impl="triton" (fused RMSNorm+residual, SwiGLU, patch l2 loss, linear + cross-entropy
+text loss) trains like impl="torch": same init, same batches, AdamW, 20 steps; and gives the same gradients.
 
 Truth is the impl="torch" model run in fp64. Tolerance (flash-attention's rule applied to a
 trajectory): the triton run's distance from the fp64 run must be within FACTOR x the distance of the
@@ -119,3 +119,47 @@ def test_triton_impl_under_bf16_autocast(device, one_thread):
     _within("bf16 losses over 3 steps", loss_tri, loss_bf, loss64)
     for n in g64[0]:
         _within(f"bf16 grad {n} at step 0", g_tri[0][n], g_bf[0][n], g64[0][n])
+
+
+def _logit_shaped_outputs(model, batch) -> list:
+    """Shapes of every op output of one forward + backward whose last dim is V and that has a
+    row per text token ((B, T, V) or (B*T, V)): the logits, their softmax or their gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    cfg = model.cfg
+    V, rows = cfg.vocab_size, {cfg.text_len, B * cfg.text_len}
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == V \
+                        and t.shape[-2] in rows:
+                    seen.append((str(func), tuple(t.shape)))
+            return out
+
+    images, text, plen = batch
+    with Record():
+        model(images, text, plen)["loss"].backward()
+    return seen
+
+
+def test_triton_text_loss_never_builds_logits(device, one_thread):
+    """impl="triton" runs the text head inside the fused linear + cross-entropy: no (B, T, V)
+    tensor in the forward or the backward. The torch reference does build them (the detector
+    can fail)."""
+    torch.manual_seed(0)
+    batch = _batches(_cfg("torch"), device)[0]
+    assert _logit_shaped_outputs(AIMv2Pretrainer(_cfg("torch")).to(device), batch)
+    assert _logit_shaped_outputs(AIMv2Pretrainer(_cfg("triton")).to(device), batch) == []
+
+
+def test_old_checkpoints_text_head_key_loads():
+    """Checkpoints written before the text head moved to the pretrainer (`decoder.text_head.weight`)
+    still load, strictly."""
+    model = AIMv2Pretrainer(_cfg("torch"))
+    sd = model.state_dict()
+    sd["decoder.text_head.weight"] = sd.pop("text_head.weight") + 1.0
+    other = AIMv2Pretrainer(_cfg("torch"))
+    other.load_state_dict(sd)
+    torch.testing.assert_close(other.text_head.weight, model.text_head.weight + 1.0)

@@ -30,7 +30,7 @@ def test_param_groups_follow_spec():
     got_decay = {ids[id(p)] for p in decay["params"]}
     assert got_decay == set(ids.values()) - expected
     assert {"decoder.text_embed.weight", "encoder.preprocessor.patchifier.proj.weight",
-            "decoder.text_head.weight", "decoder.proj.weight"} <= got_decay
+            "text_head.weight", "decoder.proj.weight"} <= got_decay
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
 
 
