@@ -118,7 +118,7 @@ def sweep_rows(M, D, H, device, ceilings, command, emit, log=print, quick=False)
     w = 1 + 0.1 * torch.randn(D, device=device)
     _, s, rstd = RN._fwd_launch(x, w, r, 1e-5)
     cols = triton.next_power_of_2(D)
-    d_f, d_b = RN._tiles(D, backward=False), RN._tiles(D, backward=True)
+    d_f = d_b = RN._tiles(D)
     few = slice(0, 2) if quick else slice(None)
     _sweep(RN, _RMS_FWD[few], (d_f.block_m, None, d_f.num_warps), lambda: RN._fwd_launch(x, w, r, 1e-5),
            "aimv2", "rms_norm_residual", f"({M}, {D})", "fwd", nb(x, r, x, x), ceilings, command, emit, log, cols)

@@ -39,10 +39,10 @@ def _configs():
     out = []
     for D in (1024, 3072):
         for res in (False, True):
-            t = R._tiles(D, backward=False)
+            t = R._tiles(D)
             out.append((R._rms_norm_fwd_kernel, {"HAS_RES": res, "BLOCK_M": t.block_m, "BLOCK_D": t.block_n},
                         t.num_warps, {}))
-            t = R._tiles(D, backward=True)
+            t = R._tiles(D)
             out.append((R._rms_norm_bwd_kernel, {"HAS_DS_IN": res, "HAS_DRES": res, "BLOCK_M": t.block_m,
                                                  "BLOCK_D": t.block_n}, t.num_warps, {}))
     t = S._tiles(2816)
