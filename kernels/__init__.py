@@ -5,6 +5,8 @@ Ops (each with a plain-PyTorch `<op>_ref`):
 - swiglu(gate, up)                            silu(gate) * up
 - patch_l2_loss(pred, images, prefix_len, p)  AIMv2 patch-normalised l2 pixel loss
 - prefix_attention(q, k, v, prefix_len)       prefix-causal flash attention
+- prefix_attention_varlen(q, k, v, cu_seqlens, max_seqlen, prefix_len)
+                                              the same over images of different sizes packed in one sequence
 
 Without triton (setup.py installs it on Linux only) the package still imports: the references,
 `prefix_mask` and `patchify` work, and the ops raise `TritonUnavailableError` naming the reason.
@@ -16,6 +18,7 @@ if __name__ == "aimv2.kernels":
     from ._utils import unavailable_reason
     from .patch_l2_loss import patch_l2_loss, patch_l2_loss_ref, patchify
     from .prefix_attention import ATTENTION_HEAD_DIMS, prefix_attention, prefix_attention_ref, prefix_mask
+    from .prefix_attention_varlen import prefix_attention_varlen, prefix_attention_varlen_ref
     from .rms_norm import rms_norm, rms_norm_ref
     from .swiglu import swiglu, swiglu_ref
 else:
