@@ -20,8 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aimv2.kernels import prefix_attention, prefix_attention_ref, prefix_attention_varlen, \
-    prefix_attention_varlen_ref, prefix_mask
+from aimv2.kernels import prefix_attention, prefix_attention_varlen, prefix_attention_varlen_ref, prefix_mask
 from test_prefix_attention import FACTOR_GRAD, FACTOR_OUT, FLOOR_ULPS, ON_GPU, needs_gpu_bf16
 
 PA = importlib.import_module("aimv2.kernels.prefix_attention")
@@ -340,7 +339,8 @@ def _bad_cases():
         ("cu rank", lambda: f(q, k, v, cu[None], 6, P), ValueError, r"cu_seqlens: expected shape \(S \+ 1,\)"),
         ("P dtype", lambda: f(q, k, v, cu, 6, P.long()), TypeError, "prefix_len: expected dtype int32"),
         ("P shape", lambda: f(q, k, v, cu, 6, P[:1]), ValueError, r"prefix_len: expected shape \(S,\) = \(2,\)"),
-        ("max_seqlen tensor", lambda: f(q, k, v, cu, torch.tensor(6), P), TypeError, "max_seqlen: expected a Python int"),
+        ("max_seqlen tensor", lambda: f(q, k, v, cu, torch.tensor(6), P), TypeError,
+         "max_seqlen: expected a Python int"),
         ("max_seqlen 0", lambda: f(q, k, v, cu, 0, P), ValueError, "max_seqlen: expected >= 1"),
         ("device", lambda: f(q, k, v, cu.to("meta"), 6, P), ValueError, "one device"),
         ("scale", lambda: f(q, k, v, cu, 6, P, scale=torch.tensor(0.1)), TypeError, "scale"),
