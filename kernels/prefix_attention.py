@@ -543,19 +543,25 @@ _prefix_attention_fwd_op.register_autograd(_backward, setup_context=_setup_conte
 ATTENTION_HEAD_DIMS = (16, 32, 64, 128)          # head dims D the kernels are built for
 
 
-def _check_inputs(q, k, v, prefix_len) -> None:
+def _check_qkv(q, k, v, layout: str) -> None:
+    """q, k, v: float tensors of one dtype and one shape `layout` (e.g. "(B, H, N, D)"), D supported."""
+    rank = layout.count(",") + 1
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D tensor (B, H, N, D), got shape {tuple(t.shape)}")
+        if t.dim() != rank:
+            raise ValueError(f"{name}: expected a {rank}-D tensor {layout}, got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v: expected one shape (B, H, N, D), got {tuple(q.shape)}, "
+        raise ValueError(f"q, k, v: expected one shape {layout}, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"q: head dim D={q.shape[-1]} not supported, expected one of {ATTENTION_HEAD_DIMS}")
+
+
+def _check_inputs(q, k, v, prefix_len) -> None:
+    _check_qkv(q, k, v, "(B, H, N, D)")
     B, H, N, D = q.shape
-    if D not in ATTENTION_HEAD_DIMS:
-        raise ValueError(f"q: head dim D={D} not supported, expected one of {ATTENTION_HEAD_DIMS}")
     if B > 65535 or H > 65535:
         raise ValueError(f"q: B={B} and H={H} must each be <= 65535 (launch grid limit)")
     check_same_device(q=q, k=k, v=v, prefix_len=prefix_len)

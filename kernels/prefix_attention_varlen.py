@@ -38,10 +38,9 @@ import math
 import torch
 
 from ._compat import tl, triton
-from ._utils import check_float, check_launchable, check_same_device, last_dim_contiguous
-from .prefix_attention import (_LOG2E, ATTENTION_HEAD_DIMS, _delta_launch, _dkdv_program, _dot_precision,
-                               _dq_program, _fwd_program, _interpreter_needs_fp32, _query_tile_start, _tiles,
-                               prefix_attention_ref)
+from ._utils import check_launchable, check_same_device, last_dim_contiguous
+from .prefix_attention import (_LOG2E, _check_qkv, _delta_launch, _dkdv_program, _dot_precision, _dq_program,
+                               _fwd_program, _interpreter_needs_fp32, _query_tile_start, _tiles, prefix_attention_ref)
 
 
 def _split(t: torch.Tensor, cu: list[int]):
@@ -263,18 +262,8 @@ _varlen_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- public op
 def _check_inputs(q, k, v, cu_seqlens, max_seqlen, prefix_len) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float(name, t)
-        if t.dim() != 3:
-            raise ValueError(f"{name}: expected a 3-D packed tensor (T, H, D), got shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v: expected one shape (T, H, D), got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    _check_qkv(q, k, v, "(T, H, D)")
     T, H, D = q.shape
-    if D not in ATTENTION_HEAD_DIMS:
-        raise ValueError(f"q: head dim D={D} not supported, expected one of {ATTENTION_HEAD_DIMS}")
     for name, t in (("cu_seqlens", cu_seqlens), ("prefix_len", prefix_len)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected an int32 tensor, got {type(t).__name__}")
