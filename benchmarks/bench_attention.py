@@ -33,6 +33,21 @@ sdpa_cudnn_causal, flex (the compiled one last: its compile is the slow part). B
 1024 (b, h) pairs, several query tiles each, so every case fills the 132 SMs of an H100/H200 many
 times over.
 
+--packed: images of different sizes packed into one sequence (issue 16), bf16, H=8, D=128, image
+lengths U{196..1024} (seeded) drawn until the pack holds >= 16k / 64k tokens, prefix P_s ~ U{1..len-1}:
+
+    aimv2               aimv2.kernels.prefix_attention_varlen on the pack (cu_seqlens)
+    aimv2_padded        aimv2.kernels.prefix_attention on the images padded to the longest (S, H, max, D)
+                        (the padding sits after every real token and outside every prefix: invisible)
+    flex                torch.compile(flex_attention) on the pack (1, H, T, D) with a document mask
+                        `same image and (kv - start < P or q >= kv)`; the BlockMask is rebuilt for
+                        every batch, so its build time is a row of its own (pass "mask_build")
+    eager_ref           each image alone through prefix_attention_ref (--quick only)
+TFLOP/s count the visible pairs of the pack for every provider (the padded one does more work).
+
+    python benchmarks/bench_attention.py --packed              # GPU: packed-16k, packed-64k
+    python benchmarks/bench_attention.py --packed --quick      # CPU smoke run (a pack of ~100 tokens)
+
 Rows (CONVENTIONS.md schema) go to benchmarks/results/attention-<device>-<date>.json (a temp dir
 with --quick unless --out is given), each appended the moment it is measured; SIGINT stops the run
 with the rows so far kept (exit code 130).
@@ -61,6 +76,10 @@ GPU_QUICK_SHAPES = "encoder-256,encoder-1024,decoder-334"
 GPU_QUICK_PROVIDERS = "aimv2,sdpa_dense,sdpa_flash_causal,sdpa_cudnn_causal,flex"
 PROVIDERS = ("aimv2", "sdpa_dense", "flex", "sdpa_flash_causal", "sdpa_cudnn_causal", "flash_attn",
              "xformers", "eager_ref", "compile_ref")
+# name -> (tokens at least, image lengths lo, hi)
+PACKED = {"packed-16k": (16384, 196, 1024), "packed-64k": (65536, 196, 1024)}
+PACKED_QUICK = {"packed-quick": (64, 3, 30)}
+PACKED_PROVIDERS = ("aimv2", "aimv2_padded", "flex", "eager_ref")
 
 
 @dataclass
@@ -171,45 +190,169 @@ def providers(case: Case, wanted) -> dict[str, tuple[Callable, str]]:
     return out
 
 
-def pass_fn(case: Case, fn: Callable, pass_: str) -> Callable:
-    qkv = (case.q, case.k, case.v)
+def pass_fn(case: Case, fn: Callable, pass_: str, qkv=None, dout=None) -> Callable:
+    """The timed callable of one pass; qkv / dout default to the case's (a provider may bring its own)."""
+    qkv = (case.q, case.k, case.v) if qkv is None else qkv
+    dout = case.dout if dout is None else dout
     if pass_ == "fwd":
         return lambda: fn(*qkv)
     if pass_ == "fwdbwd":
-        return lambda: torch.autograd.grad(fn(*qkv), qkv, case.dout)
+        return lambda: torch.autograd.grad(fn(*qkv), qkv, dout)
     out = fn(*qkv)
-    return lambda: torch.autograd.grad(out, qkv, case.dout, retain_graph=True)
+    return lambda: torch.autograd.grad(out, qkv, dout, retain_graph=True)
+
+
+def measure(case, op: str, provider: str, fn: Callable, mask: str, pairs: float, ceilings: dict,
+            command: str, log=print, emit=None, qkv=None, dout=None) -> list[dict]:
+    """The three passes of one provider on one case (Case or PackedCase): a row each, handed to emit
+    (e.g. ResultFile.add) the moment it is measured; a pass that cannot run is logged and skipped."""
+    from _common import bench, peak_mem_mb, result_row
+    rows = []
+    for pass_ in PASSES:
+        try:
+            f = pass_fn(case, fn, pass_, qkv, dout)
+            f()                                                    # warm-up / compile
+            ms, p20, p80 = bench(f)
+            peak = peak_mem_mb(f)
+        except Exception as e:                                      # a baseline that cannot run
+            log(f"  {case.name:15s} {pass_:6s} {provider:18s} FAILED: {type(e).__name__}: {str(e)[:200]}")
+            if case.q.is_cuda:
+                torch.cuda.empty_cache()
+            continue
+        tflops = FLOP_FACTOR[pass_] * 4 * case.D * pairs / (ms * 1e-3) / 1e12
+        pct = 100 * tflops / ceilings["bf16_tflops"] if ceilings.get("bf16_tflops") else None
+        rows.append(result_row(op=op, pass_=pass_, shape=case.shape, dtype=_DT[case.q.dtype], provider=provider,
+                               ms=ms, ms_p20=p20, ms_p80=p80, tflops=tflops, pct_of_ceiling=pct,
+                               peak_mem_mb=peak, command=command, mask=mask, case=case.name, unmasked_pairs=pairs))
+        if emit is not None:
+            emit(rows[-1])
+        log(f"  {case.name:15s} {pass_:6s} {provider:18s} {ms:9.3f} ms {tflops:7.1f} TFLOP/s"
+            + (f" {pct:5.1f}%" if pct is not None else "") + (f" {peak:8.0f} MB" if peak else ""))
+    return rows
 
 
 def run_case(case: Case, wanted, ceilings: dict, command: str, log=print, emit=None) -> list[dict]:
     """Every (provider, pass) of one case; each row is handed to emit (e.g. ResultFile.add) the
     moment it is measured, and all are returned."""
-    from _common import bench, peak_mem_mb, result_row
     rows = []
     for provider, (fn, mask) in providers(case, wanted).items():
-        pairs = unmasked_pairs(case, mask)
-        for pass_ in PASSES:
-            try:
-                f = pass_fn(case, fn, pass_)
-                f()                                                    # warm-up / compile
-                ms, p20, p80 = bench(f)
-                peak = peak_mem_mb(f)
-            except Exception as e:                                      # a baseline that cannot run
-                log(f"  {case.name:15s} {pass_:6s} {provider:18s} FAILED: {type(e).__name__}: {str(e)[:200]}")
-                if case.q.is_cuda:
-                    torch.cuda.empty_cache()
-                continue
-            tflops = FLOP_FACTOR[pass_] * 4 * case.D * pairs / (ms * 1e-3) / 1e12
-            pct = 100 * tflops / ceilings["bf16_tflops"] if ceilings.get("bf16_tflops") else None
-            rows.append(result_row(op="prefix_attention", pass_=pass_, shape=case.shape,
-                                   dtype=_DT[case.q.dtype], provider=provider, ms=ms,
-                                   ms_p20=p20, ms_p80=p80, tflops=tflops, pct_of_ceiling=pct,
-                                   peak_mem_mb=peak, command=command, mask=mask, case=case.name,
-                                   unmasked_pairs=pairs))
+        rows += measure(case, "prefix_attention", provider, fn, mask, unmasked_pairs(case, mask), ceilings,
+                        command, log, emit)
+    return rows
+
+
+# ------------------------------------------------------------------ packed images (--packed)
+@dataclass
+class PackedCase:
+    name: str
+    H: int
+    D: int
+    lens: list[int]
+    q: torch.Tensor             # (T, H, D) views of one (T, 3, H, D) qkv buffer, leaves
+    k: torch.Tensor
+    v: torch.Tensor
+    dout: torch.Tensor          # (T, H, D)
+    cu_seqlens: torch.Tensor    # int32 (S + 1,)
+    prefix_len: torch.Tensor    # int32 (S,)
+
+    @property
+    def shape(self) -> str:
+        return (f"T={sum(self.lens)},S={len(self.lens)},H={self.H},D={self.D},"
+                f"lens={min(self.lens)}-{max(self.lens)},mask=prefix")
+
+
+def make_packed_case(name: str, H: int, D: int, device, dtype, spec=None) -> PackedCase:
+    total, lo, hi = spec or PACKED[name]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    lens: list[int] = []
+    while sum(lens) < total:
+        lens.append(int(torch.randint(lo, hi + 1, (), generator=g)))
+    T = sum(lens)
+    qkv = torch.randn(T, 3, H, D, generator=g).to(device=device, dtype=dtype)
+    q, k, v = (t.detach().requires_grad_() for t in qkv.unbind(1))             # 3 x (T, H, D)
+    dout = torch.randn(T, H, D, generator=g).to(device=device, dtype=dtype)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    P = [int(torch.randint(1, max(2, n), (), generator=g)) for n in lens]                 # U{1..n-1}; 1 if n = 1
+    return PackedCase(name, H, D, lens, q, k, v, dout, cu, torch.tensor(P, dtype=torch.int32, device=device))
+
+
+def packed_pairs(case: PackedCase) -> float:
+    """Visible (i, j) pairs of the pack: per image P^2 + (N(N+1) - P(P+1)) / 2, times H."""
+    N = torch.tensor(case.lens, dtype=torch.float64)
+    P = case.prefix_len.double().cpu()
+    return float((P * P + (N * (N + 1) - P * (P + 1)) / 2).sum()) * case.H
+
+
+def _padded(case: PackedCase):
+    """The pack's images padded to the longest: q, k, v leaves (S, H, max, D) (views of one padded
+    (S, max, 3, H, D) buffer) and dout (S, H, max, D), zero past each image."""
+    S, N, H, D = len(case.lens), max(case.lens), case.H, case.D
+    qkv = case.q.new_zeros(S, N, 3, H, D)
+    dout = case.q.new_zeros(S, N, H, D)
+    packed_qkv = torch.stack([case.q.detach(), case.k.detach(), case.v.detach()], 1)   # (T, 3, H, D)
+    for s, (a, n) in enumerate(zip(case.cu_seqlens[:-1].tolist(), case.lens)):
+        qkv[s, :n] = packed_qkv[a:a + n]
+        dout[s, :n] = case.dout[a:a + n]
+    qkv_views = tuple(t.requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))  # 3 x (S, H, N, D)
+    return qkv_views, dout.transpose(1, 2)
+
+
+def document_block_mask(case: PackedCase, compiled: bool):
+    """FlexAttention's BlockMask of the pack: query i sees key j iff same image and (j - start < P or
+    j <= i). Built from the device tensors alone (what a training step rebuilds per batch)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    T, S = sum(case.lens), len(case.lens)
+    cu = case.cu_seqlens.long()
+    doc = torch.repeat_interleave(torch.arange(S, device=cu.device), cu[1:] - cu[:-1], output_size=T)  # (T,)
+    start, P = cu[:-1][doc], case.prefix_len.long()[doc]                                             # (T,)
+
+    def mask_mod(b, h, qi, kv):
+        return (doc[qi] == doc[kv]) & ((kv - start[kv] < P[kv]) | (qi >= kv))
+    return create_block_mask(mask_mod, None, None, T, T, device=cu.device, _compile=compiled)
+
+
+def run_packed_case(case: PackedCase, wanted, ceilings: dict, command: str, log=print, emit=None) -> list[dict]:
+    """aimv2 varlen, aimv2 padded to the longest image, flex with a per-batch document mask (its
+    build timed as a row of its own), eager_ref; rows as run_case's, op "prefix_attention_varlen"."""
+    from _common import bench, result_row
+
+    from aimv2.kernels import prefix_attention, prefix_attention_varlen, prefix_attention_varlen_ref
+    op, pairs, cu, P, max_len = "prefix_attention_varlen", packed_pairs(case), case.cu_seqlens, case.prefix_len, \
+        max(case.lens)
+    rows = []
+    if "aimv2" in wanted:
+        rows += measure(case, op, "aimv2", lambda q, k, v: prefix_attention_varlen(q, k, v, cu, max_len, P),
+                        "prefix", pairs, ceilings, command, log, emit)
+    if "aimv2_padded" in wanted:
+        qkv, dout = _padded(case)
+        rows += measure(case, op, "aimv2_padded", lambda q, k, v: prefix_attention(q, k, v, P), "prefix", pairs,
+                        ceilings, command, log, emit, qkv=qkv, dout=dout)
+        del qkv, dout
+    if "flex" in wanted:
+        compiled = case.q.is_cuda       # compiling create_block_mask with lookups fails on CPU (TRITON_ON_CPU.md)
+        try:
+            block_mask = document_block_mask(case, compiled)                    # warm-up / compile
+            ms, p20, p80 = bench(lambda: document_block_mask(case, compiled))
+            rows.append(result_row(op=op, pass_="mask_build", shape=case.shape, dtype=_DT[case.q.dtype],
+                                   provider="flex", ms=ms, ms_p20=p20, ms_p80=p80, command=command, mask="prefix",
+                                   case=case.name, mask_build="compiled" if compiled else "eager"))
             if emit is not None:
                 emit(rows[-1])
-            log(f"  {case.name:15s} {pass_:6s} {provider:18s} {ms:9.3f} ms {tflops:7.1f} TFLOP/s"
-                + (f" {pct:5.1f}%" if pct is not None else "") + (f" {peak:8.0f} MB" if peak else ""))
+            log(f"  {case.name:15s} {'mask':6s} {'flex':18s} {ms:9.3f} ms (create_block_mask, per batch)")
+        except Exception as e:
+            log(f"  {case.name:15s} mask   flex               FAILED: {type(e).__name__}: {str(e)[:200]}")
+            block_mask = None
+        if block_mask is not None and case.q.is_cuda:           # flex has no backward on the CPU
+            from torch.nn.attention.flex_attention import flex_attention
+            flex = torch.compile(flex_attention, dynamic=False)
+
+            def flex_fn(q, k, v):                # (T, H, D) -> (1, H, T, D) views and back
+                out = flex(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block_mask)
+                return out[0].transpose(0, 1)
+            rows += measure(case, op, "flex", flex_fn, "prefix", pairs, ceilings, command, log, emit)
+    if "eager_ref" in wanted:
+        rows += measure(case, op, "eager_ref", lambda q, k, v: prefix_attention_varlen_ref(q, k, v, cu, P), "prefix",
+                        pairs, ceilings, command, log, emit)
     return rows
 
 
@@ -221,12 +364,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shapes, interpreter")
     ap.add_argument("--gpu-quick", action="store_true", help="the short GPU profile of `make gpu`")
+    ap.add_argument("--packed", action="store_true", help="packed images of 196-1024 tokens (varlen) instead "
+                    f"of the fixed shapes; providers {','.join(PACKED_PROVIDERS[:3])} (+ eager_ref with --quick)")
     ap.add_argument("--ceilings", default=None, help="a ceilings result file (default: measure them)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; temp dir with --quick)")
     args = ap.parse_args(argv)
     if args.gpu_quick:
         args.shapes = args.shapes or GPU_QUICK_SHAPES
         args.providers = GPU_QUICK_PROVIDERS
+    elif args.packed and args.providers == ",".join(PROVIDERS):
+        args.providers = ",".join(PACKED_PROVIDERS if args.quick else PACKED_PROVIDERS[:3])
     cuda = torch.cuda.is_available()
     if not cuda and not args.quick:
         print("bench_attention: no CUDA device; use --quick for a CPU smoke run", file=sys.stderr)
@@ -244,6 +391,15 @@ def main(argv=None) -> int:
     results = result_file("attention", args.out, args.quick, ceilings)
     shapes = args.shapes or ("encoder-256,decoder-334,inference-256" if args.quick else ",".join(SHAPES))
     try:
+        if args.packed:
+            for name, spec in (PACKED_QUICK if args.quick else PACKED).items():
+                if args.shapes and name not in args.shapes.split(","):
+                    continue
+                run_packed_case(make_packed_case(name, H, D, device, dtype, spec), wanted, ceilings, command,
+                                emit=results.add)
+                if cuda:
+                    torch.cuda.empty_cache()
+            return finish(results)
         for name in shapes.split(","):
             N = max(8, SHAPES[name][0] // 16) if args.quick else None
             run_case(make_case(name, B, H, D, device, dtype, N), wanted, ceilings, command,

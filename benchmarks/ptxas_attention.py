@@ -1,7 +1,8 @@
 """Compile the prefix-attention kernels for a GPU architecture without a GPU and print ptxas stats.
 
-For each dtype and head dim, the four kernels (fwd, bwd delta, bwd dk/dv, bwd dq) are compiled with
-the tile table `_tiles` would pick on that architecture, then assembled with Triton's bundled
+For each dtype and head dim, the four kernels (fwd, bwd delta, bwd dk/dv, bwd dq) and the three of the
+packed variable-length op (varlen_fwd, varlen_dkdv, varlen_dq) are compiled with the tile table `_tiles`
+would pick on that architecture, then assembled with Triton's bundled
 ptxas (-v): shared memory, registers per thread, spill bytes, and whether wgmma (Hopper tensor-core
 MMA) is used. This backs the NOTE in kernels/prefix_attention.py::_tiles; it times nothing.
 
@@ -12,11 +13,14 @@ as views of one (B, N, 3, H, D) qkv buffer, out / dout / dq / dk / dv stored as 
 computed at --seq-len / --heads and specialised the same way. Specialising only the pointers (as an
 earlier version did) compiles a kernel the real launch never runs: without the divisibility of the
 strides the loads are not vectorised and the pipelining is different (different shared memory, and
-spills the real kernel does not have).
+spills the real kernel does not have). The varlen kernels get q, k, v as views of one packed
+(T, 3, H, D) qkv buffer (the same row and head strides) and T = 64 N + 1: a pack's token count is
+any number, so T is not specialised as divisible by 16.
 
     python benchmarks/ptxas_attention.py                 # sm_90a (H100), bf16/fp16/fp32, D 64 and 128, N=256
     python benchmarks/ptxas_attention.py --dtypes bf16 --head-dims 128 --seq-len 334   # the decoder
     python benchmarks/ptxas_attention.py --cap 80 --head-dims 128 --dtypes bf16
+    python benchmarks/ptxas_attention.py --kernels varlen_fwd,varlen_dkdv,varlen_dq --dtypes bf16
 
 Takes ~10 s per bf16 kernel and up to a minute per fp32 kernel on a CPU.
 """
@@ -38,6 +42,12 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 PA = importlib.import_module("aimv2.kernels.prefix_attention")
+PV = importlib.import_module("aimv2.kernels.prefix_attention_varlen")
+KERNELS = {"fwd": PA._prefix_attention_fwd_kernel, "dkdv": PA._prefix_attention_bwd_dkdv_kernel,
+           "dq": PA._prefix_attention_bwd_dq_kernel, "delta": PA._prefix_attention_bwd_delta_kernel,
+           "varlen_fwd": PV._prefix_attention_varlen_fwd_kernel,
+           "varlen_dkdv": PV._prefix_attention_varlen_bwd_dkdv_kernel,
+           "varlen_dq": PV._prefix_attention_varlen_bwd_dq_kernel}
 _TY = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _FLOATS = ("qk_scale", "sm_scale")
 
@@ -46,6 +56,8 @@ def launch_ints(name: str, N: int, H: int, D: int) -> int:
     """The value a launcher passes for integer argument `name` at (N, H, D) (see the docstring)."""
     if name == "N":
         return N
+    if name == "T":
+        return 64 * N + 1
     qkv = {"b": N * 3 * H * D, "h": D, "n": 3 * H * D}                 # views of (B, N, 3, H, D)
     bnhd = {"b": N * H * D, "h": D, "n": H * D}                       # out, dout, dq, dk, dv
     m = re.fullmatch(r"stride_([a-z]+)([bhn])", name)
@@ -60,8 +72,9 @@ def compile_stats(fn, elem: str, consts: dict, num_warps: int, num_stages: int, 
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
-        elif name.isupper() and name != "N":                   # tensors: pointers, 16-byte aligned
-            sig[name] = "*" + {"LSE": "fp32", "DELTA": "fp32", "PLEN": "i64"}.get(name, elem)
+        elif name.isupper() and name not in ("N", "T"):      # tensors: pointers, 16-byte aligned
+            plen = "i32" if "CU_SEQLENS" in fn.arg_names else "i64"     # as the public ops pass them
+            sig[name] = "*" + {"LSE": "fp32", "DELTA": "fp32", "PLEN": plen, "CU_SEQLENS": "i32"}.get(name, elem)
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOATS:
             sig[name] = "fp32"
@@ -95,6 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--seq-len", type=int, default=256, help="N of the launch (256: AIMv2-L encoder)")
     ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, of {', '.join(KERNELS)}")
     args = ap.parse_args(argv)
     PA.is_interpreting = lambda: False                         # the GPU tables, on this CPU
     PA._capability = lambda index: (args.cap // 10, args.cap % 10)
@@ -104,17 +118,16 @@ def main(argv=None) -> int:
         for D in map(int, args.head_dims.split(",")):
             cfg = PA._tiles(D, dtype, dev)
             prec = PA._dot_precision(dtype)
-            kernels = (("fwd", PA._prefix_attention_fwd_kernel), ("dkdv", PA._prefix_attention_bwd_dkdv_kernel),
-                       ("dq", PA._prefix_attention_bwd_dq_kernel), ("delta", PA._prefix_attention_bwd_delta_kernel))
-            for kern, fn in kernels:
-                t = getattr(cfg, kern)
+            for kern in args.kernels.split(","):
+                fn = KERNELS[kern]
+                t = getattr(cfg, kern.removeprefix("varlen_"))
                 consts = {"HEAD_DIM": D, "BLOCK_M": t.block_m}
                 if kern != "delta":
                     consts.update(BLOCK_N=t.block_n, DOT_PRECISION=prec)
                 stats = compile_stats(fn, name, consts, t.num_warps, t.num_stages, args.cap,
                                       args.seq_len, args.heads)
                 tiles = f"{t.block_m:3d}x{t.block_n:<3d} w{t.num_warps} s{t.num_stages}"
-                print(f"{name} D={D:<4d}{kern:6s} {tiles}  {stats}", flush=True)
+                print(f"{name} D={D:<4d}{kern:11s} {tiles}  {stats}", flush=True)
     return 0
 
 

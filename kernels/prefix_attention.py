@@ -69,8 +69,10 @@ def prefix_attention_ref(q, k, v, prefix_len, scale: float | None = None) -> tor
 # Scores are kept in log2 units: s2 = (q . k) * scale * log2(e), p = exp2(s2 - m). The saved
 # LSE is in the same units: lse2 = m + log2(l), so the backward recomputes p = exp2(s2 - lse2).
 # Visibility of key j to query i:  (j < P) | (j <= i)  -- applied only on tiles that need it.
-# The helpers below take positions and a prefix, not a layout, so a packed (varlen) variant can share
-# them and the tile loops with its own prologue.
+# Each kernel is a prologue that finds its sequence (here sample b: rows [0, N) of batch entry b) and
+# moves the pointers to its first row, then a `_*_program` body on positions local to that sequence.
+# The packed variable-length kernels (prefix_attention_varlen.py) share the bodies, and so every tile
+# loop below, with their own prologue: a sequence is image s of the pack, N its length.
 
 
 @triton.jit
@@ -94,12 +96,18 @@ def _bh_prologue(Q, K, V, PLEN, N, stride_qb, stride_qh, stride_kb, stride_kh, s
 
 
 @triton.jit
+def _query_tile_start(BLOCK_M: tl.constexpr):
+    """First query row of the program's tile: grid axis 0 enumerates query tiles, heavy (late) ones first."""
+    return (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+
+
+@triton.jit
 def _query_tile(Q, stride_qn, P, N, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The query tile of a program on a (cdiv(N, BLOCK_M), H, B) grid, heavy (late) tiles first: its
     row offsets, head-dim offsets, rows < N, q (BLOCK_M, HEAD_DIM) (0 past N), and the bounds of its
     key tiles: [0, full_end) are seen whole by every query of the tile (no mask), [full_end, hi)
     need the mask, keys >= hi are seen by none."""
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    start_m = _query_tile_start(BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N
@@ -158,17 +166,11 @@ def _fwd_key_tiles(acc, l_i, m_i, q, K, stride_kn, V, stride_vn, offs_m, offs_d,
 
 
 @triton.jit
-def _prefix_attention_fwd_kernel(
-        Q, K, V, PLEN, OUT, LSE, qk_scale, N,
-        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
-    """One program = one query tile of one (b, h). Grid (cdiv(N, BLOCK_M), H, B)."""
-    off_b, off_h, P, Q, K, V, stats = _bh_prologue(Q, K, V, PLEN, N, stride_qb, stride_qh,
-                                                   stride_kb, stride_kh, stride_vb, stride_vh)
-    OUT += off_b * stride_ob + off_h * stride_oh
-    LSE += stats
+def _fwd_program(Q, K, V, OUT, LSE, P, N, qk_scale, stride_qn, stride_kn, stride_vn, stride_on,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """Forward of the program's query tile in one sequence of length N (prefix P) and one head:
+    Q, K, V, OUT point at the sequence's first row of that head, LSE at its first fp32 stat."""
     offs_m, offs_d, row_ok, q, full_end, hi = _query_tile(Q, stride_qn, P, N, HEAD_DIM, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -183,6 +185,20 @@ def _prefix_attention_fwd_kernel(
     tl.store(OUT + offs_m[:, None] * stride_on + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _prefix_attention_fwd_kernel(
+        Q, K, V, PLEN, OUT, LSE, qk_scale, N,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """One program = one query tile of one (b, h). Grid (cdiv(N, BLOCK_M), H, B)."""
+    off_b, off_h, P, Q, K, V, stats = _bh_prologue(Q, K, V, PLEN, N, stride_qb, stride_qh,
+                                                   stride_kb, stride_kh, stride_vb, stride_vh)
+    _fwd_program(Q, K, V, OUT + off_b * stride_ob + off_h * stride_oh, LSE + stats, P, N, qk_scale,
+                 stride_qn, stride_kn, stride_vn, stride_on, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
 
 @triton.jit
@@ -235,23 +251,12 @@ def _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_don, LSE, DELTA, of
 
 
 @triton.jit
-def _prefix_attention_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, PLEN, DK, DV, sm_scale, qk_scale, N,
-        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-        stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
-        stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
-    """One program = one key tile of one (b, h): dk, dv. Grid (cdiv(N, BLOCK_N), H, B)."""
-    off_b, off_h, P, Q, K, V, stats = _bh_prologue(Q, K, V, PLEN, N, stride_qb, stride_qh,
-                                                   stride_kb, stride_kh, stride_vb, stride_vh)
-    DO += off_b * stride_db + off_h * stride_dh
-    DK += off_b * stride_dkb + off_h * stride_dkh
-    DV += off_b * stride_dvb + off_h * stride_dvh
-    LSE += stats
-    DELTA += stats
-
-    start_n = tl.program_id(0) * BLOCK_N
+def _dkdv_program(Q, K, V, DO, LSE, DELTA, DK, DV, P, N, start_n, sm_scale, qk_scale,
+                  stride_qn, stride_kn, stride_vn, stride_dn, stride_dkn, stride_dvn,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """dk, dv of key tile [start_n, start_n + BLOCK_N) in one sequence of length N (prefix P) and one
+    head: every pointer at the sequence's first row of that head (LSE, DELTA: its first fp32 stat)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < N
@@ -271,6 +276,24 @@ def _prefix_attention_bwd_dkdv_kernel(
              mask=key_ok[:, None])
     tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
              mask=key_ok[:, None])
+
+
+@triton.jit
+def _prefix_attention_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, PLEN, DK, DV, sm_scale, qk_scale, N,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
+        stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """One program = one key tile of one (b, h): dk, dv. Grid (cdiv(N, BLOCK_N), H, B)."""
+    off_b, off_h, P, Q, K, V, stats = _bh_prologue(Q, K, V, PLEN, N, stride_qb, stride_qh,
+                                                   stride_kb, stride_kh, stride_vb, stride_vh)
+    _dkdv_program(Q, K, V, DO + off_b * stride_db + off_h * stride_dh, LSE + stats, DELTA + stats,
+                  DK + off_b * stride_dkb + off_h * stride_dkh, DV + off_b * stride_dvb + off_h * stride_dvh,
+                  P, N, tl.program_id(0) * BLOCK_N, sm_scale, qk_scale,
+                  stride_qn, stride_kn, stride_vn, stride_dn, stride_dkn, stride_dvn,
+                  HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
 
 @triton.jit
@@ -300,20 +323,12 @@ def _dq_key_tiles(dq, q, do, lse, delta, K, stride_kn, V, stride_vn, offs_m, off
 
 
 @triton.jit
-def _prefix_attention_bwd_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, PLEN, DQ, sm_scale, qk_scale, N,
-        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-        stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
-        stride_dqb, stride_dqh, stride_dqn,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
-    """One program = one query tile of one (b, h): dq. Grid (cdiv(N, BLOCK_M), H, B)."""
-    off_b, off_h, P, Q, K, V, stats = _bh_prologue(Q, K, V, PLEN, N, stride_qb, stride_qh,
-                                                   stride_kb, stride_kh, stride_vb, stride_vh)
-    DO += off_b * stride_db + off_h * stride_dh
-    DQ += off_b * stride_dqb + off_h * stride_dqh
-    LSE += stats
-    DELTA += stats
+def _dq_program(Q, K, V, DO, LSE, DELTA, DQ, P, N, sm_scale, qk_scale,
+                stride_qn, stride_kn, stride_vn, stride_dn, stride_dqn,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """dq of the program's query tile in one sequence of length N (prefix P) and one head: every
+    pointer at the sequence's first row of that head (LSE, DELTA: its first fp32 stat)."""
     offs_m, offs_d, row_ok, q, full_end, hi = _query_tile(Q, stride_qn, P, N, HEAD_DIM, BLOCK_M, BLOCK_N)
     do = tl.load(DO + offs_m[:, None] * stride_dn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
@@ -325,6 +340,22 @@ def _prefix_attention_bwd_dq_kernel(
                        full_end, hi, qk_scale, BLOCK_N, True, DOT_PRECISION)
     tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
+
+
+@triton.jit
+def _prefix_attention_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, PLEN, DQ, sm_scale, qk_scale, N,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
+        stride_dqb, stride_dqh, stride_dqn,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """One program = one query tile of one (b, h): dq. Grid (cdiv(N, BLOCK_M), H, B)."""
+    off_b, off_h, P, Q, K, V, stats = _bh_prologue(Q, K, V, PLEN, N, stride_qb, stride_qh,
+                                                   stride_kb, stride_kh, stride_vb, stride_vh)
+    _dq_program(Q, K, V, DO + off_b * stride_db + off_h * stride_dh, LSE + stats, DELTA + stats,
+                DQ + off_b * stride_dqb + off_h * stride_dqh, P, N, sm_scale, qk_scale,
+                stride_qn, stride_kn, stride_vn, stride_dn, stride_dqn, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
 
 # ----------------------------------------------------------------------------- host launchers
@@ -403,6 +434,15 @@ def _fwd_launch(q, k, v, plen, scale: float, out=None, lse=None):
     return out, lse
 
 
+def _delta_launch(out, dout, t: Tiles) -> torch.Tensor:
+    """The backward pre-pass: delta = rowsum(dout * out) (B, H, N) fp32 of out, dout (B, H, N, D)."""
+    B, H, N, D = out.shape
+    delta = torch.empty(B, H, N, dtype=torch.float32, device=out.device)
+    _prefix_attention_bwd_delta_kernel[(triton.cdiv(N, t.block_m), H, B)](
+        out, dout, delta, N, *out.stride()[:3], *dout.stride()[:3], HEAD_DIM=D, BLOCK_M=t.block_m)
+    return delta
+
+
 def _bwd_launch(dout, q, k, v, out, lse, plen, scale: float, dq=None, dk=None, dv=None):
     """Gradients (dq, dk, dv), each (B, H, N, D) in q's dtype: delta pre-pass, dk/dv kernel, dq kernel."""
     B, H, N, D = q.shape
@@ -411,10 +451,7 @@ def _bwd_launch(dout, q, k, v, out, lse, plen, scale: float, dq=None, dk=None, d
     dv = _bhnd_like(q) if dv is None else dv
     cfg = _tiles(D, q.dtype, q.device)
     prec = _dot_precision(q.dtype)
-    delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    bm = cfg.delta.block_m
-    _prefix_attention_bwd_delta_kernel[(triton.cdiv(N, bm), H, B)](
-        out, dout, delta, N, *out.stride()[:3], *dout.stride()[:3], HEAD_DIM=D, BLOCK_M=bm)
+    delta = _delta_launch(out, dout, cfg.delta)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     t = cfg.dkdv
     _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(N, t.block_n), H, B)](
@@ -506,19 +543,25 @@ _prefix_attention_fwd_op.register_autograd(_backward, setup_context=_setup_conte
 ATTENTION_HEAD_DIMS = (16, 32, 64, 128)          # head dims D the kernels are built for
 
 
-def _check_inputs(q, k, v, prefix_len) -> None:
+def _check_qkv(q, k, v, layout: str) -> None:
+    """q, k, v: float tensors of one dtype and one shape `layout` (e.g. "(B, H, N, D)"), D supported."""
+    rank = layout.count(",") + 1
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D tensor (B, H, N, D), got shape {tuple(t.shape)}")
+        if t.dim() != rank:
+            raise ValueError(f"{name}: expected a {rank}-D tensor {layout}, got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v: expected one shape (B, H, N, D), got {tuple(q.shape)}, "
+        raise ValueError(f"q, k, v: expected one shape {layout}, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"q: head dim D={q.shape[-1]} not supported, expected one of {ATTENTION_HEAD_DIMS}")
+
+
+def _check_inputs(q, k, v, prefix_len) -> None:
+    _check_qkv(q, k, v, "(B, H, N, D)")
     B, H, N, D = q.shape
-    if D not in ATTENTION_HEAD_DIMS:
-        raise ValueError(f"q: head dim D={D} not supported, expected one of {ATTENTION_HEAD_DIMS}")
     if B > 65535 or H > 65535:
         raise ValueError(f"q: B={B} and H={H} must each be <= 65535 (launch grid limit)")
     check_same_device(q=q, k=k, v=v, prefix_len=prefix_len)

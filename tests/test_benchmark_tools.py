@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -95,3 +96,40 @@ def test_tune_kernels_cpu_smoke(tmp_path):
         assert group[0]["default"] and not any(x["default"] for x in group[1:]) and len(group) >= 2
     assert {x["provider"] for x in rows if not x.get("kernel_only")} == {"aimv2"}     # no compile on CPU
     assert report.table(rows).count("\n") == len(rows) + 1
+
+
+def test_attention_benchmark_packed_cpu_smoke(tmp_path):
+    """--packed --quick: aimv2 varlen, aimv2 padded, eager_ref rows for every pass, the flex mask build row."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--packed", "--quick",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "FAILED" not in r.stdout, r.stdout[-2000:]
+    rows = json.loads(next(tmp_path.glob("attention-*.json")).read_text())
+    got = {(x["provider"], x["pass"]) for x in rows}
+    assert got == {(p, s) for p in ("aimv2", "aimv2_padded", "eager_ref") for s in ("fwd", "bwd", "fwdbwd")} | \
+        {("flex", "mask_build")}
+    assert {x["op"] for x in rows} == {"prefix_attention_varlen"} and all(x["ms"] > 0 for x in rows)
+    pairs = {x["unmasked_pairs"] for x in rows if "unmasked_pairs" in x}
+    assert len(pairs) == 1 and pairs.pop() > 0
+    assert report.table(rows).count("\n") == len(rows) + 1
+
+
+def test_attention_benchmark_packed_baselines_compute_the_packed_mask():
+    """The padded inputs hold each image at its sample's start; flex's document mask_mod is the
+    packed prefix mask (same image and (j - start < P or j <= i)), element by element."""
+    import bench_attention as ba
+    case = ba.make_packed_case("t", 2, 16, torch.device("cpu"), torch.float32, spec=(40, 1, 17))
+    lens, P = case.lens, case.prefix_len.tolist()
+    assert sum(lens) >= 40 and min(lens) >= 1 and all(1 <= p <= max(1, n - 1) for p, n in zip(P, lens))
+    (q, k, v), dout = ba._padded(case)
+    for s, (a, n) in enumerate(zip(case.cu_seqlens[:-1].tolist(), lens)):
+        assert torch.equal(q[s, :, :n], case.q[a:a + n].transpose(0, 1)) and q[s, :, n:].abs().sum() == 0
+        assert torch.equal(v[s, :, :n], case.v[a:a + n].transpose(0, 1))
+        assert torch.equal(dout[s, :, :n], case.dout[a:a + n].transpose(0, 1))
+    T = sum(lens)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    got = ba.document_block_mask(case, compiled=False).mask_mod(0, 0, i, j)
+    img = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    start = torch.tensor([0, *lens]).cumsum(0)[img]
+    want = (img[:, None] == img[None, :]) & ((j - start[None, :] < torch.tensor(P)[img][None, :]) | (j <= i))
+    assert torch.equal(got, want)

@@ -67,9 +67,13 @@ def _sdpa(q, k, v, plen):
 
 
 def _check_against_truth(got, q, k, v, do, plen):
-    dtype = q.dtype
     same = _run(_sdpa, q, k, v, do, plen)
     truth = _run(prefix_attention_ref, q.double(), k.double(), v.double(), do.double(), plen)
+    assert_within_error_rule(got, same, truth, q.dtype)
+
+
+def assert_within_error_rule(got, same, truth, dtype):
+    """got, same (same-dtype SDPA), truth (fp64): [out, dq, dk, dv] each; the rule of the docstring."""
     mag = max(t.abs().max().item() for t in truth)
     floor = FLOOR_ULPS[dtype] * torch.finfo(dtype).eps * mag
     for name, g, s, t in zip(["out", "dq", "dk", "dv"], got, same, truth):
