@@ -84,6 +84,28 @@ def probe_all(enc, train_shards, val_shards, metas, labels, device, epochs, work
     return out
 
 
+def _mutate(name: str | None):
+    """Negative controls, patched in for one recipe (training and its readouts); returns the undo.
+    noshift: the pixel loss compares output i with patch i (the target leaks into the input);
+    zeroenc: the decoder gets zeros instead of the encoder's tokens."""
+    import aimv2.kernels as K
+    from aimv2.model import AIMv2Decoder
+    if name is None:
+        return lambda: None
+    if name == "noshift":
+        orig = K.patch_l2_loss_ref
+
+        def unshifted(pixels, images, plen, patch_size, eps):    # output i+1 scored against patch i+1
+            return orig(torch.cat([pixels[:, 1:], pixels[:, -1:]], 1), images, plen, patch_size, eps)
+        K.patch_l2_loss_ref = unshifted
+        return lambda: setattr(K, "patch_l2_loss_ref", orig)
+    if name == "zeroenc":
+        orig = AIMv2Decoder.forward
+        AIMv2Decoder.forward = lambda self, enc, text: orig(self, torch.zeros_like(enc), text)
+        return lambda: setattr(AIMv2Decoder, "forward", orig)
+    raise ValueError(f"mutation: unknown {name!r}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -122,8 +144,10 @@ def main() -> None:
     data, random_done = {}, {}
     for spec in args.recipes:
         size, text_len, steps, batch, lr, *rest = spec.split(":")
+        only_random = int(steps) == 0          # steps 0: the random-init rows of this size only
         size, text_len, steps, batch, lr = int(size), int(text_len), int(steps), int(batch), float(lr)
         warm = float(rest[0]) if rest else 0.05
+        mutation = rest[1] if len(rest) > 1 else None
         if size not in data:
             t0 = time.time()
             tr = default_dataset(os.path.join(args.data, f"train-{size}"), num=args.num, size=size, seed=0,
@@ -133,6 +157,15 @@ def main() -> None:
             data[size] = (tr, va, (_meta(tr), _meta(va)))
             emit({"what": "data", "size": size, "seconds": time.time() - t0})
         tr, va, metas = data[size]
+        if only_random:
+            from aimv2.model import AIMv2Encoder
+            from aimv2.presets import get_preset
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                rnd_enc = AIMv2Encoder(get_preset("aimv2-tiny", img_size=size)).to(args.device).eval()
+            emit({"what": "random", "size": size, "probe": probe_all(
+                rnd_enc, tr, va, metas, labels, args.device, args.probe_epochs, args.workers, args.probe_lr)})
+            continue
         out = os.path.join(args.data, "runs", spec.replace(":", "_"))
         cfg = TrainConfig.from_preset("aimv2-tiny", **{
             "model.img_size": size, "model.text_len": text_len,
@@ -141,6 +174,7 @@ def main() -> None:
             "run.progress": False, "run.device": args.device, "run.precision": "fp32", "run.compile": False,
             "run.kernels": "model", "run.plot": False, "run.tensorboard": False,
             "optim.lr": lr, "optim.warmup_steps": max(1, int(warm * steps))})
+        undo = _mutate(mutation)
         t0 = time.time()
         res = train(cfg)
         t_train = time.time() - t0
@@ -150,12 +184,15 @@ def main() -> None:
         probes = probe_all(enc, tr, va, metas, labels, args.device, args.probe_epochs, args.workers, args.probe_lr)
         model = load_pretrainer(str(res.run_dir), args.device)
         ro = run_readout(model, va, num_workers=args.workers)
-        emit({"what": "trained", "recipe": spec, "size": size, "text_len": text_len, "steps": steps, "batch": batch,
+        undo()
+        emit({"what": "trained", "recipe": spec, "mutation": mutation, "size": size, "text_len": text_len, "steps": steps, "batch": batch,
               "lr": lr, "train_s": t_train, "eval_s": time.time() - t0, "loss": res.loss,
               "pixel_loss": res.pixel_loss, "text_loss": res.text_loss,
               "curve": [(r["step"], round(r["loss"], 4)) for r in curve if r.get("loss") is not None],
               "probe": probes, "readout": ro})
         key = (size, text_len)
+        if mutation:
+            continue
         if key not in random_done:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
