@@ -47,7 +47,7 @@ def _relation(a: dict, b: dict) -> int:
 
 
 LABELS = {  # name -> (classes, fn(meta) -> int)
-    "kind_colour": (48, lambda d: d["label"] if d["label"] < 48 else None),
+    "kind_colour": (48, lambda d: d.get("kind_colour", d["label"])),       # the JSON "label" before v2
     "kind": (6, lambda d: ["circle", "square", "triangle", "star", "hexagon", "cross"].index(d["shapes"][0]["kind"])),
     "colour": (8, lambda d: ["red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"].index(
         d["shapes"][0]["colour"])),

@@ -24,7 +24,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["CONTENT_WORDS", "content_word_ids", "content_word_accuracy", "run_readout"]
+__all__ = ["CONTENT_WORDS", "content_word_ids", "content_word_accuracy", "run_readout", "load_pretrainer",
+           "random_pretrainer_like"]
 
 
 def _content_words() -> dict[str, tuple[str, ...]]:
@@ -134,3 +135,15 @@ def load_pretrainer(source, device=None) -> nn.Module:
     model = AIMv2Pretrainer(ModelConfig.from_dict(cfg))
     model.load_state_dict(sd)
     return model.to(device or "cpu", torch.float32).eval()
+
+
+def random_pretrainer_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A fresh `AIMv2Pretrainer` of model's config (SPEC init, seed `seed`), same device and dtype, eval mode:
+    the random-init baseline of the readout."""
+    from aimv2.model import AIMv2Pretrainer
+
+    p = next(model.parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        rnd = AIMv2Pretrainer(model.cfg)
+    return rnd.to(p.device, p.dtype).eval()
