@@ -38,8 +38,10 @@ class Recipe:
 
 
 RECIPES = {
-    # NOTE 56 px (4 x 4 patches of 14) and 32 caption tokens instead of 112 px and 77: a step of batch 32
-    # costs 0.45x (measured, benchmarks/results/demo-signal-cpu-*.json), so ~3x more images fit the budget.
+    # NOTE 56 px (4 x 4 patches of 14) and 32 caption tokens (the captions need <= 29) instead of 112 px and
+    # 77: a step of batch 32 at 56 px took 0.45x the time of one at 112 px (both 77 tokens, shared 2-core CPU,
+    # load ~4); the 1500-step run trained at 87 img/s on that loaded machine with 1 thread, against 73 img/s
+    # for 112 px on an idle one (benchmarks/results/demo-signal-cpu-2026-11-29.json).
     "cpu": Recipe("aimv2-tiny", 56, 32, 32, 1500, 2e-3, 0.05, 20000, 2000),
     "cuda": Recipe("aimv2-large", 224, 77, 128, 1500, 3e-4, 0.05, 20000, 2000),
 }
@@ -133,7 +135,8 @@ def verdict(s: dict) -> str:
         gap = s["readout"]["gap"]
         ok &= gap >= 20.0
         parts.append(f"the decoder names the scene's shapes, colours and positions {gap:.0f} points more often "
-                     f"with the true image than with another one, so it reads them off the encoder")
+                     f"with the true image than with another one" + (", so it reads them off the encoder"
+                                                                        if gap >= 20.0 else ""))
     if not parts:
         return "no readout was run"
     head = "Pre-training taught the encoder the scene: " if ok else \
@@ -158,6 +161,8 @@ def _print_summary(s: dict) -> None:
         print(f"  content-word next-token accuracy (val, {t['words']} words)  trained: true image "
               f"{t['true']:.1f}%  vs  shuffled {t['shuffled']:.1f}%  (gap {t['gap']:.1f} pts);  "
               f"random-init: {z['true']:.1f}% vs {z['shuffled']:.1f}%")
+        print(f"  pixel head (trained, val): error against the next patch {t['next_patch_error']:.3f} vs against "
+              f"its own input patch {t['same_patch_error']:.3f} (it predicts ahead when the first is lower)")
         print("    by word kind (trained, true / shuffled): " + ", ".join(
             f"{c} {v['true']:.0f}/{v['shuffled']:.0f}" for c, v in t["per_category"].items()))
     print(f"  summary      {Path(s['run_dir']) / 'demo-summary.json'}")

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from aimv2 import kernels as K
+
 __all__ = ["CONTENT_WORDS", "content_word_ids", "content_word_accuracy", "run_readout", "load_pretrainer",
            "random_pretrainer_like"]
 
@@ -67,13 +69,16 @@ def content_word_accuracy(model: nn.Module, batches: Iterable[dict], word_ids: M
     model: an `AIMv2Pretrainer` (encoder + decoder). batches: dicts with images (B, 3, S, S), text (B, T),
     prefix_len (B,) as the aimv2.data loader yields them; a batch of one sample has no other image and is
     skipped. Returns dict(true, shuffled, gap (percentage points), words (counted positions),
-    per_category {cat: {"true", "shuffled", "words"}}).
+    per_category {cat: {"true", "shuffled", "words"}}, next_patch_error, same_patch_error): the last two
+    score the pixel head (true image) against patch i+1 and against patch i; a decoder trained on SPEC §4's
+    shifted target is closer to i+1, one trained without the shift (a copy task) is closer to i.
     """
     p = next(model.parameters())
     model.eval()
     cats = list(word_ids)
     id_sets = [torch.tensor(sorted(set(word_ids[c])), dtype=torch.long, device=p.device) for c in cats]
     counts = torch.zeros(len(cats), 3, dtype=torch.float64)         # (categories, [true hits, shuffled hits, words])
+    pix = torch.zeros(3, dtype=torch.float64)                      # [error vs patch i+1, vs patch i, pairs]
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
@@ -81,11 +86,14 @@ def content_word_accuracy(model: nn.Module, batches: Iterable[dict], word_ids: M
         text = batch["text"].to(p.device)                           # (B, T)
         if images.shape[0] < 2:
             continue
-        enc = model.encoder(images, batch["prefix_len"].to(p.device))   # (B, N, D)
+        plen = batch["prefix_len"].to(p.device)
+        enc = model.encoder(images, plen)                           # (B, N, D)
         hits = []
         for e in (enc, enc.roll(1, dims=0)):                        # own image, the previous sample's image
-            _, logits = model.decoder(e, text)                      # (B, T, V): logits[:, k] predicts text[:, k]
+            pixels, logits = model.decoder(e, text)                 # logits[:, k] predicts text[:, k]
             hits.append(logits.argmax(-1) == text)                  # (B, T)
+            if len(hits) == 1:
+                pix += _next_vs_same(pixels.float(), images, plen, model.cfg)
         for c, ids in enumerate(id_sets):
             mask = torch.isin(text, ids)                            # (B, T)
             counts[c, 0] += float((hits[0] & mask).sum())
@@ -101,7 +109,21 @@ def content_word_accuracy(model: nn.Module, batches: Iterable[dict], word_ids: M
     per = {c: {"true": pct(counts[k, 0], counts[k, 2]), "shuffled": pct(counts[k, 1], counts[k, 2]),
                "words": int(counts[k, 2])} for k, c in enumerate(cats)}
     true, shuf = pct(tot[0], tot[2]), pct(tot[1], tot[2])
-    return {"true": true, "shuffled": shuf, "gap": true - shuf, "words": int(tot[2]), "per_category": per}
+    return {"true": true, "shuffled": shuf, "gap": true - shuf, "words": int(tot[2]), "per_category": per,
+            "next_patch_error": float(pix[0] / pix[2]), "same_patch_error": float(pix[1] / pix[2])}
+
+
+def _next_vs_same(pixels: torch.Tensor, images: torch.Tensor, plen: torch.Tensor, cfg) -> torch.Tensor:
+    """[sum of errors of pixel output i against patch i+1 (what it is trained to predict), sum against
+    patch i (its own input patch), pairs], over the pairs whose patch i+1 is not in the prefix. Targets are
+    SPEC §4's normalised patches; error = mean squared difference over the patch's values."""
+    t = K.patchify(images.float(), cfg.patch_size)                                         # (B, N, K)
+    t = (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, keepdim=True) + cfg.patch_norm_eps)
+    N = t.shape[1]
+    counted = (torch.arange(1, N, device=t.device)[None] >= plen.view(-1, 1)).double()    # (B, N-1)
+    nxt = (pixels[:, :-1] - t[:, 1:]).pow(2).mean(-1).double()                             # (B, N-1)
+    same = (pixels[:, :-1] - t[:, :-1]).pow(2).mean(-1).double()
+    return torch.stack([(nxt * counted).sum(), (same * counted).sum(), counted.sum()]).cpu()
 
 
 def run_readout(model: nn.Module, val_shards, *, batch_size: int = 64, num_workers: int = 2,
