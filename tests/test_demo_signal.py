@@ -16,8 +16,10 @@ not assert the probe ratio; `make demo` (48k images) is where the probe is read.
 """
 import json
 import os
+import types
 
 import pytest
+import torch
 
 import aimv2.kernels as K
 from aimv2.demo import run_demo, verdict
@@ -83,3 +85,43 @@ def test_broken_objective_is_caught(mutation, tmp_path, monkeypatch):
         orig = AIMv2Decoder.forward
         monkeypatch.setattr(AIMv2Decoder, "forward", lambda self, enc, text: orig(self, enc * 0.0, text))
     assert failures(_demo(tmp_path)) != []
+
+
+class _Oracle(torch.nn.Module):
+    """A stand-in pretrainer whose decoder reads sample b's caption off its image (each image is filled
+    with its sample id) and whose pixel head outputs exactly the next normalised patch of that image."""
+
+    def __init__(self, captions, images):
+        super().__init__()
+        self.cfg = types.SimpleNamespace(patch_size=14, patch_norm_eps=1e-6)
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.captions, self.images, self.V = captions, images, 700
+        self.encoder = lambda x, plen: x[:, :1, :1, :1].reshape(-1, 1, 1).expand(-1, 4, 1)     # (B, 4, 1) = id
+        self.decoder = self._decode
+
+    def _decode(self, enc, text):
+        ids = enc[:, 0, 0].round().long()                                      # whose image this is
+        logits = torch.nn.functional.one_hot(self.captions[ids], self.V).float()      # (B, T, V)
+        t = K.patchify(self.images[ids], 14)
+        t = (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, keepdim=True) + 1e-6)
+        return torch.cat([t[:, 1:], t[:, :1]], 1), logits                      # output i = patch i+1
+
+
+def test_readout_counts_content_words_and_scores_the_pixel_head():
+    from aimv2.data import get_tokenizer
+    from aimv2.eval.readout import content_word_accuracy, content_word_ids
+
+    tok = get_tokenizer(None)
+    caps = ["a small red circle on a gray background", "a large blue striped star above a small red square "
+            "on a white background", "a medium red circle on a gray background"]
+    text = tok(caps, 32)                                                       # (3, 32)
+    images = torch.arange(3.0).view(3, 1, 1, 1) + 0.01 * torch.randn(3, 3, 28, 28)
+    batch = {"images": images, "text": text, "prefix_len": torch.tensor([1, 2, 3])}
+    r = content_word_accuracy(_Oracle(text, images), [batch], content_word_ids(tok))
+    words = sum(c.split().count(w) for c in caps for w in ("small", "red", "circle", "gray", "large", "blue",
+                                                        "striped", "star", "above", "square", "white", "medium"))
+    assert r["words"] == words == 17
+    assert r["true"] == 100.0 and r["per_category"]["position"] == {"true": 100.0, "shuffled": 0.0, "words": 1}
+    # rolled by one: caption b is read off image b-1; 0 <- 2 and 2 <- 1 differ only in size / colour words
+    assert 0.0 < r["shuffled"] < 50.0 and r["gap"] == r["true"] - r["shuffled"]
+    assert r["next_patch_error"] == pytest.approx(0.0, abs=1e-9) and r["same_patch_error"] > 1.0
