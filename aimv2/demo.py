@@ -9,7 +9,8 @@ that pre-training taught the encoder something.
    - attentive probe (SPEC §6) on the frozen encoder, label = the main shape's kind (6 classes; colour,
      size, texture, position and background vary within a class, see `aimv2.data.synth`);
    - the decoder's next-token accuracy on the caption's content words (shape, colour, size, position,
-     texture words) with the true image vs another sample's image (`aimv2.eval.readout`);
+     texture words) with the true image vs another sample's image, and its pixel head's error against
+     the next patch vs its own input patch (`aimv2.eval.readout`);
 4. prints where the checkpoint, metrics and loss curve are, both readouts, and what they mean.
 """
 from __future__ import annotations
