@@ -1,87 +1,179 @@
-"""`aimv2 demo` (what `make demo` runs): the main job on the embedded synthetic dataset.
+"""`aimv2 demo` (what `make demo` runs): the main job on the embedded synthetic dataset, and the proof
+that pre-training taught the encoder something.
 
-1. generates the embedded captioned dataset (webdataset shards, cached after the first run) and a
-   held-out validation set drawn with another seed;
+1. generates the embedded captioned dataset at the training resolution (webdataset shards, cached after
+   the first run) and a held-out validation set drawn with another seed;
 2. pre-trains AIMv2 on it: `aimv2-tiny` for a few minutes on a CPU, a bigger preset and batch on a GPU;
-3. runs the attentive probe (SPEC §6) on the trained encoder and on a randomly initialised encoder of
-   the same size — the baseline every probe result is read against;
-4. prints where the checkpoint, metrics and plots are, and both probe results.
+3. reads the result twice, each time for the trained model and for a randomly initialised one of the
+   same config (the baseline every number is read against):
+   - attentive probe (SPEC §6) on the frozen encoder, label = the main shape's kind (6 classes; colour,
+     size, texture, position and background vary within a class, see `aimv2.data.synth`);
+   - the decoder's next-token accuracy on the caption's content words (shape, colour, size, position,
+     texture words) with the true image vs another sample's image, and its pixel head's error against
+     the next patch vs its own input patch (`aimv2.eval.readout`);
+4. prints where the checkpoint, metrics and loss curve are, both readouts, and what they mean.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-DEFAULTS = {  # device -> (preset, batch, steps, train images, val images, image size of the shards)
-    # NOTE ~68 img/s for aimv2-tiny at batch 32 on an idle 2-core CPU (measured): 400 steps ~ 3-4 min
-    "cpu": ("aimv2-tiny", 32, 400, 20000, 2000, 224),
-    "cuda": ("aimv2-large", 128, 1500, 20000, 2000, 224),
+
+@dataclass(frozen=True)
+class Recipe:
+    preset: str
+    img_size: int        # training resolution; the dataset is rendered at this size (no resize on load)
+    text_len: int        # caption tokens (the synthetic captions need <= 29 with eos)
+    batch_size: int
+    steps: int
+    lr: float
+    warmup_frac: float
+    num: int             # training images
+    val: int             # validation images (another seed)
+
+
+RECIPES = {
+    # NOTE 56 px (4 x 4 patches of 14) and 32 caption tokens (the captions need <= 29) instead of 112 px and
+    # 77: a step of batch 32 at 56 px took 0.45x the time of one at 112 px (both 77 tokens, shared 2-core CPU,
+    # load ~4); the 1500-step run trained at 87 img/s on that loaded machine with 1 thread, against 73 img/s
+    # for 112 px on an idle one (benchmarks/results/demo-signal-cpu-2026-11-29.json).
+    "cpu": Recipe("aimv2-tiny", 56, 32, 32, 1500, 2e-3, 0.05, 20000, 2000),
+    "cuda": Recipe("aimv2-large", 224, 77, 128, 1500, 3e-4, 0.05, 20000, 2000),
 }
+PROBE_LABEL = "label"    # the synthetic JSON field the probe predicts: the main shape's kind
 
 
 def run_demo(out: str | None = None, *, preset: str | None = None, batch_size: int | None = None,
-             steps: int | None = None, num: int | None = None, probe: bool = True,
-             probe_epochs: int = 20, progress: bool = True, max_minutes: float | None = None) -> dict:
-    from aimv2.data import default_dataset
+             steps: int | None = None, num: int | None = None, val: int | None = None,
+             img_size: int | None = None, lr: float | None = None, probe: bool = True,
+             probe_epochs: int = 20, readout: bool = True, progress: bool = True,
+             max_minutes: float | None = None, data_root: str | None = None,
+             num_workers: int = 2) -> dict:
+    """Train, probe and read out (see the module docstring); returns the summary dict (also written to
+    <out>/demo-summary.json). data_root: where the datasets are cached (default: default_dataset's)."""
+    from aimv2.data.synth import NUM_CLASSES, default_dataset
     from aimv2.train import TrainConfig, train
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    d_preset, d_batch, d_steps, d_num, d_val, size = DEFAULTS[dev]
-    preset, batch_size, steps, num = preset or d_preset, batch_size or d_batch, steps or d_steps, num or d_num
+    r = RECIPES[dev]
+    r = dataclasses.replace(r, **{k: v for k, v in dict(
+        preset=preset, batch_size=batch_size, steps=steps, num=num, val=val, img_size=img_size, lr=lr).items()
+        if v is not None})
     t0 = time.time()
     if out is None:                  # a fresh run directory each time: earlier demos are never touched
         out = time.strftime("runs/demo-%Y%m%d-%H%M%S")
-    print(f"[demo] device {dev}: {preset}, batch {batch_size}, {steps} steps, {num} synthetic images")
-    train_shards = default_dataset(num=num, size=size, seed=0, progress=progress)
-    val_shards = default_dataset(num=d_val, size=size, seed=1, progress=progress)
-    print(f"[demo] data: train {train_shards}\n              val   {val_shards}")
+    print(f"[demo] device {dev}: {r.preset} at {r.img_size} px, batch {r.batch_size}, {r.steps} steps, "
+          f"lr {r.lr:g}, {r.num} synthetic images")
 
-    cfg = TrainConfig.from_preset(preset, **{
-        "data.shards": train_shards, "data.batch_size": batch_size,
-        "run.out": out, "run.steps": steps, "run.log_every": max(1, steps // 60),
-        "run.ckpt_every": max(1, steps // 3), "run.progress": progress, "run.max_minutes": max_minutes,
-        # the synthetic set has ~20k images: a short warm-up, the SPEC betas / clipping / schedule
-        "optim.lr": 1e-3 if preset == "aimv2-tiny" else 3e-4, "optim.warmup_steps": max(1, steps // 20),
+    def data(n, seed):
+        root = None if data_root is None else os.path.join(data_root, f"synth-{r.img_size}-{n}-{seed}")
+        return default_dataset(root, num=n, size=r.img_size, seed=seed, progress=progress)
+
+    train_shards, val_shards = data(r.num, 0), data(r.val, 1)
+    t_data = time.time() - t0
+    print(f"[demo] data ({t_data:.0f} s): train {train_shards}\n              val   {val_shards}")
+
+    cfg = TrainConfig.from_preset(r.preset, **{
+        "model.img_size": r.img_size, "model.text_len": r.text_len,
+        "data.shards": train_shards, "data.batch_size": r.batch_size, "data.num_workers": num_workers,
+        "run.out": out, "run.steps": r.steps, "run.log_every": max(1, r.steps // 60),
+        "run.ckpt_every": max(1, r.steps // 3), "run.progress": progress, "run.max_minutes": max_minutes,
+        "optim.lr": r.lr, "optim.warmup_steps": max(1, int(r.warmup_frac * r.steps)),
     })
+    t1 = time.time()
     res = train(cfg)
+    t_train = time.time() - t1
+    plots = [str(p) for p in res.plots]
     summary = {
-        "device": dev, "preset": preset, "steps": res.step, "batch_size": batch_size,
+        "device": dev, "recipe": dataclasses.asdict(r), "steps": res.step, "batch_size": r.batch_size,
         "run_dir": str(res.run_dir), "checkpoint": str(res.checkpoint), "metrics": str(res.metrics),
-        "plots": [str(p) for p in res.plots], "final_loss": res.loss, "pixel_loss": res.pixel_loss,
-        "text_loss": res.text_loss, "images_per_s": res.images_per_s,
+        "plots": plots, "loss_curve": next((p for p in plots if "loss" in Path(p).name), None),
+        "final_loss": res.loss, "pixel_loss": res.pixel_loss, "text_loss": res.text_loss,
+        "images_per_s": res.images_per_s, "seconds": {"data": round(t_data, 1), "train": round(t_train, 1)},
     }
     if probe:
         from aimv2.eval.probe import run_probe
-        common = dict(train_shards=train_shards, val_shards=val_shards, label_key="label",
-                      epochs=probe_epochs, progress=progress, feature_cache=str(Path(out) / "probe-cache"))
+        t1 = time.time()
+        common = dict(train_shards=train_shards, val_shards=val_shards, label_key=PROBE_LABEL,
+                      epochs=probe_epochs, progress=progress, num_workers=num_workers,
+                      feature_cache=str(Path(out) / "probe-cache"))
         trained = run_probe(str(res.run_dir), **common)
         rand = run_probe(str(res.run_dir), random_init=True, **common)
-        summary.update(probe_top1=trained["top1"], probe_top1_random_init=rand["top1"],
-                       probe_num_classes=trained["num_classes"])
+        summary.update(probe_label="main shape's kind", probe_top1=trained["top1"],
+                       probe_top1_random_init=rand["top1"], probe_num_classes=trained["num_classes"],
+                       probe_chance=100.0 / NUM_CLASSES)
+        summary["seconds"]["probe"] = round(time.time() - t1, 1)
+    if readout:
+        from aimv2.eval.readout import load_pretrainer, random_pretrainer_like, run_readout
+        t1 = time.time()
+        model = load_pretrainer(str(res.run_dir))
+        summary["readout"] = run_readout(model, val_shards, num_workers=num_workers)
+        summary["readout_random_init"] = run_readout(random_pretrainer_like(model), val_shards,
+                                                     num_workers=num_workers)
+        summary["seconds"]["readout"] = round(time.time() - t1, 1)
     summary["minutes"] = round((time.time() - t0) / 60, 2)
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "demo-summary.json").write_text(json.dumps(summary, indent=2))
-
-    print("\n[demo] done in {:.1f} min".format(summary["minutes"]))
-    print(f"  checkpoint   {summary['checkpoint']}")
-    print(f"  metrics      {summary['metrics']}")
-    for p in summary["plots"]:
-        print(f"  plot         {p}")
-    print(f"  final loss   {res.loss:.4f} (pixel {res.pixel_loss:.4f}, text {res.text_loss:.4f})"
-          if res.loss is not None else "  final loss   n/a")
-    if probe:
-        print(f"  probe top-1  trained encoder {summary['probe_top1']:.2f}%  vs  random-init encoder "
-              f"{summary['probe_top1_random_init']:.2f}%  ({summary['probe_num_classes']} classes)")
-    print(f"  summary      {Path(out) / 'demo-summary.json'}")
+    _print_summary(summary)
     return summary
+
+
+def verdict(s: dict) -> str:
+    """One line saying what the readouts mean (read from the numbers, not assumed)."""
+    parts, ok = [], True
+    if "probe_top1" in s:
+        ratio = s["probe_top1"] / max(s["probe_top1_random_init"], 1e-9)
+        ok &= ratio >= 2.0
+        parts.append(f"a probe reads the shape's kind from the trained encoder {ratio:.1f}x as often as from "
+                     f"a random one (colour, which a random encoder passes through, does not tell the kind)")
+    if "readout" in s:
+        gap = s["readout"]["gap"]
+        ok &= gap >= 20.0
+        parts.append(f"the decoder names the scene's shapes, colours and positions {gap:.0f} points more often "
+                     f"with the true image than with another one" + (", so it reads them off the encoder"
+                                                                        if gap >= 20.0 else ""))
+    if not parts:
+        return "no readout was run"
+    head = "Pre-training taught the encoder the scene: " if ok else \
+        "Weaker than expected (trained/random < 2x or gap < 20 points; train longer with --steps): "
+    return head + "; ".join(parts) + "."
+
+
+def _print_summary(s: dict) -> None:
+    print("\n[demo] done in {:.1f} min ({})".format(
+        s["minutes"], ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items())))
+    print(f"  checkpoint   {s['checkpoint']}")
+    print(f"  metrics      {s['metrics']}")
+    print(f"  loss curve   {s['loss_curve'] or 'n/a (plots off)'}")
+    if s["final_loss"] is not None:
+        print(f"  final loss   {s['final_loss']:.4f} (pixel {s['pixel_loss']:.4f}, text {s['text_loss']:.4f})")
+    if "probe_top1" in s:
+        print(f"  probe top-1  ({s['probe_label']}, {s['probe_num_classes']} classes, chance "
+              f"{s['probe_chance']:.1f}%)  trained {s['probe_top1']:.1f}%  vs  random-init "
+              f"{s['probe_top1_random_init']:.1f}%")
+    if "readout" in s:
+        t, z = s["readout"], s["readout_random_init"]
+        print(f"  content-word next-token accuracy (val, {t['words']} words)  trained: true image "
+              f"{t['true']:.1f}%  vs  shuffled {t['shuffled']:.1f}%  (gap {t['gap']:.1f} pts);  "
+              f"random-init: {z['true']:.1f}% vs {z['shuffled']:.1f}%")
+        print(f"  pixel head (trained, val): error against the next patch {t['next_patch_error']:.3f} vs against "
+              f"its own input patch {t['same_patch_error']:.3f} (it predicts ahead when the first is lower)")
+        print("    by word kind (trained, true / shuffled): " + ", ".join(
+            f"{c} {v['true']:.0f}/{v['shuffled']:.0f}" for c, v in t["per_category"].items()))
+    print(f"  summary      {Path(s['run_dir']) / 'demo-summary.json'}")
+    print(f"  => {verdict(s)}")
 
 
 def cmd_demo(args) -> int:
     run_demo(args.out, preset=args.preset, batch_size=args.batch_size, steps=args.steps, num=args.num,
-             probe=not args.no_probe, probe_epochs=args.probe_epochs, max_minutes=args.max_minutes)
+             img_size=args.img_size, lr=args.lr, probe=not args.no_probe, probe_epochs=args.probe_epochs,
+             readout=not args.no_readout, max_minutes=args.max_minutes)
     return 0
 
 
@@ -93,7 +185,10 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default=None, help="default: aimv2-tiny on a CPU, aimv2-large on a GPU")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None, help="training resolution (default 56 px on a CPU)")
+    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--num", type=int, default=None, help="synthetic training images (default 20000)")
     p.add_argument("--probe-epochs", type=int, default=20)
     p.add_argument("--no-probe", action="store_true")
+    p.add_argument("--no-readout", action="store_true", help="skip the content-word readout")
     p.set_defaults(func=cmd_demo)

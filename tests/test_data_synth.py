@@ -30,13 +30,13 @@ def test_deterministic_per_seed_and_sharded(tmp_path):
 
 
 def test_captions_labels_and_pixels_agree():
-    kinds_seen, labels = set(), set()
+    kinds_seen, labels, colours_per_label = set(), set(), {}
     for i in range(120):
         img, caption, meta = render_sample(i, 96, seed=2)
         assert img.size == (96, 96) and img.mode == "RGB"
         main = meta["shapes"][0]
-        assert meta["label"] == KINDS.index(main["kind"]) * len(COLOURS) + list(COLOURS).index(main["colour"])
-        assert 0 <= meta["label"] < NUM_CLASSES
+        assert meta["label"] == KINDS.index(main["kind"]) and 0 <= meta["label"] < NUM_CLASSES == len(KINDS)
+        assert meta["kind_colour"] == KINDS.index(main["kind"]) * len(COLOURS) + list(COLOURS).index(main["colour"])
         # the main shape is named first, with its size and colour, and is strictly the largest
         first = caption.split(" on a ")[0]
         assert f"{main['size']} {main['colour']}" in first and main["kind"] in first
@@ -47,8 +47,11 @@ def test_captions_labels_and_pixels_agree():
             px = np.asarray(img, np.float32)[int(main["y"] * 96), int(main["x"] * 96)]
             assert np.abs(px - np.array(COLOURS[main["colour"]])).max() < 45, (i, px, main)
         kinds_seen.add(main["kind"])
-        labels.add(meta["label"])
+        labels.add(meta["kind_colour"])
+        colours_per_label.setdefault(meta["label"], set()).add(main["colour"])
     assert kinds_seen == set(KINDS) and len(labels) > 30
+    # colour is a nuisance of the probe label: every class shows the main shape in several colours
+    assert all(len(c) >= 4 for c in colours_per_label.values()), colours_per_label
 
 
 def test_default_dataset_is_cached_and_atomic(tmp_path, monkeypatch):
@@ -98,3 +101,22 @@ def test_default_dataset_never_deletes_foreign_files(tmp_path):
         default_dataset(str(root), num=4, size=32, shard_size=4, progress=False)
     assert (root / "notes.txt").read_text() == "precious"
     assert sorted(os.listdir(tmp_path)) == ["mine", "mine.lock"]  # staging removed
+
+
+def test_default_dataset_of_another_version_is_regenerated(tmp_path):
+    root = str(tmp_path / "synth")
+    pattern = default_dataset(root, num=6, size=32, shard_size=3, progress=False)
+    with open(os.path.join(root, "DONE")) as f:
+        assert json.load(f)["version"] == synth.VERSION
+    # a cache written before labels were versioned (no "version" in DONE) holds other JSON: not reused
+    with open(os.path.join(root, "DONE"), "w") as f:
+        json.dump({"num": 6, "size": 32, "seed": 0, "shard_size": 3}, f)
+    tar = os.path.join(root, "00000.tar")
+    with open(tar, "wb") as f:
+        f.write(b"stale")
+    assert default_dataset(root, num=6, size=32, shard_size=3, progress=False) == pattern
+    assert _members(tar)[2][0] == "000000000.json"            # rewritten: a readable shard again
+    meta = json.loads(_members(tar)[2][1])
+    assert meta["label"] == render_sample(0, 32, 0)[2]["label"]
+    with open(os.path.join(root, "DONE")) as f:
+        assert json.load(f)["version"] == synth.VERSION

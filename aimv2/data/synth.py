@@ -5,8 +5,13 @@ np.random.default_rng([seed, i]). A scene is a background (colour in {white, gra
 pattern in {plain, striped, checkered, dotted, gradient}) and 1-3 shapes; each shape has a kind
 (6), a colour (8), a size (small / medium / large = radius 0.12 / 0.19 / 0.28 of the image side), a
 texture (solid / striped / dotted), a position and a rotation. The first shape is the *main* shape:
-it is always strictly the largest, is named first in the caption, and its kind x colour is the
-integer class `label = kind_index * 8 + colour_index` (48 classes), learnable from the pixels.
+it is always strictly the largest and is named first in the caption.
+
+Labels in the JSON: `label` = the main shape's kind (`KINDS.index`, NUM_CLASSES = 6 classes), the probe
+target of `aimv2 demo`. Its colour, size, texture, position, the other shapes and the background all vary
+within a class, so a classifier must read the outline: the mean colour of the patches, which a randomly
+initialised patch embedding passes through, does not give it away (it did for the former label, kind x
+colour, now `kind_colour` = kind_index * 8 + colour_index, 48 classes).
 
 Caption grammar: "[prefix] a <size> <colour> [<texture>] <kind> [<relation> a <size> <colour> ...
 [and a ...]] on a [<pattern>] <bg colour> background", relation in {above, below, to the left of,
@@ -34,7 +39,7 @@ from multiprocessing import get_context
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["KINDS", "COLOURS", "NUM_CLASSES", "render_sample", "write_synthetic_dataset", "default_dataset",
+__all__ = ["KINDS", "COLOURS", "NUM_CLASSES", "VERSION", "render_sample", "write_synthetic_dataset", "default_dataset",
            "shard_pattern"]
 
 KINDS = ("circle", "square", "triangle", "star", "hexagon", "cross")
@@ -43,7 +48,10 @@ COLOURS = {
     "cyan": (40, 200, 210), "blue": (40, 70, 210), "purple": (130, 50, 180), "pink": (240, 120, 180),
 }
 _COLOUR_NAMES = tuple(COLOURS)
-NUM_CLASSES = len(KINDS) * len(COLOURS)
+NUM_CLASSES = len(KINDS)       # classes of `label` (the main shape's kind)
+# Version of what render_sample writes (pixels, captions, JSON): a cached dataset of another version is
+# regenerated. 2: `label` is the main shape's kind (was kind x colour, now `kind_colour`).
+VERSION = 2
 SIZES = {"small": 0.12, "medium": 0.19, "large": 0.28}
 TEXTURES = ("solid", "striped", "dotted")
 BACKGROUNDS = {"white": (235, 235, 235), "gray": (128, 128, 128), "black": (25, 25, 25), "beige": (215, 200, 165)}
@@ -167,7 +175,8 @@ def render_sample(index: int, size: int = 224, seed: int = 0) -> tuple[Image.Ima
     text += f" on a {bg_word}{bg_name} background"
     main = shapes[0]
     meta = {
-        "index": int(index), "label": KINDS.index(main["kind"]) * len(COLOURS) + _COLOUR_NAMES.index(main["colour"]),
+        "index": int(index), "label": KINDS.index(main["kind"]),
+        "kind_colour": KINDS.index(main["kind"]) * len(COLOURS) + _COLOUR_NAMES.index(main["colour"]),
         "kind": main["kind"], "colour": main["colour"], "size": main["size"], "texture": main["texture"],
         "background": bg_name, "background_pattern": bg_pat, "num_shapes": n, "shapes": shapes,
     }
@@ -246,13 +255,23 @@ def write_synthetic_dataset(out_dir: str, num: int = 20000, size: int = 224, see
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _current(done: str) -> bool:
+    """True when the DONE marker exists and was written by this VERSION of the generator."""
+    try:
+        with open(done) as f:
+            return json.load(f).get("version", 1) == VERSION
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def default_dataset(root: str | None = None, num: int = 20000, size: int = 224, seed: int = 0,
                     shard_size: int = 1000, progress: bool = True) -> str:
     """Shard pattern of the embedded dataset, generated once into a cache directory.
 
     root defaults to $XDG_CACHE_HOME/aimv2 (or ~/.cache/aimv2) / synth-<size>-<num>-<seed>. A file
     lock serialises concurrent callers; the dataset is rendered into a temporary directory and
-    renamed into place, so a crash mid-generation leaves nothing that looks complete.
+    renamed into place, so a crash mid-generation leaves nothing that looks complete. The DONE marker
+    records `VERSION`: a dataset written by another version of this module is generated anew.
     """
     if root is None:
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -260,7 +279,7 @@ def default_dataset(root: str | None = None, num: int = 20000, size: int = 224, 
     root = os.path.abspath(root)
     nshards = (num + shard_size - 1) // shard_size
     done = os.path.join(root, "DONE")
-    if os.path.exists(done):
+    if _current(done):
         return shard_pattern(root, nshards)
     os.makedirs(os.path.dirname(root), exist_ok=True)
     import fcntl
@@ -268,14 +287,15 @@ def default_dataset(root: str | None = None, num: int = 20000, size: int = 224, 
     with open(root + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if not os.path.exists(done):
+            if not _current(done):
                 staging = root + f".staging-{os.getpid()}"
                 shutil.rmtree(staging, ignore_errors=True)
                 write_synthetic_dataset(staging, num=num, size=size, seed=seed, shard_size=shard_size, progress=progress)
                 with open(os.path.join(staging, "DONE"), "w") as f:
-                    json.dump({"num": num, "size": size, "seed": seed, "shard_size": shard_size}, f)
-                if os.path.exists(root):  # not finished (no DONE): replace it only if it holds nothing but shards
-                    ours = re.compile(r"\d{5}\.tar(\.aimv2-index\.json)?")
+                    json.dump({"num": num, "size": size, "seed": seed, "shard_size": shard_size,
+                               "version": VERSION}, f)
+                if os.path.exists(root):  # unfinished or outdated: replace it only if it holds nothing but ours
+                    ours = re.compile(r"\d{5}\.(tar(\.aimv2-index\.json)?|idx)|DONE")
                     foreign = [f for f in os.listdir(root) if not ours.fullmatch(f)]
                     if foreign:
                         shutil.rmtree(staging, ignore_errors=True)
