@@ -1,6 +1,6 @@
 """Attention backends for the AIMv2 model: one mask object per forward, shared by every block.
 
-The encoder's prefix mask (SPEC §2): query i sees key j iff j < P_b or j <= i.
+The encoder's prefix mask (method.md §2): query i sees key j iff j < P_b or j <= i.
 - "sdpa":   torch SDPA. No mask when P = N (or None), `is_causal` when P = 0, otherwise the dense
             (B, 1, N, N) boolean mask (what the reference frameworks do; it forces the slow path).
 - "flex":   FlexAttention with mask_mod `kv < P[b] or q >= kv` and a BlockMask (compiled on a GPU).

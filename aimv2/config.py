@@ -9,14 +9,14 @@ IMPLS = ("torch", "triton")
 
 
 def mlp_hidden_for(dim: int) -> int:
-    """SwiGLU hidden size of SPEC §1: round_up(int(2 * 4D / 3), 256)."""
+    """SwiGLU hidden size of method.md §1: round_up(int(2 * 4D / 3), 256)."""
     h = int(2 * 4 * dim / 3)
     return (h + 255) // 256 * 256
 
 
 @dataclass
 class ModelConfig:
-    """AIMv2 encoder + multimodal decoder (SPEC §1, §3, §4).
+    """AIMv2 encoder + multimodal decoder (method.md §1, §3, §4).
 
     `attn_backend` picks the attention kernel ("sdpa" | "flex" | "triton"); `impl` picks the
     norm / SwiGLU / pixel-loss implementation ("torch" references or fused "triton" kernels).

@@ -6,7 +6,7 @@ that pre-training taught the encoder something.
 2. pre-trains AIMv2 on it: `aimv2-tiny` for a few minutes on a CPU, a bigger preset and batch on a GPU;
 3. reads the result twice, each time for the trained model and for a randomly initialised one of the
    same config (the baseline every number is read against):
-   - attentive probe (SPEC §6) on the frozen encoder, label = the main shape's kind (6 classes; colour,
+   - attentive probe (method.md §6) on the frozen encoder, label = the main shape's kind (6 classes; colour,
      size, texture, position and background vary within a class, see `aimv2.data.synth`);
    - the decoder's next-token accuracy on the caption's content words (shape, colour, size, position,
      texture words) with the true image vs another sample's image, and its pixel head's error against

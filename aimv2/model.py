@@ -1,4 +1,4 @@
-"""The AIMv2 model (SPEC §1-§4): a ViT encoder with prefix attention and a causal multimodal decoder.
+"""The AIMv2 model (method.md §1-§4): a ViT encoder with prefix attention and a causal multimodal decoder.
 
     images (B, C, S, S) -> AIMv2Encoder -> (B, N, D)                       N = (S / 14)^2
     [Linear(D -> Dd)(enc tokens) | CLS | text tokens] -> causal decoder -> pixel head, text head
@@ -190,7 +190,7 @@ class AIMv2Encoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """SPEC §1 init: xavier-uniform Linear and (flattened) conv weights, zero conv bias, norms 1,
+        """method.md §1 init: xavier-uniform Linear and (flattened) conv weights, zero conv bias, norms 1,
         position embedding N(0, 0.02)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -214,7 +214,7 @@ class AIMv2Encoder(nn.Module):
 
 # ----------------------------------------------------------------------------- decoder
 class AIMv2Decoder(nn.Module):
-    """Causal multimodal decoder (SPEC §3) over [proj(image tokens) | CLS | t_1 .. t_77]."""
+    """Causal multimodal decoder (method.md §3) over [proj(image tokens) | CLS | t_1 .. t_77]."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Preset registry: the AIMv2 sizes of SPEC §1 (decoder of SPEC §3) and a CPU debug size."""
+"""Preset registry: the AIMv2 sizes of method.md §1 (decoder of method.md §3) and a CPU debug size."""
 from __future__ import annotations
 
 from .config import ModelConfig, mlp_hidden_for

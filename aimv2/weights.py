@@ -1,4 +1,4 @@
-"""Load and save AIMv2 encoder weights in the three released key layouts (SPEC §7).
+"""Load and save AIMv2 encoder weights in the three released key layouts (method.md §7).
 
 Our module names are Apple's ml-aim names, so `AIMv2Encoder.state_dict()` *is* the ml-aim format.
 The other two layouts map onto it key by key (b = block index, D = width, N = (S / p)^2):
@@ -125,7 +125,7 @@ def _find_layout(sd: dict) -> tuple[str, str]:
 
 
 def detect_format(state_dict: dict) -> str:
-    """'ml-aim' | 'hf' | 'timm' (SPEC §7), whatever prefix the keys carry."""
+    """'ml-aim' | 'hf' | 'timm' (method.md §7), whatever prefix the keys carry."""
     return _find_layout(state_dict)[0]
 
 
@@ -272,7 +272,7 @@ def infer_config(state_dict: dict, hf_config: dict | None = None) -> ModelConfig
     Width D, depth, MLP hidden, patch size and channels come from tensor shapes; the image size from
     the position embedding (N = (S / p)^2) or, without one (sin-cos `-native` models), from the
     config's image_size. Heads and eps come from `hf_config` (a config.json dict) when given, else
-    head dim 128 (heads = D / 128, SPEC §1) and eps 1e-5. Decoder fields are the matching preset's."""
+    head dim 128 (heads = D / 128, method.md §1) and eps 1e-5. Decoder fields are the matching preset's."""
     sd = _canonical(state_dict)[0]
     hf = _vision_fields(hf_config)
     s = _shape_summary(sd)
@@ -423,7 +423,7 @@ def _resolve_config(sd, meta, hf, preset, overrides, origin) -> tuple[ModelConfi
         hf["num_attention_heads"] = overrides["num_heads"]
     if hf.get("qkv_bias") or hf.get("mlp_bias"):
         raise ValueError(f"load_encoder({origin}): checkpoints with qkv / MLP biases are not AIMv2 "
-                         "encoders (SPEC §1 has none)")
+                         "encoders (method.md §1 has none)")
     ckpt_cfg = _config_from_metadata(meta)
     if ckpt_cfg is None and preset is None:
         ckpt_cfg = infer_config(sd, hf)

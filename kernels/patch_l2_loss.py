@@ -1,4 +1,4 @@
-"""The AIMv2 pixel loss (SPEC section 4) as one fused op.
+"""The AIMv2 pixel loss (method.md §4) as one fused op.
 
     target_n = patchify(images)[:, n]                        (B, N, p*p*C), order (row, col, channel)
     t_hat_n  = (target_n - mean(target_n)) / sqrt(var_unbiased(target_n) + eps)
@@ -144,8 +144,10 @@ def _tiles(K: int, backward: bool) -> Tiles:
     """block_m (BLOCK_T) whole patches of block_n (BLOCK_K) lanes per tile, ~4k lanes (588 -> 1024
     lanes, 4 patches a program), and num_warps.
 
-    NOTE (no GPU measurement yet; ptxas -arch=sm_90, no spills): the forward takes 62 registers
-    at 8 warps; the backward (which also holds the gradient) 153 at 8 warps, 40 at 16, so 16.
+    NOTE (based on a compile-only check, ptxas -arch=sm_90, no spills; tiles not swept on a GPU): the
+    forward takes 62 registers at 8 warps; the backward (which also holds the gradient) 153 at 8 warps,
+    40 at 16, so 16. H200 (bf16 pred (128, 256, 588), CUDA-graph timing, 2026-11-29): forward 0.102 ms,
+    1.11x torch.compile of the reference; forward + backward 0.218 ms, 0.65x.
     Under the interpreter ~16k-lane tiles (its cost is per program and op, not per element).
     """
     BLOCK_K = triton.next_power_of_2(K)

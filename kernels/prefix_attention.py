@@ -1,4 +1,4 @@
-"""Prefix-causal flash attention (SPEC section 2): Triton forward and backward, per-sample prefixes.
+"""Prefix-causal flash attention (method.md §2): Triton forward and backward, per-sample prefixes.
 
 Query i of sample b sees key j iff  j < P_b  or  j <= i.
 P_b = 0 is causal attention; P_b = N is full bidirectional attention.

@@ -1,4 +1,4 @@
-"""Attentive probe (SPEC §6): module math and gradients against an fp64 reference, the heads rule, learning
+"""Attentive probe (method.md §6): module math and gradients against an fp64 reference, the heads rule, learning
 a separable toy problem from features, learning-rate selection on held-out train, and `aimv2 probe` end to
 end on tiny synthetic shards (tiny encoder at 56 px, torch backend on the CPU)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SPEC §4 losses against a direct, independently written evaluation, and the no-leakage property."""
+"""method.md §4 losses against a direct, independently written evaluation, and the no-leakage property."""
 import math
 
 import pytest

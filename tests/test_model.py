@@ -11,7 +11,7 @@ from aimv2.model import (AIMv2Encoder, AIMv2Pretrainer, _prefix_pairs, count_par
                          flops_per_sample, forward_flops)
 from aimv2.presets import get_preset, list_presets
 
-SPEC_PARAMS = {  # SPEC §1 table, encoder at 224 px
+PARAM_COUNTS = {  # method.md §1 table, encoder at 224 px
     "aimv2-large": 309_197_824,
     "aimv2-huge": 680_851_968,
     "aimv2-1b": 1_234_958_336,
@@ -44,14 +44,14 @@ def perturb_(module, std=0.05, seed=1):
     return module
 
 
-@pytest.mark.parametrize("name", list(SPEC_PARAMS))
+@pytest.mark.parametrize("name", list(PARAM_COUNTS))
 def test_param_counts_match_spec(name):
     cfg = get_preset(name)
     with torch.device("meta"):
         pre = AIMv2Pretrainer(cfg)
     enc, dec = pre.encoder, pre.decoder
-    assert count_params(enc) == SPEC_PARAMS[name]
-    # decoder of SPEC §3: width 1024, 12 blocks, H = 2816, same for every encoder size
+    assert count_params(enc) == PARAM_COUNTS[name]
+    # decoder of method.md §3: width 1024, 12 blocks, H = 2816, same for every encoder size
     assert (cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, cfg.dec_mlp_hidden) == (1024, 12, 8, 2816)
     blk = 4 * 1024 * 1024 + 3 * 1024 * 2816 + 2 * 1024
     expect = (cfg.dim * 1024 + 1024 + 1024 + 32000 * 1024 + 78 * 1024 + 12 * blk + 1024
@@ -61,7 +61,7 @@ def test_param_counts_match_spec(name):
 
 
 def test_presets_registry_and_overrides():
-    assert set(SPEC_PARAMS) | {"aimv2-tiny"} == set(list_presets())
+    assert set(PARAM_COUNTS) | {"aimv2-tiny"} == set(list_presets())
     cfg = get_preset("aimv2-large", img_size=448)
     assert cfg.num_patches == 1024 and get_preset("aimv2-large").img_size == 224
     with pytest.raises(ValueError, match="unknown preset"):
@@ -74,7 +74,7 @@ def test_presets_registry_and_overrides():
 
 # ------------------------------------------------------------------ an independent encoder forward
 def manual_encoder(enc, images, allowed):
-    """fp64 forward written from SPEC §1 with an explicit (B, N, N) boolean mask `allowed`."""
+    """fp64 forward written from method.md §1 with an explicit (B, N, N) boolean mask `allowed`."""
     sd = {k: v.double() for k, v in enc.state_dict().items()}
     cfg = enc.cfg
     eps = cfg.norm_eps

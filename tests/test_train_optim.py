@@ -1,4 +1,4 @@
-"""The SPEC §5 step: parameter groups, weight decay semantics, the LR schedule, accumulation and
+"""The method.md §5 step: parameter groups, weight decay semantics, the LR schedule, accumulation and
 clipping (against a hand-written reference loop), and the non-finite step skip."""
 import math
 
@@ -83,7 +83,7 @@ def test_warmup_cosine_schedule():
 
 
 def test_step_matches_reference_loop(tmp_path):
-    """Trainer (fused AdamW, grad accumulation 2, clipping active) == a plain loop written from SPEC §5."""
+    """Trainer (fused AdamW, grad accumulation 2, clipping active) == a plain loop written from method.md §5."""
     over = {"run.steps": 3, "optim.grad_accum": 2, "optim.grad_clip": 0.5, "optim.lr": 5e-3,
             "optim.weight_decay": 0.05, "optim.warmup_steps": 2, "optim.decay_steps": 4}
     cfg = tiny_cfg(tmp_path / "run", **over)

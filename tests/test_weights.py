@@ -1,4 +1,4 @@
-"""aimv2.weights: parity with transformers' Aimv2VisionModel, the three key formats (SPEC §7), save /
+"""aimv2.weights: parity with transformers' Aimv2VisionModel, the three key formats (method.md §7), save /
 load round trips, size inference, clear errors, position-embedding resizing and our training
 checkpoints.
 
@@ -73,7 +73,7 @@ def ref(hf_model, images):
 
 
 def _expected_keys(fmt, depth=DEPTH):
-    """SPEC §7's table written out independently of aimv2.weights."""
+    """method.md §7's table written out independently of aimv2.weights."""
     blk = {
         "ml-aim": ["trunk.blocks.{b}.norm_1.weight", "trunk.blocks.{b}.norm_2.weight",
                    "trunk.blocks.{b}.attn.qkv.weight", "trunk.blocks.{b}.attn.proj.weight",

@@ -3,7 +3,7 @@
 Every tokenizer maps a batch of captions to a LongTensor (B, text_len) of ids, right-padded with
 `pad_id`. Captions are first normalised (`normalize_caption`): lower-cased, whitespace collapsed to
 single spaces, stripped. Each encoded caption ends with `eos_id` (truncated to text_len - 1 tokens
-first), matching SPEC §4 where the text loss ignores `pad_id` only.
+first), matching method.md §4 where the text loss ignores `pad_id` only.
 
 Built-in tokenizer (`WordByteTokenizer`, no download, vocab_size <= 1024):
   ids 0 <pad>, 1 <eos>, 2 <unk> (never emitted), 3..258 the 256 bytes, 259.. whole-word pieces.

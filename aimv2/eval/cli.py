@@ -57,7 +57,7 @@ def cmd_embed(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("probe", help="attentive-probe top-1 of a frozen encoder (SPEC §6)")
+    p = subparsers.add_parser("probe", help="attentive-probe top-1 of a frozen encoder (method.md §6)")
     p.add_argument("--checkpoint", help="weights file, HF / Apple-hub dir, or training run dir / checkpoint")
     p.add_argument("--train", required=True, help="train shards (dir, glob, brace pattern or list)")
     p.add_argument("--val", required=True, help="validation shards")

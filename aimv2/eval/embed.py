@@ -36,7 +36,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def _norm_stats(checkpoint=None):
     """Normalisation: the checkpoint's `preprocessor_config.json` (image_mean / image_std, e.g. the CLIP
-    statistics of Apple's hub checkpoints) when it has one, else the data pipeline's (ImageNet, SPEC §5)."""
+    statistics of Apple's hub checkpoints) when it has one, else the data pipeline's (ImageNet, method.md §5)."""
     if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint):
         pp = os.path.join(checkpoint, "preprocessor_config.json")
         if os.path.exists(pp):

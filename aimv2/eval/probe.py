@@ -1,4 +1,4 @@
-"""Attentive probe on a frozen AIMv2 trunk (SPEC §6).
+"""Attentive probe on a frozen AIMv2 trunk (method.md §6).
 
 Features: the encoder's last-layer output, fully bidirectional, tokens x (B, N, D). The probe:
 
@@ -286,7 +286,7 @@ def _cached_features(cache_dir, split, identity: dict, compute):
 
 # ----------------------------------------------------------------------------- encoder for the probe
 def random_encoder_like(encoder: nn.Module, seed: int = 0) -> nn.Module:
-    """A fresh `AIMv2Encoder` with encoder's config, initialised (SPEC §1 init) from `seed`, same device/dtype."""
+    """A fresh `AIMv2Encoder` with encoder's config, initialised (method.md §1 init) from `seed`, same device/dtype."""
     from aimv2.model import AIMv2Encoder
 
     p = next(encoder.parameters())

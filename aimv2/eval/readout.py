@@ -70,7 +70,7 @@ def content_word_accuracy(model: nn.Module, batches: Iterable[dict], word_ids: M
     prefix_len (B,) as the aimv2.data loader yields them; a batch of one sample has no other image and is
     skipped. Returns dict(true, shuffled, gap (percentage points), words (counted positions),
     per_category {cat: {"true", "shuffled", "words"}}, next_patch_error, same_patch_error): the last two
-    score the pixel head (true image) against patch i+1 and against patch i; a decoder trained on SPEC §4's
+    score the pixel head (true image) against patch i+1 and against patch i; a decoder trained on method.md §4's
     shifted target is closer to i+1, one trained without the shift (a copy task) is closer to i.
     """
     p = next(model.parameters())
@@ -116,7 +116,7 @@ def content_word_accuracy(model: nn.Module, batches: Iterable[dict], word_ids: M
 def _next_vs_same(pixels: torch.Tensor, images: torch.Tensor, plen: torch.Tensor, cfg) -> torch.Tensor:
     """[sum of errors of pixel output i against patch i+1 (what it is trained to predict), sum against
     patch i (its own input patch), pairs], over the pairs whose patch i+1 is not in the prefix. Targets are
-    SPEC §4's normalised patches; error = mean squared difference over the patch's values."""
+    method.md §4's normalised patches; error = mean squared difference over the patch's values."""
     t = K.patchify(images.float(), cfg.patch_size)                                         # (B, N, K)
     t = (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, keepdim=True) + cfg.patch_norm_eps)
     N = t.shape[1]
@@ -160,7 +160,7 @@ def load_pretrainer(source, device=None) -> nn.Module:
 
 
 def random_pretrainer_like(model: nn.Module, seed: int = 0) -> nn.Module:
-    """A fresh `AIMv2Pretrainer` of model's config (SPEC init, seed `seed`), same device and dtype, eval mode:
+    """A fresh `AIMv2Pretrainer` of model's config (method.md §1 init, seed `seed`), same device and dtype, eval mode:
     the random-init baseline of the readout."""
     from aimv2.model import AIMv2Pretrainer
 

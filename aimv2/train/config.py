@@ -64,9 +64,9 @@ class DataSection(DataConfig):
 
 @dataclass
 class OptimConfig:
-    """SPEC §5 recipe. lr is the peak; warm-up is linear from `warmup_init_lr`, then cosine to `min_lr`.
+    """method.md §5 recipe. lr is the peak; warm-up is linear from `warmup_init_lr`, then cosine to `min_lr`.
 
-    weight_decay_mode "lr_relative": p *= 1 - weight_decay * lr / lr_peak (SPEC §5), i.e. torch AdamW
+    weight_decay_mode "lr_relative": p *= 1 - weight_decay * lr / lr_peak (method.md §5), i.e. torch AdamW
     with weight_decay / lr_peak; "torch": weight_decay is passed to torch AdamW as it is.
     """
     lr: float = 1e-3

@@ -1,9 +1,9 @@
-"""AdamW with the SPEC §5 parameter groups and the warm-up + cosine learning-rate schedule.
+"""AdamW with the method.md §5 parameter groups and the warm-up + cosine learning-rate schedule.
 
 Groups: weight decay on every matrix (Linear, conv, token embedding); none on biases, norm weights
 (every 1-D tensor), position embeddings (`pos_embed`, `text_pos_embed`) and the CLS token.
 
-Weight decay ("lr_relative", SPEC §5): p <- p * (1 - wd * lr_t / lr_peak), which is torch AdamW's
+Weight decay ("lr_relative", method.md §5): p <- p * (1 - wd * lr_t / lr_peak), which is torch AdamW's
 decoupled p <- p * (1 - lr_t * wd_torch) with wd_torch = wd / lr_peak (= 0.1 for wd 1e-4, lr 1e-3).
 
 Schedule, step s = 0, 1, ... (the index of the optimizer step about to be taken), W warm-up steps,
@@ -50,7 +50,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
 
 
 def warmup_steps_for(cfg: OptimConfig, steps: int) -> int:
-    """Explicit optim.warmup_steps, else min(12500, max(1, steps // 20)) (SPEC: 12,500 at full scale)."""
+    """Explicit optim.warmup_steps, else min(12500, max(1, steps // 20)) (method.md §5: 12,500 at full scale)."""
     return cfg.warmup_steps if cfg.warmup_steps is not None else min(12500, max(1, steps // 20))
 
 
