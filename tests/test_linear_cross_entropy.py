@@ -146,7 +146,10 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.aimv2.linear_cross_entropy_fwd.default, (h, w, b, t, -100))
     t3 = torch.where(t < 0, 3, t)                                       # pad id 3, a real class
     torch.library.opcheck(torch.ops.aimv2.linear_cross_entropy_fwd.default, (h, w, None, t3, 3))
-    _, lse = torch.ops.aimv2.linear_cross_entropy_fwd(h.detach(), w.detach(), b.detach(), t, -100)
+    for reduction in ("mean", "sum"):                   # the forward-computed gradients path
+        torch.library.opcheck(torch.ops.aimv2.linear_cross_entropy_fwd.default,
+                              (h, w, b, t, -100, reduction, True))
+    lse = torch.ops.aimv2.linear_cross_entropy_fwd(h.detach(), w.detach(), b.detach(), t, -100)[1]
     dloss = torch.randn(10, device=device)
     torch.library.opcheck(torch.ops.aimv2.linear_cross_entropy_bwd.default,
                           (dloss, h.detach(), w.detach(), b.detach(), t, lse, -100))
@@ -156,7 +159,7 @@ def test_out_of_range_target_is_nan_in_the_kernel(device):
     """The public function rejects it on CPU tensors; the kernel (no host sync) marks it NaN."""
     h, w, b, t = _inputs(6, 32, 40, torch.float32, device)
     t[2], t[4] = 40, -7
-    loss_tok, _ = torch.ops.aimv2.linear_cross_entropy_fwd(h, w, b, t, -100)
+    loss_tok = torch.ops.aimv2.linear_cross_entropy_fwd(h, w, b, t, -100)[0]
     assert torch.isnan(loss_tok[[2, 4]]).all() and torch.isfinite(loss_tok[[0, 1, 3, 5]]).all()
 
 
