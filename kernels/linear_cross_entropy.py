@@ -319,6 +319,7 @@ def _setup_context(ctx, inputs, output):
     hidden, weight, bias, target, ignore_index, reduction, compute_grad = inputs
     _, lse, dh, dw, db = output
     ctx.mark_non_differentiable(lse, dh, dw, db)
+    ctx.set_materialize_grads(False)          # no zero (T, D) / (V, D) grads for those outputs
     ctx.ignore_index, ctx.reduction = ignore_index, reduction
     ctx.has_bias = bias is not None
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
