@@ -232,6 +232,10 @@ def _chunk_loop(hidden, weight, bias, target, ignore_index, lse, loss=None, g=No
         _mm_out(dw, x.t(), h, accumulate=True)                                 # d_weight
         if db is not None:
             db += x.sum(0, dtype=torch.float32)
+    # Free the buffer now, whoever still refers to its storage: the Triton interpreter's argument
+    # bookkeeping (a recursive closure in GridExecutor._restore_args_dev) keeps the last launch's
+    # storages in a reference cycle until Python's cyclic GC runs. Stream-ordered on a GPU.
+    buf.untyped_storage().resize_(0)
 
 
 def _fwd_outputs(T: int, D: int, V: int, has_bias: bool, grads: bool, reduction: str, new):
