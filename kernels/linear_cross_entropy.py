@@ -40,11 +40,13 @@ Design: the tokens are cut into chunks of C rows; for each chunk, in a fixed ord
 
 Chunk size: C = CHUNK_BYTES (128 MiB) / (V x itemsize), rounded down to a multiple of 128 (at least
 128; all of T when smaller): bf16 V = 32000 -> 2048 rows, V = 128000 -> 512; fp32 V = 32000 -> 1024.
-Why 128 MiB: every GEMM keeps >= 512 rows (M of the logits / d_hidden products, K of the d_weight
-product), enough to fill the GPU with 128-row tiles and keep the fp32 d_weight accumulator's
-read-modify-write per chunk (2 x V x D x 4 bytes) below the chunk's matmul time, while the buffer
-stays ~1/10 of eager's fp32 logits + gradient at T = 77 x 128. `CHUNK_ROWS` (module attribute)
-overrides C (tests: chunk boundaries mid-way through T).
+Why 128 MiB (reasoned from datasheet rates, not measured yet): every GEMM keeps >= 512 rows (M of
+the logits / d_hidden products, K of the d_weight product) up to V = 128k in bf16, enough to fill an
+H100/H200 with 128-row tiles; the fp32 d_weight accumulator's read-modify-write per chunk
+(2 x V x D x 4 bytes) then costs ~1/4 of the chunk's d_weight GEMM at V = 32k (C = 2048) and about
+as much as it at V = 128k (C = 512); and the buffer is ~1/20 of eager's fp32 logits and their
+gradient at T = 77 x 128, V = 32k. `CHUNK_ROWS` (module attribute) overrides C (tests: chunk
+boundaries mid-way through T).
 
 Precision: logits and d_logits are rounded to the inputs' dtype exactly where the reference rounds
 them (the reference computes bf16 logits; fp32 logits would be more accurate than the specification
@@ -54,10 +56,11 @@ per chunk). On a GPU the 16-bit x 16-bit -> fp32 products use cuBLAS's out_dtype
 which has none, the operands are upcast (fp32 products of 16-bit values are exact: the same numbers
 up to summation order).
 
-Determinism: bitwise reproducible run to run: chunks run in a fixed order, each GEMM is cuBLAS's
-deterministic GEMM (no split-K atomics; cuBLAS's reproducibility rules apply: same GPU
-architecture and library version, one stream), each row of the row kernel is owned by one program
-and reduced in a fixed order, no atomics anywhere.
+Determinism: bitwise reproducible run to run: chunks run in a fixed order; each GEMM is a plain
+torch.mm / addmm, as reproducible as the reference's own (cuBLAS: same GPU architecture and library
+version, and with several streams a fixed workspace, CUBLAS_WORKSPACE_CONFIG, as
+torch.use_deterministic_algorithms requires); each row of the row kernel is owned by one program and
+reduced in a fixed order; no atomics anywhere.
 
 Memory (besides inputs and returned gradients): the (C, V) buffer; with forward-computed gradients
 also the fp32 d_hidden (T, D), d_weight (V, D) (and d_bias) held from forward to backward;
@@ -255,7 +258,8 @@ def _fwd_launch(hidden, weight, bias, target, ignore_index, reduction, compute_g
     _, lse, dh, dw, db = _fwd_outputs(T, D, V, bias is not None, grads, reduction, new)
     loss_tok = new((T,))
     if grads:
-        dw.zero_(), db.zero_()
+        dw.zero_()
+        db.zero_()
     with torch.autocast(hidden.device.type, enabled=False):                     # GEMMs as given
         _chunk_loop(hidden, weight, bias, target, ignore_index, lse, loss=loss_tok,
                     g=_token_scale(target, ignore_index, reduction) if grads else None,
