@@ -1,7 +1,7 @@
-"""Fused linear + cross-entropy (the caption head's loss) that never materialises the logits.
+"""Fused linear + cross-entropy (the caption head's loss) that never materialises the (T, V) logits.
 
-    logits[t, v] = hidden[t] . weight[v] (+ bias[v])                  computed tile by tile in fp32
-    lse[t]       = log sum_v exp(logits[t, v])
+    logits[t, v] = hidden[t] . weight[v] (+ bias[v])                  in the inputs' dtype, as F.linear
+    lse[t]       = log sum_v exp(logits[t, v])                        fp32
     loss_tok[t]  = lse[t] - logits[t, target[t]]      if target[t] != ignore_index, else 0
     loss         = sum_t loss_tok / max(#counted, 1)  ("mean": F.cross_entropy(ignore_index=...)
                                                       on the full logits, except that an all-ignored
@@ -9,32 +9,63 @@
                  | sum_t loss_tok                     ("sum")
                  | loss_tok                           ("none", shaped like target)
 
-Shapes: hidden (..., D), weight (V, D), bias None or (V,), target (...) integer, matching hidden's
-leading dims. hidden, weight (and bias) share one dtype (fp32, fp16 or bf16; under autocast they are
-cast to the autocast dtype first, as F.linear would). The loss is fp32.
-
-Forward: program i owns token rows [i*BLOCK_T, (i+1)*BLOCK_T) and sweeps the vocabulary in
-BLOCK_V-wide tiles; each (BLOCK_T, BLOCK_V) logit tile is a tl.dot over D in BLOCK_D chunks with
-fp32 accumulation, folded into an online log-sum-exp (running max and sum) and into the target's
-logit (picked where the column equals the target) in the same pass. Only lse (T,) fp32 is saved.
-
-Backward, with g[t] = d loss_tok[t] (0 where ignored) and p = exp(logits - lse):
-
-    d_logits = g[:, None] * (p - onehot(target))               never stored: one tile at a time
+    with g[t] = d loss / d loss_tok[t] (0 where ignored), p = exp(logits - lse):
+    d_logits = g[:, None] * (p - onehot(target))
     d_hidden = d_logits @ weight        d_weight = d_logits^T @ hidden        d_bias = sum_t d_logits
 
-Two kernels, both recomputing the logit tiles from hidden and weight:
-- d_hidden: one program per token tile sweeps the vocabulary (like the forward) and adds
-  d_logits_tile @ weight_tile into its own rows of an fp32 (T, D) buffer, D chunk by D chunk.
-- d_weight, d_bias: one program per vocabulary tile sweeps all token tiles and adds
-  d_logits_tile^T @ hidden_tile into its own rows of an fp32 (V, D) buffer.
-Every output element is owned by exactly one program and summed in a fixed order: the result is
-deterministic (bitwise reproducible run to run) with no atomics and no split-K buffer. The price is
-compute: 5 matmul-sized passes (forward 1, backward 2 recomputations + 2 products) instead of the
-3 of eager linear + cross-entropy; what it buys is memory: besides inputs and gradients, only lse
-(T,) and fp32 accumulators for gradients that are not fp32 ((T, D), (V, D)) are allocated, never a
-(T, V) tensor. d_logits is rounded to the input dtype before its two products, as the eager
-backward does (its d_logits tensor has the logits' dtype).
+Shapes: hidden (..., D), weight (V, D), bias None or (V,), target (...) integer, matching hidden's
+leading dims. hidden, weight (and bias) share one dtype (fp32, fp16 or bf16; under autocast they are
+cast to the autocast dtype first, as F.linear would). The loss is fp32; gradients have the inputs'
+dtypes.
+
+Design: the tokens are cut into chunks of C rows; for each chunk, in a fixed order,
+  1. logits_c = hidden_c @ weight^T (+ bias)   torch.mm / addmm (cuBLAS on a GPU) into one reused
+     (C, V) buffer in the inputs' dtype: the same GEMM, rounding and bias epilogue as the reference's
+     F.linear, at cuBLAS speed;
+  2. one Triton row kernel (`_ce_rows_kernel`): per row an online log-sum-exp over BLOCK_V-wide
+     tiles and the target's logit -> lse, loss_tok; when gradients are wanted a second sweep writes
+     d_logits = g * (softmax - onehot) IN PLACE over the row, rounded to the inputs' dtype like the
+     reference's d_logits (its fp32 CE gradient cast back to the logits' dtype);
+  3. d_hidden_c = d_logits_c @ weight (its own rows: no accumulation),
+     d_weight += d_logits_c^T @ hidden_c into an fp32 (V, D) accumulator, d_bias += column sums (fp32).
+`_chunk_loop` is that loop, shared by both paths:
+- reduction "mean" / "sum" with gradients wanted (`compute_grad`, decided by the public function:
+  grad mode on and an input requiring grad): the incoming gradient is a scalar, so the forward runs
+  the loop with g = 1 / max(#counted, 1) (mean, device-side: no host sync) or 1 (sum) and returns
+  the fp32 gradients as extra outputs of the forward op; the backward only scales them by
+  grad_output (one rounding to the inputs' dtype). 3 GEMMs in all, like eager.
+- reduction "none" (per-token grad_output), or gradients not computed in the forward: the forward
+  runs the loop without step 3, saves lse (T,) fp32, and the backward op runs it again with
+  g = grad_output (x the mean's 1 / count), lse read back. 4 GEMMs.
+
+Chunk size: C = CHUNK_BYTES (128 MiB) / (V x itemsize), rounded down to a multiple of 128 (at least
+128; all of T when smaller): bf16 V = 32000 -> 2048 rows, V = 128000 -> 512; fp32 V = 32000 -> 1024.
+Why 128 MiB (reasoned from datasheet rates, not measured yet): every GEMM keeps >= 512 rows (M of
+the logits / d_hidden products, K of the d_weight product) up to V = 128k in bf16, enough to fill an
+H100/H200 with 128-row tiles; the fp32 d_weight accumulator's read-modify-write per chunk
+(2 x V x D x 4 bytes) then costs ~1/4 of the chunk's d_weight GEMM at V = 32k (C = 2048) and about
+as much as it at V = 128k (C = 512); and the buffer is ~1/20 of eager's fp32 logits and their
+gradient at T = 77 x 128, V = 32k. `CHUNK_ROWS` (module attribute) overrides C (tests: chunk
+boundaries mid-way through T).
+
+Precision: logits and d_logits are rounded to the inputs' dtype exactly where the reference rounds
+them (the reference computes bf16 logits; fp32 logits would be more accurate than the specification
+and cost 2x the buffer); every sum over tokens that spans chunks (d_weight, d_bias) accumulates in
+fp32 and is rounded once, as the reference's single GEMM does (a 16-bit accumulator would round once
+per chunk). On a GPU the 16-bit x 16-bit -> fp32 products use cuBLAS's out_dtype GEMMs; on the CPU,
+which has none, the operands are upcast (fp32 products of 16-bit values are exact: the same numbers
+up to summation order).
+
+Determinism: bitwise reproducible run to run: chunks run in a fixed order; each GEMM is a plain
+torch.mm / addmm, as reproducible as the reference's own (cuBLAS: same GPU architecture and library
+version, and with several streams a fixed workspace, CUBLAS_WORKSPACE_CONFIG, as
+torch.use_deterministic_algorithms requires); each row of the row kernel is owned by one program and
+reduced in a fixed order; no atomics anywhere.
+
+Memory (besides inputs and returned gradients): the (C, V) buffer; with forward-computed gradients
+also the fp32 d_hidden (T, D), d_weight (V, D) (and d_bias) held from forward to backward;
+recompute: lse (T,) and the fp32 d_weight accumulator. Peak ~ C x V + d_weight + d_hidden, never a
+(T, V) tensor.
 
 A non-ignored target outside [0, V) makes that token's loss NaN (no host sync to check it on a GPU;
 the public function raises on CPU tensors). Equivalent PyTorch: `linear_cross_entropy_ref` below.
@@ -44,10 +75,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from ._compat import tl, triton
-from ._utils import cast_rtne, check_float, check_launchable, check_same_device, is_interpreting, \
+from ._utils import Tiles, cast_rtne, check_float, check_launchable, check_same_device, is_interpreting, \
     last_dim_contiguous
 
 REDUCTIONS = ("mean", "sum", "none")
+CHUNK_BYTES = 128 * 2**20        # the (C, V) logits buffer's budget, in the inputs' dtype
+CHUNK_ROWS: int | None = None    # overrides C when set (tests); None: from CHUNK_BYTES
+
+
+def _count(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """max(#counted tokens, 1), a 0-dim int64 tensor on target's device (no host sync)."""
+    return (target != ignore_index).sum().clamp(min=1)
 
 
 def _reduce(loss_tok: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str):
@@ -57,8 +95,14 @@ def _reduce(loss_tok: torch.Tensor, target: torch.Tensor, ignore_index: int, red
     total = loss_tok.sum()
     if reduction == "sum":
         return total
-    count = (target != ignore_index).sum().to(total.dtype)
-    return total / count.clamp(min=1.0)
+    return total / _count(target, ignore_index).to(total.dtype)
+
+
+def _token_scale(target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    """(T,) fp32 d loss / d loss_tok for reduction "mean" (1 / count) or "sum" (1); the row kernel
+    zeroes it at ignored tokens."""
+    one = torch.ones(target.shape, dtype=torch.float32, device=target.device)
+    return one / _count(target, ignore_index) if reduction == "mean" else one
 
 
 def linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -74,211 +118,167 @@ def linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, target:
 
 
 # --------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton row kernel: one chunk's logits (n, V) -> lse, loss_tok and, in place, d_logits
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _logits_tile(H, W, BIAS, rows, cols, T, V, D, stride_h, stride_w,
-                 HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """(BLOCK_T, BLOCK_V) fp32 logits of token rows x vocabulary cols; cols >= V are -inf."""
-    rmask = rows < T
-    cmask = cols < V
-    acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        dmask = dd < D
-        h = tl.load(H + rows[:, None] * stride_h + dd[None, :], mask=rmask[:, None] & dmask[None, :],
-                    other=0.0)                                                   # (BLOCK_T, BLOCK_D)
-        w = tl.load(W + cols[:, None] * stride_w + dd[None, :], mask=cmask[:, None] & dmask[None, :],
-                    other=0.0)                                                   # (BLOCK_V, BLOCK_D)
-        if INTERPRET:      # the interpreter's bf16 dot is broken; fp32 products of 16-bit values are exact
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    return tl.where(cmask[None, :], acc, float("-inf"))
-
-
-@triton.jit
-def _dlogits_tile(H, W, BIAS, TGT, LSE, G, rows, cols, T, V, D, stride_h, stride_w, ignore_index,
-                  HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """(BLOCK_T, BLOCK_V) fp32 g * (softmax - onehot); 0 outside [0, T) x [0, V) and where ignored."""
-    rmask = rows < T
+def _ce_rows_kernel(X, TGT, G, LSE, LOSS, n_rows, V, stride_x, ignore_index,
+                    LSE_GIVEN: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_V: tl.constexpr, INTERPRET: tl.constexpr):
+    """Program i owns rows i*BLOCK_M + [0, BLOCK_M) of X (n_rows, V), the inputs' dtype.
+    LSE_GIVEN: read LSE; else compute it (online over BLOCK_V-wide tiles, fp32) and write LSE and
+    LOSS (lse - X[t, target], 0 where ignored, NaN where the target is out of [0, V)).
+    WRITE_GRAD: overwrite the rows with G[t] * (softmax - onehot), 0 on ignored rows."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = rows < n_rows
     tgt = tl.load(TGT + rows, mask=rmask, other=ignore_index)
-    g = tl.load(G + rows, mask=rmask, other=0.0)
-    g = tl.where(rmask & (tgt != ignore_index), g, 0.0)
-    lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-    logits = _logits_tile(H, W, BIAS, rows, cols, T, V, D, stride_h, stride_w, HAS_BIAS, BLOCK_T,
-                          BLOCK_V, BLOCK_D, PRECISION, INTERPRET)
-    p = tl.exp(logits - lse[:, None])                                            # 0 at cols >= V
-    onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
-    return tl.where(rmask[:, None], g[:, None] * (p - onehot), 0.0)
-
-
-@triton.jit
-def _add_product(OUT, out_rows, out_mask, stride_out, a, SRC, src_rows, src_mask, stride_src, D,
-                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """OUT[out_rows, :D] += a @ SRC[src_rows, :D] in BLOCK_D-wide chunks; OUT is fp32 and owned by
-    this program, a (R, K) is fp32 (interpreter) or the inputs' dtype, SRC rows src_rows (K,)."""
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        dmask = dd < D
-        src = tl.load(SRC + src_rows[:, None] * stride_src + dd[None, :],
-                      mask=src_mask[:, None] & dmask[None, :], other=0.0)        # (K, BLOCK_D)
-        if INTERPRET:
-            src = src.to(tl.float32)
-        ptrs = OUT + out_rows[:, None] * stride_out + dd[None, :]
-        omask = out_mask[:, None] & dmask[None, :]
-        tl.debug_barrier()                 # this program's earlier stores (any thread) land first
-        acc = tl.load(ptrs, mask=omask, other=0.0)                               # (R, BLOCK_D)
-        tl.store(ptrs, tl.dot(a, src, acc, input_precision=PRECISION), mask=omask)
-
-
-@triton.jit
-def _linear_ce_fwd_kernel(H, W, BIAS, TGT, LSE, LOSS, T, V, D, stride_h, stride_w, ignore_index,
-                          HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
-                          BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """Program i writes LSE and LOSS (per-token, 0 where ignored) of token rows i*BLOCK_T + [0, BLOCK_T)."""
-    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    rmask = rows < T
-    tgt = tl.load(TGT + rows, mask=rmask, other=ignore_index)
-    m = tl.full((BLOCK_T,), float("-inf"), tl.float32)                           # running max
-    s = tl.zeros((BLOCK_T,), dtype=tl.float32)                                   # running sum exp
-    picked = tl.zeros((BLOCK_T,), dtype=tl.float32)                              # target's logit
-    for v0 in range(0, V, BLOCK_V):
-        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        logits = _logits_tile(H, W, BIAS, rows, cols, T, V, D, stride_h, stride_w, HAS_BIAS,
-                              BLOCK_T, BLOCK_V, BLOCK_D, PRECISION, INTERPRET)
-        m_new = tl.maximum(m, tl.max(logits, axis=1))        # finite: every tile has a column < V
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
-        m = m_new
-        picked += tl.sum(tl.where(cols[None, :] == tgt[:, None], logits, 0.0), axis=1)
-    lse = m + tl.log(s)
     counted = rmask & (tgt != ignore_index)
-    in_range = (tgt >= 0) & (tgt < V)
-    loss = tl.where(counted, tl.where(in_range, lse - picked, float("nan")), 0.0)
-    tl.store(LSE + rows, lse, mask=rmask)
-    tl.store(LOSS + rows, loss, mask=rmask)
-
-
-@triton.jit
-def _linear_ce_bwd_dh_kernel(H, W, BIAS, TGT, LSE, G, DH, T, V, D, stride_h, stride_w, stride_dh,
-                             ignore_index, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
-                             BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                             PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """Program i owns DH (fp32, zero-initialised) rows i*BLOCK_T + [0, BLOCK_T): DH += dlogits @ W."""
-    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    rmask = rows < T
-    for v0 in range(0, V, BLOCK_V):
-        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        dl = _dlogits_tile(H, W, BIAS, TGT, LSE, G, rows, cols, T, V, D, stride_h, stride_w,
-                           ignore_index, HAS_BIAS, BLOCK_T, BLOCK_V, BLOCK_D, PRECISION, INTERPRET)
-        dl = cast_rtne(dl, W.dtype.element_ty, INTERPRET)                      # as eager's d_logits
-        if INTERPRET:
-            dl = dl.to(tl.float32)
-        _add_product(DH, rows, rmask, stride_dh, dl, W, cols, cols < V, stride_w, D, BLOCK_D,
-                     PRECISION, INTERPRET)                                       # DH += dl @ W
-
-
-@triton.jit
-def _linear_ce_bwd_dw_kernel(H, W, BIAS, TGT, LSE, G, DW, DB, T, V, D, stride_h, stride_w,
-                             stride_dw, ignore_index, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
-                             BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                             PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """Program j owns DW (fp32, zero-initialised) and DB rows j*BLOCK_V + [0, BLOCK_V):
-    DW += dlogits^T @ H and DB = sum over tokens of dlogits, token tiles in order."""
-    cols = (tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    cmask = cols < V
-    db = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        rows = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        dl = _dlogits_tile(H, W, BIAS, TGT, LSE, G, rows, cols, T, V, D, stride_h, stride_w,
-                           ignore_index, HAS_BIAS, BLOCK_T, BLOCK_V, BLOCK_D, PRECISION, INTERPRET)
-        db += tl.sum(dl, axis=0)
-        dlt = tl.trans(cast_rtne(dl, H.dtype.element_ty, INTERPRET))            # (BLOCK_V, BLOCK_T)
-        if INTERPRET:
-            dlt = dlt.to(tl.float32)
-        _add_product(DW, cols, cmask, stride_dw, dlt, H, rows, rows < T, stride_h, D, BLOCK_D,
-                     PRECISION, INTERPRET)                                       # DW += dl^T @ H
-    tl.store(DB + cols, db, mask=cmask)
-
-
-# --------------------------------------------------------------------------------------------
-# Host launchers: hidden (T, D), weight (V, D) with unit column stride, target (T,) int
-# --------------------------------------------------------------------------------------------
-def _blocks(T: int, V: int, D: int) -> dict:
-    """Tile sizes and warps.
-
-    NOTE (no GPU measurement yet; based on the usual tensor-core tile shapes for a 2-operand
-    fp32-accumulating dot, 64 x 128 outputs x 64-deep chunks at 8 warps). Under the interpreter the
-    cost is per program and tile op (measured on a shared 2-core CPU: ~30 ms per 128 x 256 x 256
-    step, so T = 9856, V = 32000, D = 1024 took ~15 CPU-s per token tile), so tiles grow with the
-    problem: ~8 token tiles and ~32 vocabulary tiles, between 128 x 256 and 1024 x 1024 (x 256
-    hidden), which keeps small test shapes at several tiles per dimension."""
-    p2 = lambda n: triton.next_power_of_2(max(n, 1))                       # noqa: E731
-    if is_interpreting():
-        bt = min(1024, max(128, p2(triton.cdiv(T, 8))))
-        bv = min(1024, max(256, p2(triton.cdiv(V, 32))))
-        bd, warps = 256, 4
+    row_ptr = X + rows[:, None] * stride_x
+    if LSE_GIVEN:
+        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
     else:
-        bt, bv, bd, warps = 64, 128, 64, 8
-    fit = lambda n, cap: max(16, min(cap, p2(n)))                          # noqa: E731
-    return dict(BLOCK_T=fit(T, bt), BLOCK_V=fit(V, bv), BLOCK_D=fit(D, bd), num_warps=warps)
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)                       # running max
+        s = tl.zeros((BLOCK_M,), dtype=tl.float32)                               # running sum exp
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            x = tl.load(row_ptr + cols[None, :], mask=rmask[:, None] & (cols < V)[None, :],
+                        other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)                 # rows past n_rows
+            s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), axis=1)
+            m = m_new
+        lse = tl.where(rmask, m + tl.log(tl.where(rmask, s, 1.0)), 0.0)        # rows past n_rows: 0
+        in_range = (tgt >= 0) & (tgt < V)
+        picked = tl.load(X + rows * stride_x + tgt, mask=counted & in_range, other=0.0).to(tl.float32)
+        loss = tl.where(counted, tl.where(in_range, lse - picked, float("nan")), 0.0)
+        tl.store(LSE + rows, lse, mask=rmask)
+        tl.store(LOSS + rows, loss, mask=rmask)
+    if WRITE_GRAD:
+        g = tl.where(counted, tl.load(G + rows, mask=rmask, other=0.0), 0.0)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            mask = rmask[:, None] & (cols < V)[None, :]
+            x = tl.load(row_ptr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            p = tl.exp(x - lse[:, None])
+            dl = g[:, None] * (p - (cols[None, :] == tgt[:, None]).to(tl.float32))
+            tl.store(row_ptr + cols[None, :], cast_rtne(dl, X.dtype.element_ty, INTERPRET), mask=mask)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs: full fp32 products like torch's default matmul (tf32 only where torch allows it)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+# --------------------------------------------------------------------------------------------
+# Host side: hidden (T, D), weight (V, D) with unit column stride, target (T,) int
+# --------------------------------------------------------------------------------------------
+def _tiles(V: int) -> Tiles:
+    """block_m (BLOCK_M) rows x block_n (BLOCK_V) vocabulary columns per tile, and num_warps.
+
+    NOTE (no GPU measurement yet): one row per program (a chunk has >= 128 rows, 2048 at bf16
+    V = 32000: enough programs for every SM), 4096-wide tiles at 8 warps (16 fp32 values a thread,
+    no spills expected: x, p and the d_logits tile); the kernel is bandwidth-bound (reads the chunk
+    twice and writes it once when it writes d_logits), so the tile only has to keep loads wide.
+    Under the interpreter ~64k-element tiles (its cost is per program and op, not per element)."""
+    block_n = min(triton.next_power_of_2(V), 8192 if is_interpreting() else 4096)
+    block_m = max(1, min(64, 65536 // block_n)) if is_interpreting() else 1
+    return Tiles(block_m, block_n, 8 if block_n >= 4096 else 4)
 
 
-def _common(hidden, weight, bias, target, ignore_index):
+def _chunk_rows(T: int, V: int, dtype: torch.dtype) -> int:
+    """Rows C of one chunk (module docstring): CHUNK_ROWS if set, else CHUNK_BYTES / (V x itemsize)
+    rounded down to a multiple of 128 (at least 128); never more than T (nor less than 1)."""
+    if CHUNK_ROWS is not None:
+        rows = CHUNK_ROWS
+    else:
+        rows = max(128, CHUNK_BYTES // (V * dtype.itemsize) // 128 * 128)
+    return max(1, min(rows, T))
+
+
+def _mm_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:
+    """out (=|+=) a @ b with fp32 accumulation; out is a's dtype or fp32 (16-bit a, b: rounded once
+    into fp32, cuBLAS's out_dtype GEMM; the CPU has none, so there the operands are upcast: fp32
+    products of 16-bit values are exact, the sums fp32)."""
+    if out.dtype != a.dtype and a.device.type != "cuda":
+        a, b = a.float(), b.float()
+    if out.dtype == a.dtype:
+        torch.addmm(out, a, b, out=out) if accumulate else torch.mm(a, b, out=out)
+    elif accumulate:
+        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+    else:
+        torch.mm(a, b, out_dtype=out.dtype, out=out)
+
+
+def _chunk_loop(hidden, weight, bias, target, ignore_index, lse, loss=None, g=None, dh=None,
+                dw=None, db=None) -> None:
+    """The one loop over token chunks of both paths (module docstring), in chunk order.
+
+    loss (T,) fp32 given: lse and loss_tok are computed into lse (T,) and loss; else lse is read.
+    g (T,) fp32 given: d_logits = g * (softmax - onehot), then dh[rows] = d_logits @ weight
+    (dh (T, D): the inputs' dtype or fp32), dw += d_logits^T @ hidden (fp32 (V, D)) and, if db is
+    given, db += column sums of d_logits (fp32 (V,))."""
+    T = hidden.shape[0]
+    V = weight.shape[0]
+    C = _chunk_rows(T, V, hidden.dtype)
+    buf = torch.empty((C, V), dtype=hidden.dtype, device=hidden.device)        # logits, then d_logits
+    tiles = _tiles(V)
+    for c0 in range(0, T, C):
+        c1 = min(c0 + C, T)
+        n = c1 - c0
+        x, h = buf[:n], hidden[c0:c1]
+        if bias is not None:
+            torch.addmm(bias, h, weight.t(), out=x)
+        else:
+            torch.mm(h, weight.t(), out=x)
+        _ce_rows_kernel[(triton.cdiv(n, tiles.block_m),)](
+            x, target[c0:c1], lse if g is None else g[c0:c1], lse[c0:c1],
+            lse if loss is None else loss[c0:c1], n, V, x.stride(0), ignore_index,
+            LSE_GIVEN=loss is None, WRITE_GRAD=g is not None, BLOCK_M=tiles.block_m,
+            BLOCK_V=tiles.block_n, INTERPRET=is_interpreting(), num_warps=tiles.num_warps)
+        if g is None:
+            continue
+        _mm_out(dh[c0:c1], x, weight)                                          # d_hidden rows
+        _mm_out(dw, x.t(), h, accumulate=True)                                 # d_weight
+        if db is not None:
+            db += x.sum(0, dtype=torch.float32)
+    # Free the buffer now, whoever still refers to its storage: the Triton interpreter's argument
+    # bookkeeping (a recursive closure in GridExecutor._restore_args_dev) keeps the last launch's
+    # storages in a reference cycle until Python's cyclic GC runs. Stream-ordered on a GPU.
+    buf.untyped_storage().resize_(0)
+
+
+def _fwd_outputs(T: int, D: int, V: int, has_bias: bool, grads: bool, reduction: str, new):
+    """Empty outputs of the forward op: loss ((T,) or ()), lse (T,), dh (T, D), dw (V, D), db (V,)
+    fp32, the last three (0,) unless the forward computes the gradients. new(shape) -> fp32 tensor."""
+    loss = new((T,) if reduction == "none" else ())
+    if not grads:
+        return loss, new((T,)), new((0,)), new((0,)), new((0,))
+    return loss, new((T,)), new((T, D)), new((V, D)), new((V,) if has_bias else (0,))
+
+
+def _fwd_launch(hidden, weight, bias, target, ignore_index, reduction, compute_grad):
     T, D = hidden.shape
     V = weight.shape[0]
-    return (hidden, weight, bias if bias is not None else weight, target), \
-        dict(T=T, V=V, D=D, stride_h=hidden.stride(0), stride_w=weight.stride(0),
-             ignore_index=ignore_index), \
-        dict(HAS_BIAS=bias is not None, PRECISION=_precision(hidden.dtype),
-             INTERPRET=is_interpreting(), **_blocks(T, V, D))
+    grads = compute_grad and reduction != "none"
+    new = lambda shape: torch.empty(shape, dtype=torch.float32, device=hidden.device)  # noqa: E731
+    _, lse, dh, dw, db = _fwd_outputs(T, D, V, bias is not None, grads, reduction, new)
+    loss_tok = new((T,))
+    if grads:
+        dw.zero_()
+        db.zero_()
+    with torch.autocast(hidden.device.type, enabled=False):                     # GEMMs as given
+        _chunk_loop(hidden, weight, bias, target, ignore_index, lse, loss=loss_tok,
+                    g=_token_scale(target, ignore_index, reduction) if grads else None,
+                    dh=dh, dw=dw, db=db if bias is not None else None)
+    return _reduce(loss_tok, target, ignore_index, reduction), lse, dh, dw, db
 
 
-def _fwd_launch(hidden, weight, bias, target, ignore_index):
-    T = hidden.shape[0]
-    lse = torch.empty((T,), dtype=torch.float32, device=hidden.device)
-    loss = torch.empty((T,), dtype=torch.float32, device=hidden.device)
-    if T == 0:
-        return loss, lse
-    ptrs, args, meta = _common(hidden, weight, bias, target, ignore_index)
-    h, w, b, tgt = ptrs
-    _linear_ce_fwd_kernel[(triton.cdiv(T, meta["BLOCK_T"]),)](
-        h, w, b, tgt, lse, loss, args["T"], args["V"], args["D"], args["stride_h"],
-        args["stride_w"], args["ignore_index"], **meta)
-    return loss, lse
-
-
-def _bwd_launch(dloss, hidden, weight, bias, target, lse, ignore_index):
+def _bwd_launch(g, hidden, weight, bias, target, lse, ignore_index):
     T, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    dh = torch.zeros((T, D), dtype=torch.float32, device=dev)                   # fp32 accumulators
-    dw = torch.zeros((V, D), dtype=torch.float32, device=dev)
-    db = torch.empty((V,), dtype=torch.float32, device=dev)
-    if T == 0:
-        db.zero_()
-    else:
-        ptrs, args, meta = _common(hidden, weight, bias, target, ignore_index)
-        h, w, b, tgt = ptrs
-        _linear_ce_bwd_dh_kernel[(triton.cdiv(T, meta["BLOCK_T"]),)](
-            h, w, b, tgt, lse, dloss, dh, T, V, D, args["stride_h"], args["stride_w"], dh.stride(0),
-            ignore_index, **meta)
-        _linear_ce_bwd_dw_kernel[(triton.cdiv(V, meta["BLOCK_V"]),)](
-            h, w, b, tgt, lse, dloss, dw, db, T, V, D, args["stride_h"], args["stride_w"],
-            dw.stride(0), ignore_index, **meta)
+    dh = torch.empty((T, D), dtype=hidden.dtype, device=dev)                   # every row written
+    dw = torch.zeros((V, D), dtype=torch.float32, device=dev)                  # fp32 accumulators
+    db = torch.zeros((V,), dtype=torch.float32, device=dev)
+    with torch.autocast(dev.type, enabled=False):
+        _chunk_loop(hidden, weight, bias, target, ignore_index, lse, g=g, dh=dh, dw=dw,
+                    db=db if bias is not None else None)
     bdt = bias.dtype if bias is not None else weight.dtype
-    return dh.to(hidden.dtype), dw.to(weight.dtype), db.to(bdt)
+    return dh, dw.to(weight.dtype), db.to(bdt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,23 +286,31 @@ def _bwd_launch(dloss, hidden, weight, bias, target, lse, ignore_index):
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("aimv2::linear_cross_entropy_fwd", mutates_args=())
 def _linear_ce_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden (T, D), weight (V, D), bias (V,) or None, target (T,) int -> loss_tok (T,), lse (T,) fp32."""
+                      target: torch.Tensor, ignore_index: int, reduction: str = "none",
+                      compute_grad: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (T, D), weight (V, D), bias (V,) or None, target (T,) int -> loss ((T,) for "none",
+    else 0-dim), lse (T,), and the fp32 gradients of loss (dh (T, D), dw (V, D), db (V,) or (0,))
+    when compute_grad and reduction != "none", else three (0,) tensors. All fp32."""
     return _fwd_launch(last_dim_contiguous(hidden), last_dim_contiguous(weight),
-                       None if bias is None else bias.contiguous(), target.contiguous(), ignore_index)
+                       None if bias is None else bias.contiguous(), target.contiguous(), ignore_index,
+                       reduction, compute_grad)
 
 
 @_linear_ce_fwd_op.register_fake
-def _(hidden, weight, bias, target, ignore_index):
-    T = hidden.shape[0]
-    return hidden.new_empty((T,), dtype=torch.float32), hidden.new_empty((T,), dtype=torch.float32)
+def _(hidden, weight, bias, target, ignore_index, reduction="none", compute_grad=False):
+    T, D = hidden.shape
+    new = lambda shape: hidden.new_empty(shape, dtype=torch.float32)           # noqa: E731
+    return _fwd_outputs(T, D, weight.shape[0], bias is not None,
+                        compute_grad and reduction != "none", reduction, new)
 
 
 @torch.library.custom_op("aimv2::linear_cross_entropy_bwd", mutates_args=())
 def _linear_ce_bwd_op(dloss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None, target: torch.Tensor, lse: torch.Tensor,
                       ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dloss (T,) -> d_hidden (T, D), d_weight (V, D), d_bias (V,) (computed even without a bias)."""
+    """dloss (T,) = d loss / d loss_tok -> d_hidden (T, D), d_weight (V, D), d_bias (V,) (computed
+    even without a bias), recomputing the logits chunk by chunk."""
     return _bwd_launch(dloss.float().contiguous(), last_dim_contiguous(hidden),
                        last_dim_contiguous(weight), None if bias is None else bias.contiguous(),
                        target.contiguous(), lse.contiguous(), ignore_index)
@@ -316,19 +324,40 @@ def _(dloss, hidden, weight, bias, target, lse, ignore_index):
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, target, ignore_index = inputs
-    _, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.ignore_index = ignore_index
+    hidden, weight, bias, target, ignore_index, reduction, compute_grad = inputs
+    _, lse, dh, dw, db = output
+    ctx.mark_non_differentiable(lse, dh, dw, db)
+    ctx.set_materialize_grads(False)          # no zero (T, D) / (V, D) grads for those outputs
+    ctx.ignore_index, ctx.reduction = ignore_index, reduction
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(hidden, weight, bias, target, lse)
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.grads_saved = compute_grad and reduction != "none"
+    if ctx.grads_saved:                 # the forward's fp32 gradients: the backward only scales them
+        ctx.save_for_backward(dh, dw, db)
+    else:
+        ctx.save_for_backward(hidden, weight, bias, target, lse)
 
 
-def _backward(ctx, dloss, _dlse):
-    hidden, weight, bias, target, lse = ctx.saved_tensors
-    dh, dw, db = torch.ops.aimv2.linear_cross_entropy_bwd(dloss, hidden, weight, bias, target, lse,
-                                                          ctx.ignore_index)
-    return dh, dw, (db if ctx.has_bias else None), None, None
+def _scaled(grad32: torch.Tensor, dloss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad32 * dloss (0-dim) computed in fp32, rounded once into a new tensor of dtype."""
+    return torch.mul(grad32, dloss, out=torch.empty(grad32.shape, dtype=dtype, device=grad32.device))
+
+
+def _backward(ctx, dloss, _dlse, _ddh, _ddw, _ddb):
+    hdt, wdt, bdt = ctx.dtypes
+    if ctx.grads_saved:
+        dh32, dw32, db32 = ctx.saved_tensors
+        dloss = dloss.float()
+        dh, dw = _scaled(dh32, dloss, hdt), _scaled(dw32, dloss, wdt)
+        db = _scaled(db32, dloss, bdt) if ctx.has_bias else None
+    else:
+        hidden, weight, bias, target, lse = ctx.saved_tensors
+        g = dloss.float()
+        if ctx.reduction != "none":
+            g = g * _token_scale(target, ctx.ignore_index, ctx.reduction)
+        dh, dw, db = torch.ops.aimv2.linear_cross_entropy_bwd(g, hidden, weight, bias, target, lse,
+                                                              ctx.ignore_index)
+    return dh, dw, (db if ctx.has_bias else None), None, None, None, None
 
 
 _linear_ce_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -384,6 +413,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
                              f"{ignore_index}, got {target[bad][0].item()}")
     h2 = last_dim_contiguous(hidden).reshape(-1, D)                              # (T, D)
     t1 = target.reshape(-1)                                                      # (T,)
-    loss_tok, _ = torch.ops.aimv2.linear_cross_entropy_fwd(h2, last_dim_contiguous(weight), bias,
-                                                           t1, ignore_index)
-    return _reduce(loss_tok.view(target.shape), target, ignore_index, reduction)
+    compute_grad = reduction != "none" and torch.is_grad_enabled() and \
+        any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    loss = torch.ops.aimv2.linear_cross_entropy_fwd(h2, last_dim_contiguous(weight), bias, t1,
+                                                    ignore_index, reduction, compute_grad)[0]
+    return loss.view(target.shape) if reduction == "none" else loss

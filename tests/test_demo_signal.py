@@ -98,6 +98,7 @@ class _Oracle(torch.nn.Module):
         self.captions, self.images, self.V = captions, images, 700
         self.encoder = lambda x, plen: x[:, :1, :1, :1].reshape(-1, 1, 1).expand(-1, 4, 1)     # (B, 4, 1) = id
         self.decoder = self._decode
+        self.text_logits = lambda hidden: hidden                               # the decoder gives logits
 
     def _decode(self, enc, text):
         ids = enc[:, 0, 0].round().long()                                      # whose image this is

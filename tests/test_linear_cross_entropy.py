@@ -1,15 +1,18 @@
 """aimv2.kernels.linear_cross_entropy against the fp64 reference: the loss and every gradient
-(hidden, weight, bias) for awkward shapes (T = 1, 7, 77*3; V and D just past a tile and mid-tile),
+(hidden, weight, bias) for awkward shapes (T = 1, 7, 77*3; V and D just past a tile and mid-tile;
+V past the row kernel's vocabulary tile, so the online log-sum-exp rescales), tokens in several
+chunks (a boundary mid-way), the forward-computed gradients against the recompute backward,
 ignored tokens (ignore_index outside and inside the vocabulary), an all-ignored batch, the three
 reductions, strided and 3-D hidden; determinism; eager, compiled (fullgraph), autocast, opcheck;
 bad input. Tolerances: tests/_kernel_numerics.py (kernel error <= 2x the same-dtype torch error +
 2 ulp x max|truth|), where the same-dtype torch computation is the reference itself: F.linear in
 the input dtype (bf16 / fp16 logits, as the model computes them), cross-entropy in fp32.
 
-bf16 runs in the interpreter too: the kernels upcast 16-bit tiles to fp32 before tl.dot there (the
-interpreter's bf16 dot is broken; fp32 products of 16-bit values are exact, so the numbers are
-those of the GPU's bf16 dot with fp32 accumulation). The GPU's own bf16 tl.dot runs only on a GPU.
-Interpreter cost is per program and tile op: shapes stay within a few 128 x 256 x 256 tiles."""
+The GEMMs are torch's (on the CPU, 16-bit x 16-bit -> fp32 products are emulated by upcasting: the
+GPU's cuBLAS out_dtype GEMMs run only on a GPU); the Triton row kernel runs in the interpreter,
+whose cost is per program and tile op."""
+import importlib
+
 import pytest
 import torch
 
@@ -17,6 +20,8 @@ from _kernel_numerics import assert_close_to_truth, poison_empty  # noqa: F401 (
 from aimv2.kernels import linear_cross_entropy, linear_cross_entropy_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+lce = importlib.import_module("aimv2.kernels.linear_cross_entropy")     # the module (the package
+                                                                        # re-exports the function)
 
 
 def _inputs(T, D, V, dtype, device, bias=True, ignore_index=-100, frac_ignored=0.25):
@@ -53,8 +58,8 @@ def _check(hidden, weight, bias, target, ignore_index=-100, reduction="mean", dl
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,D,V", [(1, 64, 300), (7, 70, 257), (231, 300, 1000)],
-                         ids=["T1", "T7-V-past-tile", "T77x3-D-past-tile"])
+@pytest.mark.parametrize("T,D,V", [(1, 64, 300), (7, 70, 257), (231, 300, 1000), (16, 32, 12000)],
+                         ids=["T1", "T7-V-past-tile", "T77x3-D-past-tile", "V-past-row-tile"])
 def test_shapes_and_dtypes(device, dtype, T, D, V, poison_empty):
     _check(*_inputs(T, D, V, dtype, device))
 
@@ -94,6 +99,68 @@ def test_strided_and_batched_hidden(device, poison_empty):
     t[0, 6:] = -100
     for reduction in ("mean", "none"):
         _check(hidden, w, b, t, reduction=reduction)
+
+
+@pytest.fixture
+def chunk_rows(monkeypatch):
+    """set(C): the op cuts the tokens into chunks of C rows (its CHUNK_ROWS override)."""
+    return lambda rows: monkeypatch.setattr(lce, "CHUNK_ROWS", rows)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "none"], ids=["fwd-grads", "recompute"])
+def test_several_chunks(device, dtype, reduction, chunk_rows, poison_empty):
+    """T = 231 in chunks of 100, 100, 31 (boundaries mid-way, a short last chunk): d_weight and
+    d_bias accumulate across chunks, d_hidden rows come from their own chunk."""
+    chunk_rows(100)
+    h, w, b, t = _inputs(231, 72, 333, dtype, device)
+    _check(h, w, b, t, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_forward_gradients_match_recompute(device, dtype, reduction, chunk_rows):
+    """The gradients computed in the forward (then scaled by grad_output) equal those of the
+    recompute backward: bitwise for fp32 at grad_output 1 (the same d_logits, the same GEMMs in
+    the same order), to the dtype's rounding for another grad_output (the scale enters the 16-bit
+    d_logits at a different point)."""
+    chunk_rows(64)
+    h, w, b, t = _inputs(150, 40, 210, dtype, device)
+    op = torch.ops.aimv2.linear_cross_entropy_fwd
+
+    def grads(compute_grad, dloss):
+        leaves = [x.detach().requires_grad_() for x in (h, w, b)]
+        out = op(*leaves, t, -100, reduction, compute_grad)
+        assert out[2].shape == ((150, 40) if compute_grad else (0,))          # the path taken
+        (out[0] * dloss).backward()
+        return [out[0]] + [x.grad for x in leaves]
+
+    for dloss in (torch.tensor(1.0, device=device), torch.tensor(-2.7, device=device)):
+        fwd, rec = grads(True, dloss), grads(False, dloss)
+        f64 = [x.double() for x in (h, w, b)]
+        truth = _run(linear_cross_entropy_ref, *f64, t, -100, reduction, dloss)
+        for name, x, y, z in zip(["loss", "d_hidden", "d_weight", "d_bias"], fwd, rec, truth):
+            assert x.dtype == y.dtype and torch.isfinite(x).all(), name
+            if dtype == torch.float32 and dloss.item() == 1.0:
+                assert torch.equal(x, y), name
+            else:
+                assert_close_to_truth(name, x, y, z)
+
+
+def test_gradients_in_forward_only_when_wanted(device, monkeypatch):
+    """The public function asks the forward for gradients only for "mean" / "sum" with grad mode
+    on and an input requiring grad; inference and reduction "none" do not pay for them."""
+    asked = []
+    real = lce._fwd_launch
+    monkeypatch.setattr(lce, "_fwd_launch", lambda *a: asked.append(a[-1]) or real(*a))
+    h, w, b, t = _inputs(12, 32, 50, torch.float32, device)
+    linear_cross_entropy(h, w, t, bias=b)                                # nothing requires grad
+    with torch.no_grad():
+        linear_cross_entropy(h, w.requires_grad_(), t, bias=b)
+    linear_cross_entropy(h, w, t, bias=b, reduction="none")
+    linear_cross_entropy(h, w, t, bias=b, reduction="sum")
+    linear_cross_entropy(h, w.detach(), t, bias=b.requires_grad_())
+    assert asked == [False, False, False, True, True]
 
 
 def test_deterministic(device):
@@ -146,7 +213,10 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.aimv2.linear_cross_entropy_fwd.default, (h, w, b, t, -100))
     t3 = torch.where(t < 0, 3, t)                                       # pad id 3, a real class
     torch.library.opcheck(torch.ops.aimv2.linear_cross_entropy_fwd.default, (h, w, None, t3, 3))
-    _, lse = torch.ops.aimv2.linear_cross_entropy_fwd(h.detach(), w.detach(), b.detach(), t, -100)
+    for reduction in ("mean", "sum"):                   # the forward-computed gradients path
+        torch.library.opcheck(torch.ops.aimv2.linear_cross_entropy_fwd.default,
+                              (h, w, b, t, -100, reduction, True))
+    lse = torch.ops.aimv2.linear_cross_entropy_fwd(h.detach(), w.detach(), b.detach(), t, -100)[1]
     dloss = torch.randn(10, device=device)
     torch.library.opcheck(torch.ops.aimv2.linear_cross_entropy_bwd.default,
                           (dloss, h.detach(), w.detach(), b.detach(), t, lse, -100))
@@ -156,7 +226,7 @@ def test_out_of_range_target_is_nan_in_the_kernel(device):
     """The public function rejects it on CPU tensors; the kernel (no host sync) marks it NaN."""
     h, w, b, t = _inputs(6, 32, 40, torch.float32, device)
     t[2], t[4] = 40, -7
-    loss_tok, _ = torch.ops.aimv2.linear_cross_entropy_fwd(h, w, b, t, -100)
+    loss_tok = torch.ops.aimv2.linear_cross_entropy_fwd(h, w, b, t, -100)[0]
     assert torch.isnan(loss_tok[[2, 4]]).all() and torch.isfinite(loss_tok[[0, 1, 3, 5]]).all()
 
 

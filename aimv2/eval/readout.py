@@ -14,7 +14,7 @@ the image: a language prior alone scores the same on both, a decoder that ignore
 gap. The encoder runs with the data's prefix lengths (`DataConfig.prefix`, by default the training
 distribution P ~ U{1..N-1}, seeded), i.e. the decoder is read as it was trained.
 
-Equivalent PyTorch per batch: logits = model.decoder(model.encoder(x, P), t)[1]; hit = logits.argmax(-1) == t
+Equivalent PyTorch per batch: logits = model.text_logits(model.decoder(model.encoder(x, P), t)[1]); hit = logits.argmax(-1) == t
 on the mask `isin(t, content ids)`; shuffled: enc.roll(1, 0).
 """
 from __future__ import annotations
@@ -90,7 +90,8 @@ def content_word_accuracy(model: nn.Module, batches: Iterable[dict], word_ids: M
         enc = model.encoder(images, plen)                           # (B, N, D)
         hits = []
         for e in (enc, enc.roll(1, dims=0)):                        # own image, the previous sample's image
-            pixels, logits = model.decoder(e, text)                 # logits[:, k] predicts text[:, k]
+            pixels, hidden = model.decoder(e, text)                 # (B, N, p*p*C), (B, T, Dd)
+            logits = model.text_logits(hidden)                      # (B, T, V); [:, k] predicts text[:, k]
             hits.append(logits.argmax(-1) == text)                  # (B, T)
             if len(hits) == 1:
                 pix += _next_vs_same(pixels.float(), images, plen, model.cfg)
