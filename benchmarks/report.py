@@ -34,8 +34,10 @@ def load_rows(results: Path = RESULTS) -> dict[str, list[dict]]:
         except (OSError, json.JSONDecodeError) as e:
             print(f"report: skipping unreadable {f.name}: {e}", file=sys.stderr)
             continue
-        if isinstance(rows, list) and rows:
-            groups[f.stem] = [r for r in rows if isinstance(r, dict)]
+        rows = [r for r in rows if isinstance(r, dict) and r.get("provider") and r.get("pass")] \
+            if isinstance(rows, list) else []
+        if rows:                       # files of other shapes (e.g. experiment logs) are not tables
+            groups[f.stem] = rows
     return groups
 
 

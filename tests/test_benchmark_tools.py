@@ -133,3 +133,9 @@ def test_attention_benchmark_packed_baselines_compute_the_packed_mask():
     start = torch.tensor([0, *lens]).cumsum(0)[img]
     want = (img[:, None] == img[None, :]) & ((j - start[None, :] < torch.tensor(P)[img][None, :]) | (j <= i))
     assert torch.equal(got, want)
+
+
+def test_report_skips_files_that_are_not_benchmark_rows(tmp_path):
+    (tmp_path / "demo-signal-cpu-2026-11-29.json").write_text(json.dumps([{"op": "demo", "wall_s": 3.0}]))
+    (tmp_path / "kernels-H100-2026-11-25.json").write_text(json.dumps([_row("aimv2", 0.1)]))
+    assert list(report.load_rows(tmp_path)) == ["kernels-H100-2026-11-25"]
