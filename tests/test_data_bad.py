@@ -162,13 +162,23 @@ def test_other_formats_and_modes_decode_to_rgb(tmp_path, backend):
     assert (x[2] - x[4]).abs().mean() < 0.1  # RGBA (opaque) and WebP of the same picture agree
 
 
-def test_backend_choice_and_device_errors(tmp_path, monkeypatch):
+def test_backend_choice_and_device_errors(tmp_path, monkeypatch, caplog):
     from aimv2.data import loader as loader_mod
 
     rng = np.random.default_rng(0)
     path = write_shard(str(tmp_path / "ok.tar"), [good_sample(f"k{i}", rng) for i in range(4)])
-    assert build_loader(_cfg(path, "auto")).backend == ("dali" if dali_available() else "torch")
+    # auto = what was measured fastest on the device: torch on the CPU, DALI (nvJPEG) on a GPU; logged with why
+    with caplog.at_level("INFO", logger="aimv2.data.loader"):
+        assert build_loader(_cfg(path, "auto")).backend == "torch"
+    assert "data: torch backend (auto on the CPU: measured faster" in caplog.text
+    cuda = torch.device("cuda")
+    assert loader_mod.pick_backend("auto", cuda)[0] == ("dali" if dali_available() else "torch")
+    assert loader_mod.pick_backend("torch", cuda) == ("torch", "DataConfig.backend")
+    if dali_available():
+        assert build_loader(_cfg(path, "dali")).backend == "dali"
     monkeypatch.setattr(loader_mod, "dali_available", lambda: False)
+    backend, why = loader_mod.pick_backend("auto", cuda)
+    assert backend == "torch" and "DALI is not importable" in why
     assert build_loader(_cfg(path, "auto")).backend == "torch"
     with pytest.raises(ImportError, match="nvidia-dali"):
         build_loader(_cfg(path, "dali"))
