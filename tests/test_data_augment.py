@@ -286,7 +286,7 @@ def test_decode_is_pils_pixels_exactly(kind):
 def test_decode_raises_on_a_cut_scan_only_when_unchecked():
     """The strict decode is the scan check SampleReader deferred (Record.scan_checked False): a scan cut and
     closed with an EOI (PIL decodes it to gray without an error) must raise; intact files must not."""
-    from tests.adversarial_shards import cut_scan, jpeg
+    from adversarial_shards import cut_scan, jpeg
     good = jpeg(np.random.default_rng(2), 96, 80)
     cut = cut_scan(good, 0.5, eoi=True)
     plan = CropPlan(4, 4, 60, 50, False)
