@@ -261,7 +261,7 @@ def _pil_reference(data: bytes, plan: CropPlan, size: int) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["420", "444", "progressive", "gray", "png"])
 def test_decode_is_pils_pixels_exactly(kind):
     """decode_pil decodes JPEGs with libjpeg-turbo through simplejpeg (strict: the deferred scan check) and
-    writes into a preallocated batch slot: the pixels must be PIL's own, bit for bit, with and without the
+    writes into a preallocated chunk slot as channel planes: the pixels must be PIL's own, bit for bit, with and without the
     DCT-domain downscale (plans at 1x, 2x, 4x and 8x the output; a wrong scale or box moves every pixel)."""
     rng = np.random.default_rng(11)
     W, H, S = 517, 389, 48
@@ -278,9 +278,12 @@ def test_decode_is_pils_pixels_exactly(kind):
              CropPlan(W - 9 * S, 0, 9 * S, 8 * S - 1, True)]                               # 4x: h < 8 S
     for plan in plans:
         rec = Record(0, data, W, H, "c", None, "k", scan_checked=False)
-        slot = np.full((S, S, 3), 7, dtype=np.uint8)
+        slot = np.full((3, S, S), 7, dtype=np.uint8)  # a chunk slot: channel planes
         got = decode_pil(rec, plan, S, slot)
-        assert got is slot and np.array_equal(slot, _pil_reference(data, plan, S)), (kind, plan)
+        want = _pil_reference(data, plan, S)  # (S, S, 3)
+        assert got is slot and np.array_equal(slot, want.transpose(2, 0, 1)), (kind, plan)
+        rec = Record(0, data, W, H, "c", None, "k", scan_checked=False)
+        assert np.array_equal(decode_pil(rec, plan, S), want)  # no slot: (S, S, 3)
 
 
 def test_decode_raises_on_a_cut_scan_only_when_unchecked():
