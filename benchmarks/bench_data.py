@@ -284,14 +284,6 @@ def run_cell(provider: str, tars: list[str], workers: int, batch: int, batches: 
 
 
 # ---- the run: cells in fresh processes, interleaved -----------------------------------------------
-def pillow_info() -> str:
-    import PIL
-    from PIL import features
-
-    simd = "post" in PIL.__version__  # Pillow-SIMD releases are versioned X.Y.Z.postN
-    return f"Pillow{'-SIMD' if simd else ''} {PIL.__version__} (libjpeg-turbo {features.version('jpg')})"
-
-
 def _cell_in_fresh_process(args, provider, tars, workers) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--cell", provider, "--workers", str(workers),
            "--batch", str(args.batch), "--batches", str(args.batches), "--warmup", str(args.warmup), "--shards", *tars]
@@ -307,6 +299,8 @@ def run(args) -> ResultFile:
     sets = {k: v for k, v in sets.items() if k in args.sets.split(",")}
     out = args.out or (tempfile.mkdtemp(prefix="aimv2-bench-") if args.quick else None)
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    from aimv2.data.loader import pillow_info
+
     results = ResultFile("data", out, extra={"uptime_at_start": uptime, "pillow": pillow_info(),
                                              "cpu_cores": len(os.sched_getaffinity(0))})
     if args.providers:

@@ -194,7 +194,7 @@ def test_backend_choice_and_device_errors(tmp_path, monkeypatch, caplog):
     # auto = what was measured fastest on the device: torch on the CPU, DALI (nvJPEG) on a GPU; logged with why
     with caplog.at_level("INFO", logger="aimv2.data.loader"):
         assert build_loader(_cfg(path, "auto")).backend == "torch"
-    assert "data: torch backend (auto on the CPU: measured faster" in caplog.text
+    assert "data: torch backend (auto on the CPU: measured faster" in caplog.text and "decodes with Pillow" in caplog.text
     cuda = torch.device("cuda")
     assert loader_mod.pick_backend("auto", cuda)[0] == ("dali" if dali_available() else "torch")
     assert loader_mod.pick_backend("torch", cuda) == ("torch", "DataConfig.backend")

@@ -45,7 +45,7 @@ from .shards import resolve_shards
 from .tokenizer import _Base as _BaseTokenizer
 from .tokenizer import get_tokenizer
 
-__all__ = ["Loader", "build_loader", "dali_available", "decode_pil", "pick_backend", "to_rgb"]
+__all__ = ["Loader", "build_loader", "dali_available", "decode_pil", "pick_backend", "pillow_info", "to_rgb"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,17 @@ def _draft_scale(width: int, height: int, plan: CropPlan, size: int) -> int:
         return 1
     f = min(width // math.ceil(width * size / plan.w), height // math.ceil(height * size / plan.h))
     return next(a for a in (8, 4, 2, 1) if f >= a)
+
+
+def pillow_info() -> str:
+    """The PIL build that decodes / resizes for the torch backend, e.g. "Pillow 13.0.0 (libjpeg-turbo, ...)";
+    Pillow-SIMD (a faster drop-in fork, versioned X.Y.Z.postN) is named when it is the one installed."""
+    import PIL
+    from PIL import features
+
+    simd = "post" in PIL.__version__
+    turbo = "libjpeg-turbo" if features.check_feature("libjpeg_turbo") else "libjpeg"
+    return f"Pillow{'-SIMD' if simd else ''} {PIL.__version__} ({turbo}, libjpeg API {features.version('jpg')})"
 
 
 def pick_backend(backend: str, device: torch.device) -> tuple[str, str]:
@@ -254,7 +265,8 @@ class Loader:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"DataConfig.device: {cfg.device!r} requested but CUDA is not available")
         self.backend, reason = pick_backend(cfg.backend, self.device)
-        log.info("data: %s backend (%s)", self.backend, reason)
+        log.info("data: %s backend (%s)%s", self.backend, reason,
+                 f"; decodes with {pillow_info()}" if self.backend == "torch" else "")
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255.0
         self._mean_np = np.asarray(IMAGENET_MEAN, np.float32).reshape(3, 1, 1) * 255.0
