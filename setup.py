@@ -34,7 +34,7 @@ setup(
         "test": ["pytest", "pytest-timeout", "hypothesis", "pytest-benchmark", "transformers>=4.57"],
         "dali": ["nvidia-dali-cuda120; platform_system == 'Linux'"],
         "dali-cu13": ["nvidia-dali-cuda130; platform_system == 'Linux'"],
-        "bench": ["pytest-benchmark", "matplotlib"],
+        "bench": ["pytest-benchmark", "matplotlib", "webdataset"],  # webdataset: a peer in benchmarks/bench_data.py
         "tokenizers": ["tokenizers", "sentencepiece"],
     },
     entry_points={"console_scripts": ["aimv2 = aimv2.cli:main"]},

@@ -193,3 +193,22 @@ def test_prefix_lengths_cover_range_and_depend_on_seed_rank_step(shards):
         assert not torch.equal(a, prefix_lengths(other, 0, 64, 64))
     assert not torch.equal(a, prefix_lengths(cfg, 0, 128, 64)) and not torch.equal(a, prefix_lengths(cfg, 1, 64, 64))
     assert (prefix_lengths(replace(cfg, prefix="full"), 0, 0, 3) == 16).all()
+
+
+def test_batch_buffers_are_reused_only_once_released():
+    """The torch backend normalises into pooled batch buffers: one still referenced by a batch (or a view
+    of it) is never handed out again; a dropped one is."""
+    from aimv2.data.loader import _BatchPool
+
+    pool = _BatchPool(keep=2)
+    ta = torch.from_numpy(pool.get((2, 3, 4, 4)))  # a batch made from the first buffer
+    first = ta.data_ptr()
+    view = ta[1:]
+    del ta
+    tb = torch.from_numpy(pool.get((2, 3, 4, 4)))
+    assert tb.data_ptr() != first  # `view` keeps the first buffer in use
+    del view
+    tc = torch.from_numpy(pool.get((2, 3, 4, 4)))
+    assert tc.data_ptr() == first  # released: reused
+    assert torch.from_numpy(pool.get((2, 3, 4, 4))).data_ptr() not in (first, tb.data_ptr())  # both in use
+    assert pool.get((1, 3, 4, 4)).shape == (1, 3, 4, 4)

@@ -17,12 +17,17 @@ worker count and a resumed run see the same plan. Every executor then does the s
 Decoding is not here: loader.decode_pil (PIL, with JPEG DCT-domain downscaling) and dali.py decode
 the bytes and hand the pixels, or the arguments, to these executors.
 
-Draw. train: torchvision's RandomResizedCrop parameters, from rng(seed, epoch, sample id): up to 10
-tries of area fraction ~ U(crop_scale) and log aspect ratio ~ U(log crop_ratio), the box placed
-uniformly when it fits, else a centre crop with the aspect ratio clamped to crop_ratio; then flip
-with p = 0.5. eval: the centred min(W, H) square, no flip (= resize the shorter side to S and
-centre-crop S). `random_crop_plan` takes the generator as an argument, so a caller may draw many
-plans from one generator (for instance one counter-based generator per chunk of samples).
+Draw. train: torchvision's RandomResizedCrop parameters: up to 10 tries of area fraction ~ U(crop_scale)
+and log aspect ratio ~ U(log crop_ratio), the box placed uniformly when it fits, else a centre crop with
+the aspect ratio clamped to crop_ratio; then flip with p = 0.5. eval: the centred min(W, H) square, no
+flip (= resize the shorter side to S and centre-crop S).
+
+The uniforms come from a counter-based generator (`plan_uniforms`): uniform j of sample `sid` in
+`epoch` is a hash (SplitMix64's finaliser) of (seed, epoch, sid, j), so a whole chunk of samples gets
+its (n, PLAN_DRAWS) uniforms from a few numpy operations, and sample sid's values do not depend on
+which chunk, worker, backend or resume position drew them. `random_crop_plan(rng, ...)` consumes them
+in a fixed order through `CounterDraws` (any object with numpy Generator's uniform / integers / random
+works, e.g. np.random.default_rng(0) in tests).
 """
 from __future__ import annotations
 
@@ -35,9 +40,8 @@ import torch
 from PIL import Image
 
 from .config import DataConfig
-from .dataset import keyed_rng
 
-__all__ = ["CropPlan", "crop_plan", "random_crop_plan", "center_crop_plan",
+__all__ = ["CropPlan", "crop_plan", "crop_plans", "plan_uniforms", "CounterDraws", "random_crop_plan", "center_crop_plan",
            "pil_crop_resize", "tensor_crop_resize", "dali_crop_args"]
 
 
@@ -63,11 +67,68 @@ class CropPlan:
 
 
 # ---- drawing ---------------------------------------------------------------------------------------
+PLAN_DRAWS = 41  # uniforms a train plan may consume: 10 tries x (scale, ratio, y, x) + the flip
+_M64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment (2^64 / golden ratio, odd)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic): a bijection of 64-bit words."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def plan_uniforms(seed: int, epoch: int, sids, n_draws: int = PLAN_DRAWS) -> np.ndarray:
+    """(len(sids), n_draws) float64 uniforms in [0, 1): row i is a pure function of (seed, epoch, sids[i]).
+
+    Counter-based: u[i, j] = top 53 bits of mix(mix(key ^ sid * G2) + (j + 1) * G) with key = a hash of
+    (seed, epoch), G SplitMix64's increment; every sample has its own stream, whatever chunk it is in."""
+    key = _mix64(np.array([(seed * _GAMMA + 0xC20F) & _M64], np.uint64))
+    key = _mix64(key ^ np.uint64((epoch * 0xD1B54A32D192ED03 + 1) & _M64))
+    sid = np.asarray(sids, dtype=np.int64).astype(np.uint64).reshape(-1, 1)  # (n, 1)
+    base = _mix64(key ^ (sid * np.uint64(0xA0761D6478BD642F)))  # (n, 1) per-sample stream
+    j = (np.arange(1, n_draws + 1, dtype=np.uint64) * np.uint64(_GAMMA)).reshape(1, -1)  # (1, n_draws)
+    z = _mix64(base + j)  # (n, n_draws) uint64
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+class CounterDraws:
+    """numpy Generator's uniform / integers / random over one row of `plan_uniforms`, in order."""
+
+    __slots__ = ("_u", "_i")
+
+    def __init__(self, row):
+        self._u, self._i = row, 0
+
+    def random(self) -> float:
+        u = self._u[self._i]
+        self._i += 1
+        return u
+
+    def uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * self.random()
+
+    def integers(self, lo: int, hi: int) -> int:
+        """An int in [lo, hi) (hi > lo), as numpy's integers(lo, hi)."""
+        return min(lo + int(self.random() * (hi - lo)), hi - 1)
+
+
+def crop_plans(cfg: DataConfig, epoch: int, sids, sizes) -> list[CropPlan]:
+    """The plans of samples `sids` in `epoch` for images of sizes [(W, H), ...] (train: random; eval:
+    centre), their uniforms drawn for the whole list at once; plan i depends on sids[i] and sizes[i] only."""
+    if not cfg.train:
+        return [center_crop_plan(w, h) for w, h in sizes]
+    if len(sizes) == 0:
+        return []
+    rows = plan_uniforms(cfg.seed, epoch, sids).tolist()  # (n, PLAN_DRAWS) Python floats: cheap scalar math
+    return [random_crop_plan(CounterDraws(row), w, h, cfg.crop_scale, cfg.crop_ratio)
+            for row, (w, h) in zip(rows, sizes)]
+
+
 def crop_plan(cfg: DataConfig, epoch: int, sid: int, width: int, height: int) -> CropPlan:
     """The plan of sample id `sid` in `epoch` for a width x height image (train: random; eval: centre)."""
-    if not cfg.train:
-        return center_crop_plan(width, height)
-    return random_crop_plan(keyed_rng(cfg.seed, epoch, sid, 0xC20F), width, height, cfg.crop_scale, cfg.crop_ratio)
+    return crop_plans(cfg, epoch, [sid], [(width, height)])[0]
 
 
 def center_crop_plan(width: int, height: int) -> CropPlan:
@@ -75,12 +136,14 @@ def center_crop_plan(width: int, height: int) -> CropPlan:
     return CropPlan(int(round((width - side) / 2)), int(round((height - side) / 2)), side, side, False)
 
 
-def random_crop_plan(rng: np.random.Generator, width: int, height: int,
+def random_crop_plan(rng, width: int, height: int,
                      scale: tuple[float, float], ratio: tuple[float, float]) -> CropPlan:
-    """RandomResizedCrop(scale, ratio) box + flip with p = 0.5, drawn from `rng` (see the module docstring).
+    """RandomResizedCrop(scale, ratio) box + flip with p = 0.5, drawn from `rng` (a CounterDraws or a numpy
+    Generator; see the module docstring).
 
     Draw order (fixed: resume and the golden values in tests/test_data_augment.py depend on it): per try
-    uniform(scale), uniform(log ratio), and when the box fits integers(y), integers(x); then random() for the flip.
+    uniform(scale), uniform(log ratio), and when the box fits integers(y), integers(x); then random() for the
+    flip: at most PLAN_DRAWS values.
     """
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -106,19 +169,26 @@ def random_crop_plan(rng: np.random.Generator, width: int, height: int,
 
 # ---- executors -------------------------------------------------------------------------------------
 def pil_crop_resize(im: Image.Image, plan: CropPlan, size: int,
-                    scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
-    """Decoded RGB image -> uint8 (size, size, 3).
+                    scale: tuple[float, float] = (1.0, 1.0), out: np.ndarray | None = None) -> np.ndarray:
+    """Decoded RGB image -> uint8 (size, size, 3); or, when `out` (uint8 (3, size, size), e.g. a slot of
+    the torch backend's chunk) is given, the same pixels written into it as channel planes.
 
     scale: (fx, fy), the decoded image's size over the source size the plan refers to (a JPEG decoded
-    at 1/2, 1/4 or 1/8 by PIL's draft mode); the box is scaled by it, in float, before resizing.
+    at 1/2, 1/4 or 1/8 in the DCT domain); the box is scaled by it, in float, before resizing.
     """
     fx, fy = scale
     x, y, w, h = plan.x, plan.y, plan.w, plan.h
-    out = im.resize((size, size), Image.BICUBIC, box=(x * fx, y * fy, (x + w) * fx, (y + h) * fy))
+    res = im.resize((size, size), Image.BICUBIC, box=(x * fx, y * fy, (x + w) * fx, (y + h) * fy))
     if plan.flip:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(out)  # (size, size, 3); NOTE: numpy, not torch: torch's intra-op threads stall
-    # tiny per-image ops when the CPU is oversubscribed (measured 19 ms per permute-copy on 2 busy cores)
+        res = res.transpose(Image.FLIP_LEFT_RIGHT)
+    if out is None:
+        return np.asarray(res)  # (size, size, 3)
+    # NOTE: planes straight from PIL's bands: the batch's CHW layout without a strided transpose, which
+    # halves the main process's normalise (51 vs 108 us per 224 px image; 2 shared cores)
+    for c, band in enumerate(res.split()):
+        out[c] = np.asarray(band)  # (size, size)
+    return out  # NOTE: numpy, not torch: torch's intra-op threads stall tiny per-image ops when the CPU
+    # is oversubscribed (measured 19 ms per permute-copy on 2 busy cores)
 
 
 def tensor_crop_resize(img: torch.Tensor, plan: CropPlan, size: int) -> torch.Tensor:

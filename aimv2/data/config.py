@@ -28,7 +28,8 @@ class DataConfig:
 
     shards: a path, a directory (every *.tar in it), a glob or a brace pattern such as
       "shards/{00000..00099}.tar", or a list of those.
-    backend: "dali" | "torch" | "auto" (DALI when importable).
+    backend: "dali" | "torch" | "auto" (DALI on a GPU when importable, torch on the CPU: what was measured
+      fastest on each, loader.pick_backend; the choice and its reason are logged).
     num_workers: DALI CPU threads / torch DataLoader worker processes (0 = decode in the main process).
     train: True = random resized crop (area fraction in crop_scale, aspect ratio w / h in crop_ratio,
       bicubic; aimv2.data.augment) + horizontal flip, shard and buffer shuffle, endless epochs, last

@@ -12,12 +12,18 @@ torch backend's, and a sample its decoder rejects fails the whole pipeline. Read
 plan (dataset.py) gives both backends the same samples, the same order, the same crop boxes, flips
 and prefix lengths; DALI does the expensive part (decode, resize, normalise) on its threads / GPU.
 
-A reader thread (`_Prefetch`) runs the plan two batches ahead (pread, header checks, crop windows),
-so reading overlaps DALI's decoding; batches are still formed strictly in plan order.
+Overlap: a reader thread (`_Prefetch`) runs the plan two batches ahead (pread, header and scan checks,
+crop windows drawn per chunk), and the pipeline runs with prefetch_queue_depth = 2: batch i + 1 is fed
+and scheduled before batch i is collected (`DaliDecoder.submit` / `collect`), so DALI decodes the next
+batch while the host copies out, tokenises and hands over this one, and while the caller trains on it.
+The CPU and the "mixed" (nvJPEG) pipelines share this code; only the decoder's device differs.
+Batches are still formed strictly in plan order.
 
 Bad data: SampleReader rejects most bad samples before decoding. When DALI still fails on a batch,
-each of its samples is decoded alone to find the culprits, which are skipped (`corrupt_image`), and
-the pipeline is rebuilt; the batch is refilled from the following samples, as the torch backend does.
+the batches in flight are taken back, the samples of each are decoded alone (in order, until the
+culprits are found), which are skipped (`corrupt_image`), the pipeline is rebuilt and the batches
+re-formed from the good samples in plan order, as the torch backend refills: the same batches as a
+pipeline that ran one batch at a time.
 """
 from __future__ import annotations
 
@@ -29,21 +35,36 @@ import numpy as np
 import torch
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
-from .augment import CropPlan, crop_plan, dali_crop_args
+from .augment import CropPlan, crop_plans, dali_crop_args
 from .dataset import Record, SampleReader, epoch_order
+
+_CHUNK = 16  # samples whose crop plans are drawn at once (any value gives the same plans)
 
 __all__ = ["DaliDecoder", "iterate_dali"]
 
 
 class DaliDecoder:
-    """Decodes a list of (Record, CropPlan) into float32 (n, 3, S, S) normalised images on `device`."""
+    """Decodes lists of (Record, CropPlan) into float32 (n, 3, S, S) normalised images on `device`.
+
+    `submit(items)` feeds a batch and schedules it; `collect()` returns the oldest submitted batch's images
+    (blocking until DALI is done). Up to PREFETCH batches run at once: submit the next batch before
+    collecting this one. `decode(items)` = submit + collect. A pipeline that raised is invalid: `reset()`."""
+
+    PREFETCH = 2  # NOTE: 2 = feed i + 1 while DALI decodes i; measured in benchmarks/bench_data.py (README, Data)
 
     def __init__(self, batch_size: int, size: int, num_threads: int, device: torch.device, seed: int = 0):
         self.batch_size, self.size, self.num_threads, self.device, self.seed = batch_size, size, num_threads, device, seed
-        self._pipe = self._build(batch_size)
         self._single = None
+        self.reset()
 
-    def _build(self, batch_size: int):
+    def reset(self) -> None:
+        """Drop the batches in flight and rebuild the batch pipeline."""
+        self._pipe = self._build(self.batch_size, self.PREFETCH)
+        self._fed: list = []       # items of the batches fed and not yet collected, oldest first
+        self._real: list = []      # per fed batch: False for a copy fed only to start the pipeline
+        self._started = False
+
+    def _build(self, batch_size: int, depth: int):
         from nvidia.dali import fn, pipeline_def, types
 
         gpu = self.device.type == "cuda"
@@ -51,7 +72,7 @@ class DaliDecoder:
         S = self.size
 
         @pipeline_def(batch_size=batch_size, num_threads=max(1, self.num_threads), device_id=device_id,
-                      seed=self.seed, prefetch_queue_depth=1)
+                      seed=self.seed, prefetch_queue_depth=depth)
         def pipe():
             data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
             anchor = fn.external_source(name="anchor", dtype=types.FLOAT, ndim=1)
@@ -68,52 +89,88 @@ class DaliDecoder:
         p.build()
         return p
 
-    def _run(self, pipe, items) -> torch.Tensor:
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
+    @staticmethod
+    def _feed(pipe, items) -> None:
         pipe.feed_input("data", [np.frombuffer(r.image, dtype=np.uint8) for r, _ in items])
         for name, values in dali_crop_args([plan for _, plan in items]).items():
             pipe.feed_input(name, values)
-        (out,) = pipe.run()
+
+    def _copy_out(self, out) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
         t = out.as_tensor()
         res = torch.empty(t.shape(), dtype=torch.float32, device=self.device)  # (n, 3, S, S)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         feed_ndarray(t, res, cuda_stream=stream)
         return res
 
+    def submit(self, items: list[tuple[Record, CropPlan]], real: bool = True) -> None:
+        """Feed a batch and schedule it. The pipeline's first run prefetches PREFETCH batches, so it starts
+        once that many are fed; after that every batch is scheduled as it is fed."""
+        self._feed(self._pipe, items)
+        self._fed.append(items)
+        self._real.append(real)
+        if self._started:
+            self._pipe.schedule_run()
+        elif len(self._fed) == self.PREFETCH:
+            self._pipe.schedule_run()  # runs the PREFETCH batches fed so far
+            self._started = True
+
+    @property
+    def in_flight(self) -> int:
+        """Batches submitted and not yet collected."""
+        return sum(self._real)
+
+    def collect(self) -> torch.Tensor:
+        """float32 (n, 3, S, S) of the oldest batch submitted and not yet collected."""
+        while not self._started:  # fewer than PREFETCH batches fed: start with copies, discarded below
+            self.submit(self._fed[-1], real=False)
+        while True:
+            (out,) = self._pipe.outputs()
+            self._fed.pop(0)
+            if self._real.pop(0):
+                return self._copy_out(out)
+
     def decode(self, items: list[tuple[Record, CropPlan]]) -> torch.Tensor:
-        return self._run(self._pipe, items)
+        """float32 (n, 3, S, S) of `items`, decoded now (nothing else may be in flight)."""
+        self.submit(items)
+        return self.collect()
 
     def find_bad(self, items: list[tuple[Record, CropPlan]]) -> list[int]:
-        """Indices of items DALI cannot decode on their own (rebuilds the batch pipeline)."""
+        """Indices of items DALI cannot decode on their own (a batch-1 pipeline; the batch pipeline is untouched)."""
         bad = []
         for i, it in enumerate(items):
             try:
                 if self._single is None:
-                    self._single = self._build(1)
-                self._run(self._single, [it])
+                    self._single = self._build(1, 1)
+                self._feed(self._single, [it])
+                self._copy_out(self._single.run()[0])
             except RuntimeError:
                 bad.append(i)
                 self._single = None  # a pipeline that raised is not reused
-        self._pipe = self._build(self.batch_size)
         return bad
 
 
 def _events(loader, start_epoch: int, start_sample: int):
-    """The plan as events: ("rec", epoch, pos, (Record, CropPlan)) | ("skip", epoch, pos, reason) | ("end", epoch, lo, None)."""
+    """The plan as events: ("rec", epoch, pos, (Record, CropPlan)) | ("skip", epoch, pos, reason) | ("end", epoch, lo, None).
+
+    Crop plans are drawn per chunk of _CHUNK samples (augment.crop_plans: the same values as one by one)."""
     cfg = loader.cfg
     reader = SampleReader(loader.table, cfg)
     epoch, lo = start_epoch, start_sample
     try:
         while True:
             order = epoch_order(loader.table, cfg, epoch)
-            for pos in range(lo, len(order)):
-                sid = int(order[pos])
-                rec = reader.read(sid)
-                if isinstance(rec, str):
-                    yield "skip", epoch, pos, rec
-                else:
-                    yield "rec", epoch, pos, (rec, crop_plan(cfg, epoch, sid, rec.width, rec.height))
+            for a in range(lo, len(order), _CHUNK):
+                sids = order[a: a + _CHUNK].tolist()
+                recs = [reader.read(sid) for sid in sids]
+                good = [r for r in recs if not isinstance(r, str)]
+                plans = iter(crop_plans(cfg, epoch, [r.sid for r in good], [(r.width, r.height) for r in good]))
+                for k, rec in enumerate(recs):
+                    if isinstance(rec, str):
+                        yield "skip", epoch, a + k, rec
+                    else:
+                        yield "rec", epoch, a + k, (rec, next(plans))
             yield "end", epoch, lo, None
             if not cfg.train:
                 return
@@ -173,54 +230,100 @@ class _Prefetch:
 
 
 def iterate_dali(loader, start_epoch: int, start_sample: int) -> Iterator[dict]:
-    """Batches of `loader` (a Loader with backend "dali") from position (start_epoch, start_sample)."""
+    """Batches of `loader` (a Loader with backend "dali") from position (start_epoch, start_sample).
+
+    Units in plan order: ("batch", epoch, cands) fed to DALI as soon as formed, up to PREFETCH in flight,
+    and ("end", epoch, lo, leftovers) at each epoch's end; they are handed over strictly in order."""
     cfg, B = loader.cfg, loader.cfg.batch_size
     dec = DaliDecoder(B, cfg.image_size, cfg.num_workers, loader.device, cfg.seed)
-    cands: list[tuple[int, Record, CropPlan]] = []  # (pos, record, plan) waiting for a batch
+    source = iter(_Prefetch(_events(loader, start_epoch, start_sample), depth=2 * B))
+    back: list = []      # events taken back after a failure, replayed before the source's
+    cands: list = []     # (pos, record, plan) read, not yet in a unit
+    units: list = []     # formed units, oldest first; their batches are in flight in DALI
+    done = False
     good = batches = 0
 
-    def decode(epoch):
-        """A batch from `cands`, or None after dropping the samples DALI cannot decode (refill then)."""
-        nonlocal cands
-        items = [(r, w) for _, r, w in cands]
-        try:
-            images = dec.decode(items)
-        except RuntimeError as e:
-            bad = set(dec.find_bad(items))
-            if not bad:
-                raise RuntimeError(f"DALI failed on a batch whose samples decode alone: {e}") from e
-            loader._count_skip("corrupt_image", len(bad))
-            cands = [c for i, c in enumerate(cands) if i not in bad]
-            return None
-        batch = loader._finish(epoch, [p for p, _, _ in cands], images, [r.caption for _, r, _ in cands],
-                               [r.label for _, r, _ in cands], [r.key for _, r, _ in cands])
-        cands = []
-        return batch
+    def form() -> bool:
+        """Read events until one more unit is formed (and its batch submitted); False at the stream's end."""
+        nonlocal cands, done
+        while back or not done:
+            if back:
+                kind, epoch, pos, payload = back.pop(0)
+            else:
+                try:
+                    kind, epoch, pos, payload = next(source)
+                except StopIteration:
+                    done = True
+                    return False
+            if kind == "skip":
+                loader._count_skip(payload)
+            elif kind == "rec":
+                cands.append((pos, *payload))
+                if len(cands) == B:
+                    units.append(("batch", epoch, cands))
+                    dec.submit([(r, w) for _, r, w in cands])
+                    cands = []
+                    return True
+            else:  # end of the epoch's pass; pos = where it started
+                if cands and cfg.keep_last:
+                    units.append(("batch", epoch, cands))
+                    dec.submit([(r, w) for _, r, w in cands])
+                    back.insert(0, (kind, epoch, pos, payload))  # the end comes after the partial batch
+                else:
+                    units.append(("end", epoch, pos, cands))
+                cands = []
+                return True
+        return False
 
-    for kind, epoch, pos, payload in _Prefetch(_events(loader, start_epoch, start_sample), depth=2 * B):
-        if kind == "skip":
-            loader._count_skip(payload)
-        elif kind == "rec":
-            cands.append((pos, *payload))
-            if len(cands) == B:
-                batch = decode(epoch)
-                if batch is not None:
-                    good, batches = good + B, batches + 1
-                    yield batch
-        else:  # end of the epoch's pass; pos = where it started
-            while cands and cfg.keep_last:
-                n = len(cands)
-                batch = decode(epoch)
-                if batch is not None:
-                    good, batches = good + n, batches + 1
-                    yield batch
-            if cands and batches == 0:  # no batch this epoch: learn whether anything decodes, for the error
-                bad = dec.find_bad([(r, w) for _, r, w in cands])
+    def take_back() -> None:
+        """After DALI failed: find the culprits among the batches in flight, skip them, replay the rest."""
+        nonlocal units
+        replay, found = [], False
+        for unit in units:
+            if unit[0] == "batch":
+                items = unit[2]
+                bad = set() if found else set(dec.find_bad([(r, w) for _, r, w in items]))
+                found = found or bool(bad)
                 if bad:
                     loader._count_skip("corrupt_image", len(bad))
-                good += len(cands) - len(bad)
+                replay += [("rec", unit[1], p, (r, w)) for i, (p, r, w) in enumerate(items) if i not in bad]
             else:
-                good += len(cands)  # fewer than B left: dropped undecoded (drop_last)
-            cands = []
-            loader._end_epoch(epoch, good, batches, pos)
+                replay += [("rec", unit[1], p, (r, w)) for p, r, w in unit[3]] + [("end", unit[1], unit[2], None)]
+        if not found:
+            raise RuntimeError("DALI failed on batches whose samples decode alone")
+        assert not cands  # form() returns right after moving the candidates into a unit
+        back[:0] = replay
+        units = []
+        dec.reset()
+
+    while True:
+        # read ahead until PREFETCH batches are in flight, past at most one epoch end (an epoch without
+        # any good sample must raise in _end_epoch, not read on forever)
+        while dec.in_flight < DaliDecoder.PREFETCH and sum(u[0] == "end" for u in units) < 2 and form():
+            pass
+        if not units:
+            return
+        unit = units[0]
+        if unit[0] == "batch":
+            _, epoch, items = unit
+            try:
+                images = dec.collect()
+            except RuntimeError:
+                take_back()
+                continue
+            units.pop(0)
+            batch = loader._finish(epoch, [p for p, _, _ in items], images, [r.caption for _, r, _ in items],
+                                   [r.label for _, r, _ in items], [r.key for _, r, _ in items])
+            good, batches = good + len(items), batches + 1
+            yield batch
+        else:
+            _, epoch, lo, left = units.pop(0)
+            if left and batches == 0:  # no batch this epoch: learn whether anything decodes, for the error
+                bad = dec.find_bad([(r, w) for _, r, w in left])
+                if bad:
+                    loader._count_skip("corrupt_image", len(bad))
+                good += len(left) - len(bad)
+            else:
+                good += len(left)  # fewer than B left: dropped undecoded (drop_last)
+            loader._end_epoch(epoch, good, batches, lo)
             good = batches = 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import sys
 from collections import Counter
 from typing import Iterator
 
@@ -37,15 +38,21 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
-from .augment import CropPlan, crop_plan, pil_crop_resize, tensor_crop_resize
-from .dataset import Record, SampleReader, SampleTable, epoch_order, prefix_lengths
+from .augment import CropPlan, crop_plans, pil_crop_resize, tensor_crop_resize
+from .dataset import (Record, SampleReader, SampleTable, epoch_order, jpeg_scans_intact, prefix_lengths,
+                      scan_damage)
 from .shards import resolve_shards
 from .tokenizer import _Base as _BaseTokenizer
 from .tokenizer import get_tokenizer
 
-__all__ = ["Loader", "build_loader", "dali_available", "decode_pil", "to_rgb"]
+__all__ = ["Loader", "build_loader", "dali_available", "decode_pil", "pick_backend", "pillow_info", "to_rgb"]
 
 log = logging.getLogger(__name__)
+
+try:
+    import simplejpeg as _simplejpeg
+except ImportError:  # pragma: no cover - a dependency; PIL decodes every image then
+    _simplejpeg = None
 
 _CHUNK = 16  # samples per DataLoader item; any value gives the same batches
 
@@ -58,16 +65,84 @@ def dali_available() -> bool:
     return True
 
 
-def decode_pil(rec: Record, plan: CropPlan, size: int) -> np.ndarray:
-    """Decode rec.image with PIL and apply `plan` (augment.pil_crop_resize): uint8 (size, size, 3)."""
-    with Image.open(io.BytesIO(rec.image)) as im:
-        scale = (1.0, 1.0)
-        if im.format in ("JPEG", "MPO") and min(plan.w, plan.h) >= 2 * size:
-            # NOTE: libjpeg decodes at 1/2, 1/4, 1/8 scale for free; ask for a size that keeps the
-            # crop at least `size` pixels on each axis so the final resize still only shrinks.
-            im.draft("RGB", (math.ceil(rec.width * size / plan.w), math.ceil(rec.height * size / plan.h)))
-            scale = (im.size[0] / rec.width, im.size[1] / rec.height)
-        return pil_crop_resize(to_rgb(im), plan, size, scale)
+def _draft_scale(width: int, height: int, plan: CropPlan, size: int) -> int:
+    """The JPEG DCT-domain downscale (1, 2, 4 or 8) for `plan`: 1 unless the crop is >= 2x the output on
+    both axes, else the largest power of 2 keeping the crop >= `size` pixels on each axis (so the final
+    resize still only shrinks), as PIL's draft((ceil(W S / w), ceil(H S / h))) picks it."""
+    if min(plan.w, plan.h) < 2 * size:
+        return 1
+    f = min(width // math.ceil(width * size / plan.w), height // math.ceil(height * size / plan.h))
+    return next(a for a in (8, 4, 2, 1) if f >= a)
+
+
+def pillow_info() -> str:
+    """The PIL build that decodes / resizes for the torch backend, e.g. "Pillow 13.0.0 (libjpeg-turbo, ...)";
+    Pillow-SIMD (a faster drop-in fork, versioned X.Y.Z.postN) is named when it is the one installed."""
+    import PIL
+    from PIL import features
+
+    simd = "post" in PIL.__version__
+    turbo = "libjpeg-turbo" if features.check_feature("libjpeg_turbo") else "libjpeg"
+    return f"Pillow{'-SIMD' if simd else ''} {PIL.__version__} ({turbo}, libjpeg API {features.version('jpg')})"
+
+
+def pick_backend(backend: str, device: torch.device) -> tuple[str, str]:
+    """(backend, reason) for DataConfig.backend on `device`: "auto" picks the one measured fastest there.
+
+    NOTE: on the 2-core CPU machine (benchmarks/results/data-cpu-*.json, interleaved runs) the torch
+    backend out-ran our DALI CPU backend on every set and worker count (README, Data); on a GPU DALI's
+    nvJPEG "mixed" decode of the crop window leaves the host free."""
+    if backend != "auto":
+        return backend, "DataConfig.backend"
+    if device.type == "cuda":
+        if dali_available():
+            return "dali", "auto on a GPU: nvJPEG decode through DALI"
+        return "torch", "auto on a GPU: DALI is not importable (pip install nvidia-dali-cuda130)"
+    return "torch", "auto on the CPU: measured faster than DALI's CPU decoder (benchmarks/results/data-cpu-*.json)"
+
+
+def decode_pil(rec: Record, plan: CropPlan, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode rec.image and apply `plan` (augment.pil_crop_resize): uint8 (size, size, 3), or written into
+    `out`, a uint8 (3, size, size) slot, as channel planes.
+
+    JPEGs (YCbCr, RGB or gray) are decoded by libjpeg-turbo through simplejpeg, strictly: a scan that ends
+    early or holds bad Huffman codes raises ValueError, which is the scan check SampleReader defers to
+    this decode (Record.scan_checked False); the pixels are PIL's own (same libjpeg-turbo, ISLOW DCT,
+    fancy upsampling: tests/test_data_augment.py compares them). Other images are decoded by PIL; the
+    header PIL parsed in SampleReader.read (Record.header) is reused, never parsed again.
+    NOTE: strict simplejpeg decode + Image.fromarray: 1.4 ms for a 500x375 q90 photo where PIL's decode
+    took 1.6 ms plus 1.3 ms for the separate scan check (2 shared cores)."""
+    W, H = rec.width, rec.height
+    im = rec.header if rec.header is not None else Image.open(io.BytesIO(rec.image))
+    rec.header = None
+    try:
+        a = _draft_scale(W, H, plan, size) if im.format in ("JPEG", "MPO") else 1
+        src = None
+        if im.format in ("JPEG", "MPO") and im.mode in ("RGB", "L") and _simplejpeg is not None:
+            src = _decode_jpeg_strict(rec.image, W, H, a)
+            if src is not None:
+                src = Image.fromarray(src)
+        if src is None:
+            if not rec.scan_checked and not jpeg_scans_intact(rec.image):
+                raise ValueError("JPEG scan data ends early or is corrupt")
+            if a > 1:
+                im.draft("RGB", ((W + a - 1) // a, (H + a - 1) // a))
+            src = im if im.mode == "RGB" else to_rgb(im)  # NOTE: no convert("RGB") copy of an RGB image
+        return pil_crop_resize(src, plan, size, (src.size[0] / W, src.size[1] / H), out)
+    finally:
+        im.close()
+
+
+def _decode_jpeg_strict(data: bytes, width: int, height: int, scale: int) -> np.ndarray | None:
+    """uint8 (ceil(H / scale), ceil(W / scale), 3) decoded by libjpeg-turbo; ValueError on scan damage;
+    None when simplejpeg refuses the file for another reason (PIL decodes it then, as before)."""
+    kw = dict(min_factor=scale, min_width=-(-width // scale), min_height=-(-height // scale)) if scale > 1 else {}
+    try:
+        return _simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, **kw)
+    except ValueError as e:
+        if scan_damage(e):
+            raise
+    return None
 
 
 _WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit gray PNG / TIFF (Pillow has no 16-bit RGB mode)
@@ -121,37 +196,57 @@ class _ChunkStream(IterableDataset):
                 if ids is None:
                     yield {"end": True, "epoch": epoch, "length": a}
                     continue
-                out = {"end": False, "epoch": epoch, "pos": [], "reason": [], "caption": [], "label": [], "key": [],
-                       "images": [], "raw": []}
-                for k, sid in enumerate(ids.tolist()):
-                    rec = reader.read(sid)
+                out = {"end": False, "epoch": epoch, "pos": list(range(a, a + len(ids))), "reason": [],
+                       "caption": [], "label": [], "key": [], "images": [], "raw": []}
+                # header parsed once (kept open for the decoder); JPEG scans checked by the strict decode
+                recs = [reader.read(sid, keep_header=True, defer_scan_check=not self.defer_jpeg) for sid in ids.tolist()]
+                good = [r for r in recs if isinstance(r, Record)]
+                plans = iter(crop_plans(self.cfg, epoch, [r.sid for r in good], [(r.width, r.height) for r in good]))
+                images = np.empty((len(good), 3, S, S), dtype=np.uint8)  # (n_good, 3, S, S): decoded in place
+                d = 0
+                for rec in recs:
                     raw = None
                     if isinstance(rec, Record):
-                        plan = crop_plan(self.cfg, epoch, sid, rec.width, rec.height)
+                        plan = next(plans)
                         if self.defer_jpeg and rec.image[:2] == b"\xff\xd8":
-                            raw = (rec.image, plan)  # decoded on the GPU by the main process
+                            rec.header = rec.header.close()  # decoded on the GPU by the main process
+                            raw = (rec.image, plan)
                         else:
                             try:
-                                img = decode_pil(rec, plan, S)
+                                decode_pil(rec, plan, S, images[d])
+                                d += 1
                             except Exception:  # PIL raises OSError, SyntaxError, ValueError... on broken streams
                                 rec = "corrupt_image"
-                    out["pos"].append(a + k)
                     if isinstance(rec, str):
                         out["reason"].append(rec)
                         continue
                     out["reason"].append(None)
                     out["raw"].append(raw)
-                    if raw is None:
-                        out["images"].append(img)
                     out["caption"].append(rec.caption)
                     out["label"].append(rec.label)
                     out["key"].append(rec.key)
-                # (n_decoded, S, S, 3) -> (n_decoded, 3, S, S) uint8, one tensor per chunk (shared memory)
-                if out["images"]:
-                    out["images"] = torch.from_numpy(np.stack(out["images"]).transpose(0, 3, 1, 2).copy())
+                out["images"] = torch.from_numpy(images[:d])  # (n_decoded, 3, S, S) uint8, shared memory
                 yield out
         finally:
             reader.close()
+
+
+class _BatchPool:
+    """float32 batch buffers handed out again once nothing but the pool references them (the batch tensor
+    made with torch.from_numpy holds a reference to its array until every view of it is gone)."""
+
+    def __init__(self, keep: int = 4):
+        self.keep, self._bufs = keep, []
+
+    def get(self, shape: tuple) -> np.ndarray:
+        for buf in self._bufs:
+            # references: the list, `buf`, getrefcount's argument; one more = still in use by a batch
+            if buf.shape == shape and sys.getrefcount(buf) == 3:
+                return buf
+        buf = np.empty(shape, dtype=np.float32)
+        if len(self._bufs) < self.keep:
+            self._bufs.append(buf)
+        return buf
 
 
 class Loader:
@@ -166,14 +261,16 @@ class Loader:
         self.tokenizer = get_tokenizer(cfg.tokenizer, cfg.text_len)
         if cfg.backend == "dali" and not dali_available():
             raise ImportError('DataConfig.backend="dali" needs DALI: pip install nvidia-dali-cuda130 (or -cuda120)')
-        self.backend = "dali" if cfg.backend == "dali" or (cfg.backend == "auto" and dali_available()) else "torch"
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"DataConfig.device: {cfg.device!r} requested but CUDA is not available")
+        self.backend, reason = pick_backend(cfg.backend, self.device)
+        log.info("data: %s backend (%s)%s", self.backend, reason,
+                 f"; decodes with {pillow_info()}" if self.backend == "torch" else "")
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._mean_np = np.asarray(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1) * 255.0
-        self._inv_std_np = 1.0 / (np.asarray(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1) * 255.0)
+        self._mean_np = np.asarray(IMAGENET_MEAN, np.float32).reshape(3, 1, 1) * 255.0
+        self._inv_std_np = 1.0 / (np.asarray(IMAGENET_STD, np.float32).reshape(3, 1, 1) * 255.0)
         # torch backend on a GPU: JPEGs decoded by nvJPEG through torchvision when it works, else by PIL
         self._jpeg_decoder = None
         if self.backend == "torch" and self.device.type == "cuda":
@@ -183,6 +280,7 @@ class Loader:
                 self._jpeg_decoder = decode
             else:
                 log.info("data: torch backend decodes JPEGs with PIL on the CPU workers: %s", reason)
+        self._pool = _BatchPool()
         self._epoch, self._sample = cfg.start_epoch, cfg.start_sample
         self._stats = Counter(samples=0, batches=0, skipped=0)
         if self.table.dropped:
@@ -221,17 +319,21 @@ class Loader:
         self._stats["skipped"] += n
         self._stats["skipped_" + reason] += n
 
-    def _normalize(self, u8: np.ndarray) -> torch.Tensor:
-        """uint8 (B, 3, S, S) -> float32 (x - mean) / std on self.device.
+    def _normalize(self, imgs: list[np.ndarray]) -> torch.Tensor:
+        """uint8 (3, S, S) images -> float32 (n, 3, S, S), (x - mean) / std, on self.device.
 
-        NOTE: on the CPU this is numpy with preallocated outputs: 11 ms for B = 64 at 224 px where the
-        same torch ops took 48 ms (2 busy cores; torch's intra-op threads stall when oversubscribed)."""
+        CPU: stack + normalise in one loop, image by image (the float image stays in cache for the
+        scale pass), into a batch buffer reused once the caller has dropped every batch made from it.
+        NOTE: a fresh 38 MB batch is page-faulted in on every touch: 28-34 ms per B = 64 batch where a
+        reused one took 24 ms (2 shared cores)."""
         if self.device.type == "cuda":
-            x = torch.from_numpy(u8).pin_memory().to(self.device, non_blocking=True)
-            return x.float().sub_(self._mean).div_(self._std)
-        out = np.empty(u8.shape, dtype=np.float32)
-        np.subtract(u8, self._mean_np, out=out, dtype=np.float32)
-        np.multiply(out, self._inv_std_np, out=out)
+            u8 = torch.from_numpy(np.stack(imgs)).pin_memory().to(self.device, non_blocking=True)  # (n, 3, S, S)
+            return u8.float().sub_(self._mean).div_(self._std)
+        out = self._pool.get((len(imgs),) + imgs[0].shape)  # (n, 3, S, S) float32
+        for i, img in enumerate(imgs):
+            o = out[i]  # (3, S, S)
+            np.subtract(img, self._mean_np, out=o, dtype=np.float32)
+            np.multiply(o, self._inv_std_np, out=o)
         return torch.from_numpy(out)
 
     def _finish(self, epoch: int, pos: list[int], images: torch.Tensor, captions: list[str], labels, keys) -> dict:
@@ -303,13 +405,14 @@ class Loader:
                 good = batches = started_at = 0
                 continue
             g = d = 0  # index among the chunk's good samples / among its CPU-decoded images
+            decoded = chunk["images"].numpy()  # (n_decoded, 3, S, S) uint8
             for pos, reason in zip(chunk["pos"], chunk["reason"]):
                 if reason is not None:
                     self._count_skip(reason)
                     continue
                 img = chunk["raw"][g]
                 if img is None:
-                    img, d = chunk["images"][d], d + 1
+                    img, d = decoded[d], d + 1
                 buf.append((pos, img, chunk["caption"][g], chunk["label"][g], chunk["key"][g]))
                 g += 1
                 if len(buf) == B:
@@ -349,7 +452,7 @@ class Loader:
         if len(ok) < len(items):
             return None, ok
         cpu = [i for i in range(len(items)) if i not in gpu]
-        u8 = np.stack([items[i][1].numpy() for i in cpu]) if cpu else None  # (n_cpu, 3, S, S) uint8
+        u8 = [items[i][1] for i in cpu]  # uint8 (3, S, S) each
         if not gpu:
             images = self._normalize(u8)
         else:
