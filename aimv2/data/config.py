@@ -24,7 +24,7 @@ def context_fields() -> frozenset[str]:
 
 @dataclass
 class DataConfig:
-    """Webdataset loading for AIMv2 pre-training (SPEC §5 augmentation, §2 prefix lengths).
+    """Webdataset loading for AIMv2 pre-training (method.md §5 augmentation, §2 prefix lengths).
 
     shards: a path, a directory (every *.tar in it), a glob or a brace pattern such as
       "shards/{00000..00099}.tar", or a list of those.

@@ -3,7 +3,7 @@
 Batch layout (B = batch_size, S = image_size, L = text_len, N = (S / patch_size)^2):
   images     float32 (B, 3, S, S) on cfg.device, (x / 255 - mean) / std with ImageNet statistics
   text       int64 (B, L) on cfg.device, caption ids + eos, right-padded with tokenizer.pad_id
-  prefix_len int64 (B,) on cfg.device, SPEC §2 prefix lengths (dataset.prefix_lengths)
+  prefix_len int64 (B,) on cfg.device, method.md §2 prefix lengths (dataset.prefix_lengths)
   labels     int64 (B,) on cfg.device, json[label_key] (only when cfg.label_key is set)
   keys       list[str] "<shard>:<key>" (only when cfg.return_keys)
 
