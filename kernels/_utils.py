@@ -45,6 +45,34 @@ def check_same_device(**tensors) -> None:
         raise ValueError(f"all inputs must be on one device, got {desc}")
 
 
+def prefix_lengths(prefix_len, B: int, N: int, device) -> torch.Tensor:
+    """int32 (B,) prefix lengths on `device` from an int or an integer tensor of B values in [0, N].
+
+    An int, and a CPU tensor in eager mode, are range-checked (a CUDA tensor is not: that would be a
+    host sync; nor is a tensor under torch.compile: a data-dependent graph break); values are clamped to
+    [0, N] before the cast to int32, so an int64 2**32 + 1 can never wrap to 1."""
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, torch.Tensor)):
+        raise TypeError(f"prefix_len: expected an int or an integer tensor ({B},), got {type(prefix_len).__name__}")
+    if isinstance(prefix_len, int):
+        if not 0 <= prefix_len <= N:
+            raise ValueError(f"prefix_len: {prefix_len} outside [0, N={N}]")
+        return torch.full((B,), prefix_len, dtype=torch.int32, device=device)
+    if prefix_len.is_floating_point() or prefix_len.is_complex() or prefix_len.dtype == torch.bool:
+        raise TypeError(f"prefix_len: expected an integer tensor, got {prefix_len.dtype}")
+    if prefix_len.numel() != B:
+        raise ValueError(f"prefix_len: expected {B} values (one per image), got shape {tuple(prefix_len.shape)}")
+    if prefix_len.device.type == "cpu" and B and not torch.compiler.is_compiling():
+        lo, hi = int(prefix_len.min()), int(prefix_len.max())
+        if lo < 0 or hi > N:
+            raise ValueError(f"prefix_len: values must lie in [0, N={N}], got min {lo}, max {hi}")
+    return clamp_prefix(prefix_len.reshape(B).to(device), N)                                  # (B,)
+
+
+def clamp_prefix(prefix_len: torch.Tensor, N: int) -> torch.Tensor:
+    """int32 prefix lengths clamped to [0, N] first (a cast first would wrap 2**32 + 1 to 1)."""
+    return prefix_len.clamp(0, N).to(torch.int32)
+
+
 def unavailable_reason(device=None, dtype: torch.dtype | None = None) -> str | None:
     """None when the Triton kernels can run on `device` (default: "cuda" when CUDA is available,
     else "cpu") with inputs of `dtype` (default: any), else the reason they cannot.

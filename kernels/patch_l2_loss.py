@@ -31,7 +31,7 @@ import torch
 
 from ._compat import tl, triton
 from ._utils import Tiles, cast_rtne, check_float, check_launchable, check_same_device, is_interpreting, \
-    last_dim_contiguous
+    last_dim_contiguous, prefix_lengths
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -255,7 +255,9 @@ def patch_l2_loss(pred: torch.Tensor, images: torch.Tensor, prefix_len, patch_si
         raise ValueError(f"pred: expected shape (B, N, p*p*C), got {tuple(pred.shape)}")
     if images.dim() != 4:
         raise ValueError(f"images: expected shape (B, C, H, W), got {tuple(images.shape)}")
-    p = int(patch_size)
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int):
+        raise TypeError(f"patch_size: expected a Python int, got {patch_size!r}")
+    p = patch_size
     B, C, H, W = images.shape
     if p < 1 or H % p or W % p:
         raise ValueError(f"patch_size: expected a positive divisor of H={H} and W={W}, got {p}")
@@ -267,15 +269,6 @@ def patch_l2_loss(pred: torch.Tensor, images: torch.Tensor, prefix_len, patch_si
                          f"patch_size {p}, got {tuple(pred.shape)}")
     check_same_device(pred=pred, images=images)
     check_launchable(pred)
-    if isinstance(prefix_len, torch.Tensor):
-        if prefix_len.dtype.is_floating_point or prefix_len.dtype.is_complex or \
-                prefix_len.dtype == torch.bool:
-            raise TypeError(f"prefix_len: expected an int or an integer tensor, got {prefix_len.dtype}")
-        if prefix_len.numel() != B:
-            raise ValueError(f"prefix_len: expected {B} values (one per image), got shape "
-                             f"{tuple(prefix_len.shape)}")
-        plen = prefix_len.to(device=pred.device, dtype=torch.int32).reshape(B)    # (B,)
-    else:
-        plen = torch.full((B,), int(prefix_len), dtype=torch.int32, device=pred.device)
+    plen = prefix_lengths(prefix_len, B, N, pred.device)                            # int32 (B,)
     loss, _ = _patch_l2_loss_fwd_op(last_dim_contiguous(pred), images, plen, p, float(eps))
     return loss

@@ -264,6 +264,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
     check_same_device(x=x, weight=weight, residual=residual)
     check_launchable(x)
     D = x.shape[-1]
+    if D == 0:                                      # nothing to normalise: empty outputs, as the reference
+        return rms_norm_ref(x, weight, eps, residual)
     x2 = last_dim_contiguous(x).reshape(-1, D)                                   # (M, D)
     r2 = last_dim_contiguous(residual).reshape(-1, D) if residual is not None else None
     out, s, _ = _rms_norm_fwd_op(x2, last_dim_contiguous(weight), r2, float(eps))
