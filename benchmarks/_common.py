@@ -16,14 +16,17 @@ each script and by pytest's rootdir-relative import of files without __init__.py
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -146,6 +149,28 @@ def result_row(*, op: str, pass_: str, shape: str, dtype: str, provider: str, ms
     return row
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM for the body: one that arrives is recorded and re-raised after it.
+
+    A thread mask is not enough (torch's worker threads would take the signal and Python would
+    still raise in the main thread mid-body); Python runs signal handlers only in the main thread,
+    so elsewhere nothing can interrupt the body and nothing needs holding."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    sigs = [signal.SIGINT, signal.SIGTERM]
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in caught:
+            signal.raise_signal(s)
+
+
 class ResultFile:
     """The rows of one run in <out_dir or benchmarks/results>/<what>-<device>-<date>.json.
 
@@ -165,10 +190,15 @@ class ResultFile:
         self.rows: list[dict] = []
 
     def add(self, row: dict) -> None:
-        self.rows.append({**row, **self.extra})
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.rows, indent=1, default=str) + "\n")
-        os.replace(tmp, self.path)
+        # SIGINT/SIGTERM are held (not lost) while the row is appended and the file replaced, so
+        # `self.rows` and the file never disagree: a KeyboardInterrupt raised between the two would
+        # report a row as kept that the file does not hold. The held signal is delivered on exit.
+        with _signals_held():
+            rows = self.rows + [{**row, **self.extra}]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(rows, indent=1, default=str) + "\n")
+            os.replace(tmp, self.path)
+            self.rows = rows
 
     def extend(self, rows) -> None:
         for r in rows:

@@ -199,3 +199,27 @@ def test_make_gpu_dry_mode(tmp_path):
     assert summary.strip() in r.stdout                             # the output's tail tells the story
     log = gpu_all.out_path(out, "gpu_all", "log").read_text()
     assert log.startswith("[gpu setup] python: ") and "=== stage step: ok" in log
+
+
+def test_sigint_inside_add_is_held_until_the_row_is_on_disk(tmp_path, monkeypatch):
+    """A SIGINT arriving while add() writes (CI saw it: the stage said it kept 125 rows, the file
+    held 124) is delivered only once the file and `rows` agree, whichever row it lands in."""
+    import signal
+    import _common
+    res = ResultFile("sig", tmp_path)
+    res.add({"i": 0})
+    real_dumps = _common.json.dumps
+
+    def dumps_then_interrupted(*a, **k):
+        text = real_dumps(*a, **k)
+        os.kill(os.getpid(), signal.SIGINT)            # lands mid-write, before the file is replaced
+        time.sleep(0.01)
+        return text
+
+    monkeypatch.setattr(_common.json, "dumps", dumps_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        res.add({"i": 1})
+    monkeypatch.setattr(_common.json, "dumps", real_dumps)
+    on_disk = json.loads(res.path.read_text())
+    assert [r["i"] for r in on_disk] == [r["i"] for r in res.rows] == [0, 1]
+    assert not res.path.with_name(res.path.name + ".tmp").exists()
