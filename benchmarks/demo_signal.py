@@ -58,6 +58,12 @@ LABELS = {  # name -> (classes, fn(meta) -> int)
     "quadrant": (4, lambda d: 2 * (d["shapes"][0]["y"] >= 0.5) + (d["shapes"][0]["x"] >= 0.5)),
     "kind_count": (18, lambda d: 3 * ["circle", "square", "triangle", "star", "hexagon", "cross"].index(
         d["shapes"][0]["kind"]) + d["num_shapes"] - 1),
+    # the scene's structure, as the caption states it: how many shapes, the main one's size, where it is
+    # relative to the second (19 of the 45 codes occur: one shape has no relation, a main shape among
+    # several is never small)
+    "count_size": (9, lambda d: 3 * (d["num_shapes"] - 1) + ["small", "medium", "large"].index(d["shapes"][0]["size"])),
+    "scene": (45, lambda d: 15 * ["small", "medium", "large"].index(d["shapes"][0]["size"])
+              + 5 * (d["num_shapes"] - 1) + (0 if d["num_shapes"] == 1 else _relation(d["shapes"][0], d["shapes"][1]))),
 }
 
 
