@@ -97,9 +97,11 @@ DEFAULT_MAX_PATCHES = 4096
 
 def native_grid(height: int, width: int, patch_size: int = 14, max_patches: int = DEFAULT_MAX_PATCHES):
     """The (h, w) patch grid an H x W image is resized to for native-resolution inference: each side
-    rounded to the nearest multiple of the patch size (at least one patch), and when h*w would exceed
-    `max_patches` both sides scaled by the same factor (floored) until it fits, keeping the aspect ratio
-    (a side at one patch stays there). No upper bound on max_patches other than memory."""
+    rounded to the nearest multiple of the patch size (at least one patch). When h*w would exceed
+    `max_patches`, both sides are scaled by the one factor that makes the exact area max_patches and
+    each is rounded down or up (within one patch of its exact size): the largest of those grids that
+    fits, the closer aspect ratio on a tie (a side at one patch stays there). No upper bound on
+    max_patches other than memory."""
     if isinstance(max_patches, bool) or not isinstance(max_patches, int) or max_patches < 1:
         raise ValueError(f"max_patches: expected a positive int, got {max_patches!r}")
     if height < 1 or width < 1:
@@ -108,7 +110,10 @@ def native_grid(height: int, width: int, patch_size: int = 14, max_patches: int 
     h, w = max(1, round(h0)), max(1, round(w0))
     if h * w > max_patches:
         s = math.sqrt(max_patches / (h0 * w0))
-        h, w = max(1, int(h0 * s)), max(1, int(w0 * s))
+        hs, ws = h0 * s, w0 * s
+        cands = [(max(1, a), max(1, b)) for a in {math.floor(hs), math.ceil(hs)} for b in {math.floor(ws), math.ceil(ws)}]
+        fits = [c for c in cands if c[0] * c[1] <= max_patches] or [min(cands, key=lambda c: c[0] * c[1])]
+        h, w = max(fits, key=lambda c: (c[0] * c[1], -abs(math.log(c[1] / c[0] * h0 / w0))))
         if h * w > max_patches:                          # only with a side clamped at 1 (extreme aspect)
             w = max(1, max_patches // h)
         if h * w > max_patches:
