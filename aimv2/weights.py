@@ -22,7 +22,8 @@ Attention-pooling heads (`head.*`) are dropped too: the encoder is the trunk onl
 transformers (5.x modeling_aimv2): position_embedding is an nn.Embedding looked up at arange(N), i.e.
 the same (N, D) table added after the patch RMSNorm; blocks are pre-norm; `rms_norm` is the final
 norm; last_hidden_state equals our encoder output. Its `is_native` models have no learned table
-but a fixed 2-D sin-cos one (`sincos_pos_embed`), which we rebuild for any resolution.
+but a fixed 2-D sin-cos one (`sincos_pos_embed`), which we rebuild for any resolution; with
+`native=True` they load as our native encoder (no table, sin-cos per image grid, method.md §8).
 
     enc = load_encoder("aimv2-large-patch14-224/")              # HF layout dir, any of the 3 formats
     enc = load_encoder(sd, "aimv2-large", img_size=448)          # pos-embed bicubic-resized 16x16 -> 32x32
@@ -39,9 +40,9 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from aimv2.config import ModelConfig
+from aimv2.pos_embed import resize_table, sincos_2d
 from aimv2.presets import PRESETS, get_preset
 
 log = logging.getLogger(__name__)
@@ -198,30 +199,17 @@ def interpolate_pos_embed(pe: torch.Tensor, new_grid: int) -> torch.Tensor:
         raise ValueError(f"pe: expected a (1, N, D) or (N, D) tensor, got {getattr(pe, 'shape', type(pe))}")
     if not isinstance(new_grid, int) or new_grid <= 0:
         raise ValueError(f"new_grid: expected a positive int, got {new_grid!r}")
-    N, D = pe.shape[-2:]
-    g = math.isqrt(N)
-    if g * g != N:
-        raise ValueError(f"pe: {N} tokens do not form a square grid")
-    if new_grid == g:
-        return pe.clone()
-    img = pe.reshape(1, g, g, D).permute(0, 3, 1, 2).float()                      # (1, D, g, g)
-    img = F.interpolate(img, size=(new_grid, new_grid), mode="bicubic", align_corners=False,
-                        antialias=new_grid < g)                                   # (1, D, G, G)
-    out = img.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, D).to(pe.dtype)  # (1, G*G, D)
-    return out if pe.dim() == 3 else out[0]
+    out = resize_table(pe, new_grid)              # the native encoder's per-grid resize (method.md §8)
+    return pe.clone() if out is pe else out
 
 
 def sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos embedding of the `-native` AIMv2 checkpoints (transformers' is_native):
-    token (y, x) -> [sin(x w) | cos(x w) | sin(y w) | cos(y w)], w_i = 10000^(-i / (D/4)).
-    Returns (1, grid*grid, dim) fp32, row-major tokens."""
+    """Fixed 2-D sin-cos embedding of the `-native` AIMv2 checkpoints (transformers' is_native) on a
+    square grid: token (y, x) -> [sin(x w) | cos(x w) | sin(y w) | cos(y w)], w_i = 10000^(-i / (D/4))
+    (`aimv2.pos_embed.sincos_2d`, which takes any h x w grid). Returns (1, grid*grid, dim) fp32."""
     if dim % 4:
         raise ValueError(f"dim: the sin-cos embedding needs a multiple of 4, got {dim}")
-    w = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))   # (D/4,)
-    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                          torch.arange(grid, dtype=torch.float64), indexing="ij")     # (g, g) each
-    ex, ey = x.flatten()[:, None] * w, y.flatten()[:, None] * w                    # (g*g, D/4)
-    return torch.cat([ex.sin(), ex.cos(), ey.sin(), ey.cos()], 1)[None].float()     # (1, g*g, D)
+    return sincos_2d(grid, grid, dim)[None]                                        # (1, g*g, D)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -437,7 +425,8 @@ def _resolve_config(sd, meta, hf, preset, overrides, origin) -> tuple[ModelConfi
         if stated is not None and "num_heads" not in overrides and int(stated) != cfg.num_heads:
             raise ValueError(f"load_encoder({origin}): the checkpoint states {stated} heads, preset "
                              f"{cfg.name!r} has {cfg.num_heads}; pass num_heads=... to override")
-    native = POS not in sd and bool(hf.get("is_native"))
+    native = POS not in sd and (bool(hf.get("is_native")) or (
+        ckpt_cfg is not None and ckpt_cfg.native and ckpt_cfg.native_pos == "sincos"))
     grid = _shape_summary(sd)["grid"]
     img = grid * cfg.patch_size if grid else int(hf.get("image_size", cfg.img_size)) if native else cfg.img_size
     return cfg.replace(img_size=img, **overrides), img, native
@@ -481,6 +470,11 @@ def load_encoder(source, preset=None, *, img_size: int | None = None, strict: bo
       16x16 -> 32x32 tokens for 224 -> 448 px); sin-cos `-native` models get their exact embedding.
     strict: False tolerates missing keys (left at init) and unexpected keys; never mis-shaped ones.
     cfg_overrides: ModelConfig fields for the built model (attn_backend="flex", impl="triton", ...).
+      native=True builds the native-resolution encoder (method.md §8; images of any size,
+      `forward_packed`): a sin-cos `-native` checkpoint (transformers is_native) maps onto it with no
+      position table; a learned-table checkpoint keeps its table and resizes it bicubically to each
+      image's grid (native_pos="interpolate", chosen automatically; native_pos="sincos" drops the table
+      instead, with a warning).
     Raises ValueError listing missing, unexpected and mis-shaped keys.
     """
     from aimv2.model import AIMv2Encoder
@@ -492,7 +486,18 @@ def load_encoder(source, preset=None, *, img_size: int | None = None, strict: bo
     target = ckpt_img if img_size is None else img_size
     if not isinstance(target, int) or target <= 0 or target % p:
         raise ValueError(f"img_size: expected a positive multiple of the patch size {p}, got {img_size!r}")
-    if native:
+    if cfg.native:                                      # per-image grids (method.md §8)
+        if native and cfg.native_pos == "interpolate":
+            raise ValueError(f"load_encoder({origin}): native_pos='interpolate' resizes a learned table, and "
+                             "this sin-cos `-native` checkpoint has none; use native_pos='sincos' (the default)")
+        if POS in sd and cfg.native_pos == "sincos":
+            if cfg_overrides.get("native_pos") == "sincos":
+                log.warning("load_encoder(%s): native_pos='sincos' drops the checkpoint's learned position "
+                            "table; features change until the model is fine-tuned", origin)
+                del sd[POS]
+            else:                                       # keep the learned table, resized per image grid
+                cfg = cfg.replace(native_pos="interpolate")
+    elif native:
         sd[POS] = sincos_pos_embed(ckpt_img // p, cfg.dim)
 
     # ---- key sets and shapes against the model at the checkpoint's own resolution
@@ -539,7 +544,8 @@ def _hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "num_channels": cfg.in_chans, "image_size": cfg.img_size, "patch_size": cfg.patch_size,
         "hidden_act": "silu", "attention_dropout": 0.0, "rms_norm_eps": cfg.norm_eps,
         "qkv_bias": False, "mlp_bias": False, "initializer_range": 0.02,
-        "use_head": False, "is_native": False, "dtype": str(dtype).removeprefix("torch."),
+        "use_head": False, "is_native": cfg.native and cfg.native_pos == "sincos",
+        "dtype": str(dtype).removeprefix("torch."),
     }
 
 
