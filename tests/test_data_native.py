@@ -21,7 +21,7 @@ from aimv2.data.shards import resolve_shards
 from aimv2.data.synth import write_synthetic_dataset
 from aimv2.data.testing import bad_samples, good_sample, write_shard
 from aimv2.kernels import patchify
-from aimv2.packing import PackedBatch, pack_images
+from aimv2.packing import PackedBatch, pack_images, unpack, unpatchify
 
 NO_DALI = pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed (pip install it to test DALI)")
 BACKENDS = ["torch", pytest.param("dali", marks=NO_DALI)]
@@ -242,7 +242,8 @@ def test_native_eval_keeps_whole_images_and_the_last_batch(tmp_path):
         assert torch.equal(b.prefix_len, native_prefix_lengths(11, 0, 0, range(lo, hi), b.lengths))
 
 
-def test_native_skips_bad_samples_as_fixed_mode_does(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_native_skips_bad_samples_as_fixed_mode_does(tmp_path, backend):
     rng = np.random.default_rng(6)
     goods = [good_sample(f"g{i:02d}", rng, int(rng.integers(40, 120)), int(rng.integers(40, 120))) for i in range(12)]
     bads = list(bad_samples(rng).values())
@@ -254,7 +255,7 @@ def test_native_skips_bad_samples_as_fixed_mode_does(tmp_path):
     write_shard(str(tmp_path / "clean.tar"), [s for s in mixed if s["__key__"] in kept])
     runs = {}
     for name in ("mixed", "clean"):
-        loader = build_loader(native_cfg(str(tmp_path / f"{name}.tar"), num_workers=1, train=False))
+        loader = build_loader(native_cfg(str(tmp_path / f"{name}.tar"), backend, num_workers=1, train=False))
         runs[name] = (list(loader), loader.stats())
     (mb, ms), (cb, cs) = runs["mixed"], runs["clean"]
     skips = {k: v for k, v in fixed.stats().items() if k.startswith("skipped")}
@@ -262,10 +263,15 @@ def test_native_skips_bad_samples_as_fixed_mode_does(tmp_path):
     assert cs["skipped"] == 0 and ms["samples"] == cs["samples"] == len(kept)
     assert len(mb) == len(cb) and all(a.grids == b.grids and torch.equal(a.patches, b.patches)
                                       and torch.equal(a.text, b.text) for a, b in zip(mb, cb))
+    assert "skipped_corrupt_image" in ms  # a sample that fails only in the decoder was found and skipped
 
 
 @NO_DALI
 def test_dali_and_torch_native_batches_agree(shards):
+    """Same samples, grids, prefixes, flips; pixels (in 0..255 levels) differ only by the resize kernels:
+    mean <= 0.5 levels as PIL vs DALI in test_data_augment, max <= 12 at crop edges (PIL reads the
+    pixels just outside the box, DALI's slice decode has only the box; 9 measured on this set)."""
+    levels = torch.tensor(IMAGENET_STD) * 255  # (3,): normalised units -> levels, per channel
     for train in (True, False):
         t = take(build_loader(native_cfg(shards, "torch", train=train)), 4)
         d = take(build_loader(native_cfg(shards, "dali", train=train)), 4)
@@ -273,5 +279,8 @@ def test_dali_and_torch_native_batches_agree(shards):
             assert sa == sb and a.grids == b.grids
             assert torch.equal(a.text, b.text) and torch.equal(a.prefix_len, b.prefix_len)
             assert torch.equal(a.cu_seqlens, b.cu_seqlens)
-            diff = (a.patches - b.patches).abs()
-            assert diff.mean() < 0.03 and diff.max() < 1.5, (train, diff.mean(), diff.max())
+            diff = ((a.patches - b.patches).view(a.num_tokens, -1, 3) * levels).abs()  # (T, p*p, 3)
+            assert diff.mean() <= 0.5 and diff.max() <= 12, (train, diff.mean(), diff.max())
+            for x, y, g in zip(unpack(a.patches, a.grids), unpack(b.patches, b.grids), a.grids):
+                x, y = unpatchify(x, g, P), unpatchify(y, g, P)  # (3, h*P, w*P)
+                assert (x - y.flip(-1)).abs().mean() > 5 * (x - y).abs().mean()  # a mirror would show
