@@ -34,7 +34,7 @@ def native_grid(height: int, width: int, patch_size: int, min_patches: int, max_
     T = clamp(height * width / patch_size^2, min_patches, max_patches): h* = sqrt(T / a), w* = sqrt(T a).
     Rounding: among every integer grid with h, w >= 1 and min_patches <= h * w <= max_patches, the one
     nearest (h*, w*) in log coordinates, (log h - log h*)^2 + (log w - log w*)^2 = relative errors of
-    the area and of the aspect ratio weighted alike; ties go to the smaller h. So an image already in
+    the area and of the aspect ratio weighted alike; ties go to the smaller h, then the smaller w. So an image already in
     range keeps its size to the nearest patch, h * w never exceeds max_patches, and a 1 x 2000 px strip
     still lands in range (h = 1, w as near its aspect ratio as the range allows).
     Equivalent brute force: min over all (h, w) of that distance (tests/test_data_native.py).
@@ -48,20 +48,28 @@ def native_grid(height: int, width: int, patch_size: int, min_patches: int, max_
     area = min(max(height * width / patch_size ** 2, min_patches), max_patches)
     log_h = 0.5 * (math.log(area) - math.log(width / height))  # log h*
     log_w = math.log(area) - log_h                                # log w*
-    h = np.arange(1, max_patches + 1, dtype=np.int64)             # (M,) every possible height
-    lo = -(-min_patches // h)                                     # (M,) widths allowed: [lo, hi]
-    hi = max_patches // h
-    ok = lo <= hi
     w_star = math.exp(log_w)
-    cands = [np.clip(np.floor(w_star), lo, hi), np.clip(np.ceil(w_star), lo, hi)]  # best w per h: one of these
-    cost = [(np.log(h) - log_h) ** 2 + (np.log(np.maximum(w, 1)) - log_w) ** 2 for w in cands]
-    pick = cost[1] < cost[0]
-    best_w = np.where(pick, cands[1], cands[0])
-    best = np.where(ok, np.where(pick, cost[1], cost[0]), np.inf)
-    i = int(np.argmin(best))
-    if not np.isfinite(best[i]):  # only when no product of two ints lies in range, which cannot happen: (1, max)
-        raise AssertionError("native_grid: no grid in range")
-    return int(h[i]), int(best_w[i])
+
+    def best_at(h):  # (cost, h, w) of the best w for this h (floor or ceil of w*, clamped to the range)
+        lo, hi = -(-min_patches // h), max_patches // h
+        if lo > hi:
+            return None
+        return min(((math.log(h) - log_h) ** 2 + (math.log(w) - log_w) ** 2, h, w)
+                   for w in (min(max(math.floor(w_star), lo), hi), min(max(math.ceil(w_star), lo), hi)))
+
+    def search(hs):
+        return min(filter(None, map(best_at, hs)), default=None)
+
+    first = best_at(min(max(round(math.exp(log_h)), 1), max_patches))
+    # exact: an h can beat cost c only if (log h - log h*)^2 <= c, so only h in exp(log h* -+ sqrt(c)) is
+    # searched (a full scan when the rounded h* has no w in range: a band narrower than h)
+    # NOTE: 30-34 us per image (2,000 random 100-2000 px sizes, 2 shared cores) where a numpy scan of
+    # every h in 1..1024 took 140 us
+    span = math.sqrt(first[0]) if first is not None else math.inf
+    lo_h = 1 if span == math.inf else max(1, math.floor(math.exp(log_h - span)) - 1)
+    hi_h = max_patches if span == math.inf else min(max_patches, math.ceil(math.exp(log_h + span)) + 1)
+    best = search(range(lo_h, hi_h + 1))
+    return best[1], best[2]
 
 
 def native_prefix_lengths(seed: int, rank: int, epoch: int, positions, lengths, prefix="random") -> torch.Tensor:
