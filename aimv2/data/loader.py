@@ -22,6 +22,13 @@ passing a self-test against PIL at start-up), JPEGs skip PIL: workers pass the b
 process decodes the batch with torchvision.io.decode_jpeg(device="cuda") and crops / resizes /
 flips on the GPU (augment.tensor_crop_resize); a JPEG nvJPEG rejects is skipped and the batch refilled.
 Backend "dali": see aimv2/data/dali.py.
+
+Native mode (cfg.native, aimv2/data/native.py, method.md §8): the same plan and skips, but each sample
+keeps its crop's aspect ratio on its own patch grid, workers send uint8 patch rows, and the main process
+packs them greedily into batches of at most tokens_per_batch tokens, yielded as
+aimv2.packing.PackedBatch (patches normalised as above, cu_seqlens, grids, per-sample prefix_len, text);
+the state after a batch is again the position just past its last sample. JPEGs are decoded by PIL on
+the workers even with device="cuda" (the batch is then copied to the GPU).
 """
 from __future__ import annotations
 
@@ -367,9 +374,9 @@ class Loader:
         return batch
 
     def _finish_packed(self, epoch: int, pos: list[int], rows, grids: list, captions: list[str]) -> PackedBatch:
-        """A PackedBatch from uint8 patch rows ((T, p*p*3) numpy on the host, or float32 in [0, 255] on
-        self.device), ImageNet-normalised per channel (the last axis of a patch row), and advance the
-        position past pos[-1]. Prefix lengths per sample (native.native_prefix_lengths)."""
+        """A PackedBatch from uint8 (T, p*p*3) patch rows (numpy on the host, or a tensor on self.device),
+        ImageNet-normalised per channel (the last axis of a patch row), and advance the position past
+        pos[-1]. Prefix lengths per sample (native.native_prefix_lengths, method.md §2)."""
         dev, cfg = self.device, self.cfg
         lengths = [h * w for h, w in grids]
         if isinstance(rows, np.ndarray) and dev.type == "cpu":
@@ -462,7 +469,8 @@ class Loader:
                     continue
                 img = chunk["raw"][g]
                 if cfg.native:
-                    (h, w), n = chunk["grids"][g], chunk["grids"][g][0] * chunk["grids"][g][1]
+                    h, w = chunk["grids"][g]
+                    n = h * w
                     img, row = (decoded[row: row + n], (h, w)), row + n
                     if buf and used + n > cfg.tokens_per_batch:
                         good, batches = good + len(buf), batches + 1

@@ -57,9 +57,6 @@ def native_grid(height: int, width: int, patch_size: int, min_patches: int, max_
         return min(((math.log(h) - log_h) ** 2 + (math.log(w) - log_w) ** 2, h, w)
                    for w in (min(max(math.floor(w_star), lo), hi), min(max(math.ceil(w_star), lo), hi)))
 
-    def search(hs):
-        return min(filter(None, map(best_at, hs)), default=None)
-
     first = best_at(min(max(round(math.exp(log_h)), 1), max_patches))
     # exact: an h can beat cost c only if (log h - log h*)^2 <= c, so only h in exp(log h* -+ sqrt(c)) is
     # searched (a full scan when the rounded h* has no w in range: a band narrower than h)
@@ -68,7 +65,7 @@ def native_grid(height: int, width: int, patch_size: int, min_patches: int, max_
     span = math.sqrt(first[0]) if first is not None else math.inf
     lo_h = 1 if span == math.inf else max(1, math.floor(math.exp(log_h - span)) - 1)
     hi_h = max_patches if span == math.inf else min(max_patches, math.ceil(math.exp(log_h + span)) + 1)
-    best = search(range(lo_h, hi_h + 1))
+    best = min(filter(None, map(best_at, range(lo_h, hi_h + 1))))
     return best[1], best[2]
 
 
