@@ -49,7 +49,8 @@ __all__ = ["DaliDecoder", "iterate_dali"]
 
 
 class DaliDecoder:
-    """Decodes lists of (Record, CropPlan) into float32 (n, 3, S, S) normalised images on `device`.
+    """Decodes lists of (Record, CropPlan) into float32 (n, 3, S, S) normalised images on `device`
+    (native mode, `grid_of` given: uint8 (T, p*p*3) patch rows of each plan's own grid, see _copy_out).
 
     `submit(items)` feeds a batch and schedules it; `collect()` returns the oldest submitted batch's images
     (blocking until DALI is done). Up to PREFETCH batches run at once: submit the next batch before
@@ -265,7 +266,7 @@ def iterate_dali(loader, start_epoch: int, start_sample: int) -> Iterator[dict]:
     grid_of = (lambda plan: plan_grid(cfg, plan)) if cfg.native else None
     dec = DaliDecoder(cfg.max_images_per_batch, cfg.image_size, cfg.num_workers, loader.device, cfg.seed,
                       grid_of, cfg.patch_size)
-    source = iter(_Prefetch(_events(loader, start_epoch, start_sample), depth=2 * B))
+    source = iter(_Prefetch(_events(loader, start_epoch, start_sample), depth=2 * cfg.max_images_per_batch))
     back: list = []      # events taken back after a failure, replayed before the source's
     cands: list = []     # (pos, record, plan) read, not yet in a unit
     used = 0             # native: tokens in cands (a unit closes when the next sample would pass the budget)
