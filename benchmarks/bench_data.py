@@ -321,7 +321,7 @@ def run(args) -> ResultFile:
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     from aimv2.data.loader import pillow_info
 
-    results = ResultFile("data", out, extra={"uptime_at_start": uptime, "pillow": pillow_info(),
+    results = ResultFile("data_native" if args.native else "data", out, extra={"uptime_at_start": uptime, "pillow": pillow_info(),
                                              "cpu_cores": len(os.sched_getaffinity(0))})
     if args.providers:
         providers = args.providers.split(",")
