@@ -280,3 +280,12 @@ def test_dali_and_torch_native_batches_agree(shards):
             for x, y, g in zip(unpack(a.patches, a.grids), unpack(b.patches, b.grids), a.grids):
                 x, y = unpatchify(x, g, P), unpatchify(y, g, P)  # (3, h*P, w*P)
                 assert (x - y.flip(-1)).abs().mean() > 5 * (x - y).abs().mean()  # a mirror would show
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_native_budget_larger_than_an_epoch_is_a_clear_error(tmp_path, backend):
+    rng = np.random.default_rng(7)
+    write_shard(str(tmp_path / "a.tar"), [good_sample(f"{i}", rng, 60, 60) for i in range(3)])  # <= 3 x 20 tokens
+    with pytest.raises(ValueError, match="tokens_per_batch=64 is more than the patches of the 3 good samples"):
+        next(iter(build_loader(native_cfg(str(tmp_path / "a.tar"), backend, num_workers=0))))
+    assert len(list(build_loader(native_cfg(str(tmp_path / "a.tar"), backend, num_workers=0, train=False)))) == 1

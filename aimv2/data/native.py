@@ -17,6 +17,7 @@ before it, so a resumed loader yields the same batches.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -27,6 +28,7 @@ from .augment import plan_uniforms
 __all__ = ["native_grid", "plan_grid", "native_prefix_lengths", "patchify_hwc", "greedy_packs"]
 
 
+@functools.lru_cache(maxsize=4096)  # pure; each backend asks again for a sample's grid while packing and resizing
 def native_grid(height: int, width: int, patch_size: int, min_patches: int, max_patches: int) -> tuple[int, int]:
     """The (h, w) patch grid of a height x width pixel image (or crop) at native resolution.
 
