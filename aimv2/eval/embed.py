@@ -30,7 +30,6 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import math
 import os
 
 import torch
@@ -96,29 +95,16 @@ DEFAULT_MAX_PATCHES = 4096
 
 
 def native_grid(height: int, width: int, patch_size: int = 14, max_patches: int = DEFAULT_MAX_PATCHES):
-    """The (h, w) patch grid an H x W image is resized to for native-resolution inference: each side
-    rounded to the nearest multiple of the patch size (at least one patch). When h*w would exceed
-    `max_patches`, both sides are scaled by the one factor that makes the exact area max_patches and
-    each is rounded down or up (within one patch of its exact size): the largest of those grids that
-    fits, the closer aspect ratio on a tie (a side at one patch stays there). No upper bound on
-    max_patches other than memory."""
+    """The (h, w) patch grid an H x W image is resized to for native-resolution inference: the
+    training loader's rule (`aimv2.data.native.native_grid`) with no lower bound — the image's own
+    patch count, aspect ratio kept, the nearest grid in log terms; over `max_patches` the nearest grid
+    that fits. No upper bound on max_patches other than memory."""
     if isinstance(max_patches, bool) or not isinstance(max_patches, int) or max_patches < 1:
         raise ValueError(f"max_patches: expected a positive int, got {max_patches!r}")
     if height < 1 or width < 1:
         raise ValueError(f"image size {height}x{width}: expected positive sides")
-    h0, w0 = height / patch_size, width / patch_size
-    h, w = max(1, round(h0)), max(1, round(w0))
-    if h * w > max_patches:
-        s = math.sqrt(max_patches / (h0 * w0))
-        hs, ws = h0 * s, w0 * s
-        cands = [(max(1, a), max(1, b)) for a in {math.floor(hs), math.ceil(hs)} for b in {math.floor(ws), math.ceil(ws)}]
-        fits = [c for c in cands if c[0] * c[1] <= max_patches] or [min(cands, key=lambda c: c[0] * c[1])]
-        h, w = max(fits, key=lambda c: (c[0] * c[1], -abs(math.log(c[1] / c[0] * h0 / w0))))
-        if h * w > max_patches:                          # only with a side clamped at 1 (extreme aspect)
-            w = max(1, max_patches // h)
-        if h * w > max_patches:
-            h = max(1, max_patches // w)
-    return h, w
+    from aimv2.data.native import native_grid as grid
+    return grid(int(height), int(width), patch_size, 1, max_patches)
 
 
 def load_image_native(path: str, patch_size: int, max_patches: int, mean, std) -> torch.Tensor:
