@@ -5,6 +5,9 @@ The encoder's prefix mask (method.md §2): query i sees key j iff j < P_b or j <
             (B, 1, N, N) boolean mask (what the reference frameworks do; it forces the slow path).
 - "flex":   FlexAttention with mask_mod `kv < P[b] or q >= kv` and a BlockMask (compiled on a GPU).
 - "triton": aimv2.kernels.prefix_attention (per-sample prefix, masked tiles skipped).
+
+`PackedAttentionMask` is the same pattern over images of different sizes packed into one sequence
+(native resolution, method.md §8): no token attends across images.
 """
 from __future__ import annotations
 
@@ -71,3 +74,68 @@ class AttentionMask:
             return _flex_attention()(q, k, v, block_mask=self.block_mask)
         from aimv2.kernels import prefix_attention
         return prefix_attention(q, k, v, self.prefix_len)
+
+
+class PackedAttentionMask:
+    """The attention pattern of one packed forward (method.md §8): n images of lengths L_s packed into
+    one (T, ...) sequence; query i of image s sees key j iff j is in image s and (j - start_s < P_s or
+    j <= i). Built once per forward, applied in every block to q, k, v (T, H, Dh) -> (T, H, Dh).
+
+    - "triton": aimv2.kernels.prefix_attention_varlen over the whole pack (one launch per block).
+    - "sdpa":   one fixed-length `AttentionMask` per image, applied image by image (the exact per-image
+                computation; no (T, T) mask).
+    - "flex":   one document block mask over the pack (B = 1, N = T): no cross-image tile is computed.
+
+    cu_seqlens: int32 (n + 1,) on the device; lengths: the L_s as host ints; prefix_len: None
+    (bidirectional) or an int tensor (n,) in [0, L_s] (already validated).
+    """
+
+    def __init__(self, backend: str, cu_seqlens: torch.Tensor, lengths, prefix_len, device: torch.device):
+        self.backend = backend
+        self.lengths = [int(n) for n in lengths]
+        self.cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+        self.prefix_len = None if prefix_len is None else prefix_len.to(device=device)
+        self.max_seqlen = max(self.lengths, default=0)
+        self.masks = self.block_mask = None
+        if backend == "sdpa":
+            self.masks = [AttentionMask(backend, None if self.prefix_len is None else self.prefix_len[s:s + 1],
+                                        1, n, device) for s, n in enumerate(self.lengths)]
+        elif backend == "flex":
+            self.block_mask = self._doc_block_mask(device)
+        elif backend == "triton":
+            if self.prefix_len is None:                                          # bidirectional: P_s = L_s
+                self.plen32 = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).contiguous()
+            else:
+                self.plen32 = self.prefix_len.to(torch.int32).contiguous()
+
+    def _doc_block_mask(self, device):
+        from torch.nn.attention.flex_attention import create_block_mask
+        n, T = len(self.lengths), sum(self.lengths)
+        doc = torch.repeat_interleave(torch.arange(n, dtype=torch.int32),
+                                      torch.tensor(self.lengths, dtype=torch.int64)).to(device)     # (T,)
+        start = self.cu_seqlens[:-1]                                                               # (n,)
+        if self.prefix_len is None:
+            def mask_mod(b, h, q, kv):
+                return doc[q] == doc[kv]
+        else:
+            plen = self.prefix_len.to(torch.int32)
+
+            def mask_mod(b, h, q, kv):
+                d = doc[kv]
+                return (doc[q] == d) & ((kv - start[d] < plen[d]) | (q >= kv))
+        return create_block_mask(mask_mod, 1, None, T, T, device=device)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v (T, H, Dh) (any strides, last dim contiguous) -> (T, H, Dh) contiguous."""
+        if self.backend == "triton":
+            from aimv2.kernels import prefix_attention_varlen
+            return prefix_attention_varlen(q, k, v, self.cu_seqlens, self.max_seqlen, self.plen32)
+        if self.backend == "flex":
+            o = _flex_attention()(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=self.block_mask)
+            return o[0].transpose(0, 1).contiguous()                               # (1, H, T, Dh) -> (T, H, Dh)
+        outs, a = [], 0
+        for n, mask in zip(self.lengths, self.masks):
+            qs, ks, vs = (t[a:a + n].transpose(0, 1)[None] for t in (q, k, v))   # (1, H, L_s, Dh)
+            outs.append(mask(qs, ks, vs)[0].transpose(0, 1))                     # (L_s, H, Dh)
+            a += n
+        return torch.cat(outs) if len(outs) > 1 else outs[0].contiguous()

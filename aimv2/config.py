@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 ATTN_BACKENDS = ("sdpa", "flex", "triton")
 IMPLS = ("torch", "triton")
+NATIVE_POS = ("sincos", "interpolate")
 
 
 def mlp_hidden_for(dim: int) -> int:
@@ -20,6 +21,14 @@ class ModelConfig:
 
     `attn_backend` picks the attention kernel ("sdpa" | "flex" | "triton"); `impl` picks the
     norm / SwiGLU / pixel-loss implementation ("torch" references or fused "triton" kernels).
+
+    `native` (method.md §8): images at their own size (H, W any multiples of patch_size, not only
+    img_size x img_size), each with the position embedding of its own (H/p, W/p) patch grid, and
+    `AIMv2Encoder.forward_packed` for many sizes in one packed sequence. `native_pos` says where that
+    embedding comes from: "sincos" (the fixed 2-D sin-cos of Apple's `-native` checkpoints; the encoder
+    has no learned table) or "interpolate" (a learned img_size-grid table, e.g. of a `-224` checkpoint,
+    bicubic-resized to each image's grid). Without `native` the encoder is the fixed-size one and
+    `native_pos` is not read. img_size stays the nominal resolution (learned-table size, FLOPs).
     """
     name: str = "custom"
     # encoder
@@ -47,6 +56,9 @@ class ModelConfig:
     # backends
     attn_backend: str = "sdpa"
     impl: str = "torch"
+    # native resolution (method.md §8)
+    native: bool = False
+    native_pos: str = "sincos"
 
     @property
     def grid(self) -> int:
@@ -96,4 +108,8 @@ class ModelConfig:
              f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
         need(self.impl in IMPLS, f"impl must be one of {IMPLS}, got {self.impl!r}")
         need(self.norm_eps > 0 and self.patch_norm_eps > 0, "eps values must be > 0")
+        need(isinstance(self.native, bool), f"native must be a bool, got {self.native!r}")
+        need(self.native_pos in NATIVE_POS, f"native_pos must be one of {NATIVE_POS}, got {self.native_pos!r}")
+        need(not (self.native and self.native_pos == "sincos" and self.dim % 4),
+             f"native sin-cos position embedding needs dim divisible by 4, got {self.dim}")
         return self

@@ -1,6 +1,8 @@
 """The AIMv2 model (method.md §1-§4): a ViT encoder with prefix attention and a causal multimodal decoder.
 
     images (B, C, S, S) -> AIMv2Encoder -> (B, N, D)                       N = (S / 14)^2
+    native (method.md §8): images (B, C, H, W) -> (B, (H/14)(W/14), D); images of many sizes ->
+    AIMv2Encoder.forward_packed -> one (h_s w_s, D) per image, computed as one packed sequence
     [Linear(D -> Dd)(enc tokens) | CLS | text tokens] -> causal decoder -> pixel head, text head
     loss = 0.4 * patch-normalised l2 (shifted by one, prefix excluded) + 1.0 * caption cross-entropy
 
@@ -18,8 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aimv2 import kernels as K
-from aimv2.attention import AttentionMask
+from aimv2.attention import AttentionMask, PackedAttentionMask
 from aimv2.config import ModelConfig
+from aimv2.pos_embed import resize_table, sincos_2d
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -28,6 +31,13 @@ def check_images(images, cfg: ModelConfig) -> None:
         raise ValueError(f"images: expected a tensor, got {type(images).__name__}")
     if not images.is_floating_point():
         raise ValueError(f"images: expected a float tensor (normalised pixels), got {images.dtype}")
+    if cfg.native:
+        p = cfg.patch_size
+        if (images.dim() != 4 or images.shape[1] != cfg.in_chans or images.shape[2] % p or images.shape[3] % p
+                or images.shape[2] == 0 or images.shape[3] == 0):
+            raise ValueError(f"images: expected shape (B, {cfg.in_chans}, H, W) with H, W positive multiples "
+                             f"of the patch size {p} for native {cfg.name}, got {tuple(images.shape)}")
+        return
     exp = (cfg.in_chans, cfg.img_size, cfg.img_size)
     if images.dim() != 4 or tuple(images.shape[1:]) != exp:
         raise ValueError(f"images: expected shape (B, {exp[0]}, {exp[1]}, {exp[2]}) for {cfg.name}, "
@@ -98,7 +108,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask) -> torch.Tensor:
+        if x.dim() == 2:                                                    # packed (T, D), PackedAttentionMask
+            T, D = x.shape
+            qkv = self.qkv(x).view(T, 3, self.num_heads, D // self.num_heads)
+            return self.proj(mask(*qkv.unbind(1)).reshape(T, D))           # 3 x (T, H, Dh) views -> (T, D)
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                     # 3 x (B, H, N, Dh)
@@ -162,15 +176,61 @@ class Patchifier(nn.Module):
         x = self.proj(images).flatten(2).transpose(1, 2)                   # (B, N, D)
         return self.norm(x)
 
+    def forward_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """Packed patches (T, p*p*C) in `kernels.patchify` order (row, col, channel) -> normed (T, D):
+        the conv weight (D, C, p, p) applied as a Linear (one parameter set for both paths)."""
+        w = self.proj.weight                                                # (D, C, p, p)
+        x = F.linear(patches, w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), self.proj.bias)
+        return self.norm(x)
+
 
 class Preprocessor(nn.Module):
+    """Patch embedding + position embedding. The learned (1, N, D) table `pos_embed` exists unless the
+    config is native with sin-cos positions (method.md §8), which have no parameters."""
+
+    _SINCOS_CACHE = 32                       # grids kept per module (serving sees a few aspect ratios)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.cfg = cfg
         self.patchifier = Patchifier(cfg)
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.dim))  # (1, N, D)
+        if cfg.native and cfg.native_pos == "sincos":
+            self.register_parameter("pos_embed", None)
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.dim))  # (1, N, D)
+        self._sincos: dict = {}
+
+    def pos_embed_for(self, h: int, w: int, device, dtype) -> torch.Tensor:
+        """(h*w, D) position embedding of an h x w patch grid: the sin-cos one (cached per grid, device,
+        dtype) or the learned table resized to the grid (the table itself at its own grid). A
+        non-native encoder only knows its own grid."""
+        cfg = self.cfg
+        if self.pos_embed is None:
+            key = (h, w, torch.device(device), dtype)
+            pe = self._sincos.pop(key, None)
+            if pe is None:
+                pe = sincos_2d(h, w, cfg.dim, device=device, dtype=dtype)
+            self._sincos[key] = pe                                          # most recent last
+            while len(self._sincos) > self._SINCOS_CACHE:
+                self._sincos.pop(next(iter(self._sincos)))
+            return pe
+        if not cfg.native and (h, w) != (cfg.grid, cfg.grid):
+            raise ValueError(f"patch grid {h}x{w}: this {cfg.name} encoder is not native and only takes its "
+                             f"own {cfg.grid}x{cfg.grid} grid ({cfg.img_size} px); build it with native=True")
+        return resize_table(self.pos_embed, (h, w))[0].to(dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.patchifier(images) + self.pos_embed
+        if not self.cfg.native:
+            return self.patchifier(images) + self.pos_embed
+        p = self.cfg.patch_size
+        x = self.patchifier(images)                                         # (B, h*w, D)
+        return x + self.pos_embed_for(images.shape[2] // p, images.shape[3] // p, x.device, x.dtype)
+
+    def forward_packed(self, patches: torch.Tensor, grids) -> torch.Tensor:
+        """Packed patches (T, p*p*C) over `grids` -> (T, D) tokens with each image's position embedding."""
+        x = self.patchifier.forward_patches(patches)                        # (T, D)
+        pe = [self.pos_embed_for(h, w, x.device, x.dtype) for h, w in grids]
+        return x + (pe[0] if len(pe) == 1 else torch.cat(pe))
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -178,6 +238,8 @@ class AIMv2Encoder(nn.Module):
     """ViT trunk: forward(images (B, C, S, S), prefix_len=None) -> (B, N, D), final-normed.
 
     prefix_len: None (bidirectional, inference), an int, or an int tensor (B,) in [0, N].
+    Native configs (method.md §8) take (B, C, H, W) of any H, W multiples of the patch size, and
+    `forward_packed` runs images of different sizes as one packed sequence.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -200,16 +262,69 @@ class AIMv2Encoder(nn.Module):
         proj = self.preprocessor.patchifier.proj
         nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
         nn.init.zeros_(proj.bias)
-        nn.init.normal_(self.preprocessor.pos_embed, std=0.02)
+        if self.preprocessor.pos_embed is not None:
+            nn.init.normal_(self.preprocessor.pos_embed, std=0.02)
 
     def forward(self, images: torch.Tensor, prefix_len=None) -> torch.Tensor:
         cfg = self.cfg
         check_images(images, cfg)
         B, N = images.shape[0], cfg.num_patches
+        if cfg.native:
+            N = (images.shape[2] // cfg.patch_size) * (images.shape[3] // cfg.patch_size)
         prefix_len = check_prefix_len(prefix_len, B, N, images.device)
         x = self.preprocessor(images)                                       # (B, N, D)
         mask = AttentionMask(cfg.attn_backend, prefix_len, B, N, images.device)
         return self.trunk(x, mask)
+
+    def pack(self, images, prefix_len=None):
+        """A list of (C, H, W) images (H, W multiples of the patch size, sizes may differ) -> PackedBatch."""
+        from aimv2.packing import pack_images
+        return pack_images(images, self.cfg.patch_size, prefix_len=prefix_len)
+
+    def forward_packed(self, batch, prefix_len=None, *, packed_output: bool = False):
+        """Images of different sizes through the encoder as ONE packed sequence (method.md §8).
+
+        batch: an `aimv2.packing.PackedBatch` (patches (T, p*p*C), cu_seqlens, grids) or a list of
+          (C, H, W) image tensors, packed here (`pack_images`). Moved to the encoder's device if needed.
+        prefix_len: per-image prefix lengths, an int tensor or list (n,) with P_s in [0, h_s*w_s];
+          None takes batch.prefix_len (None there too: bidirectional, inference).
+        Returns a list of n (h_s*w_s, D) tensors (row-major over each image's patch grid; views of one
+        packed tensor), or with packed_output=True the packed (T, D) itself (rows cu_seqlens[s] :
+        cu_seqlens[s+1] are image s; `aimv2.packing.unpack(out, batch.grids)` splits it).
+
+        Each image's output equals `forward(image[None], prefix_len=P_s)` of a native encoder (up to
+        float summation order): no token attends across images. Attention: "triton" runs
+        `kernels.prefix_attention_varlen` once per block over the whole pack; "sdpa" loops over the
+        images; "flex" uses one document block mask over the pack.
+        """
+        from dataclasses import replace
+
+        from aimv2.packing import PackedBatch, pack_images
+        cfg = self.cfg
+        if not isinstance(batch, PackedBatch):
+            if isinstance(batch, torch.Tensor) and batch.dim() == 4:
+                batch = list(batch)
+            if not isinstance(batch, (list, tuple)):
+                raise ValueError(f"forward_packed: expected a PackedBatch or a list of (C, H, W) images, "
+                                 f"got {type(batch).__name__}")
+            batch = pack_images(batch, cfg.patch_size)
+        if batch.patches.shape[1] != cfg.patch_dim:
+            raise ValueError(f"forward_packed: patches have {batch.patches.shape[1]} values, {cfg.name} expects "
+                             f"p*p*C = {cfg.patch_dim}")
+        if prefix_len is not None:
+            if not isinstance(prefix_len, torch.Tensor):
+                prefix_len = torch.as_tensor(prefix_len, dtype=torch.int64)
+            batch = replace(batch, prefix_len=prefix_len)                   # validated by PackedBatch
+        device = self.preprocessor.patchifier.proj.weight.device
+        if batch.patches.device != device or batch.cu_seqlens.device != device:
+            batch = batch.to(device)
+        x = self.preprocessor.forward_packed(batch.patches, batch.grids)   # (T, D)
+        mask = PackedAttentionMask(cfg.attn_backend, batch.cu_seqlens, batch.lengths, batch.prefix_len, device)
+        out = self.trunk(x, mask)                                           # (T, D)
+        if packed_output:
+            return out
+        from aimv2.packing import unpack
+        return unpack(out, batch.grids)
 
 
 # ----------------------------------------------------------------------------- decoder

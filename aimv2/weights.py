@@ -39,9 +39,9 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from aimv2.config import ModelConfig
+from aimv2.pos_embed import resize_table, sincos_2d
 from aimv2.presets import PRESETS, get_preset
 
 log = logging.getLogger(__name__)
@@ -198,30 +198,17 @@ def interpolate_pos_embed(pe: torch.Tensor, new_grid: int) -> torch.Tensor:
         raise ValueError(f"pe: expected a (1, N, D) or (N, D) tensor, got {getattr(pe, 'shape', type(pe))}")
     if not isinstance(new_grid, int) or new_grid <= 0:
         raise ValueError(f"new_grid: expected a positive int, got {new_grid!r}")
-    N, D = pe.shape[-2:]
-    g = math.isqrt(N)
-    if g * g != N:
-        raise ValueError(f"pe: {N} tokens do not form a square grid")
-    if new_grid == g:
-        return pe.clone()
-    img = pe.reshape(1, g, g, D).permute(0, 3, 1, 2).float()                      # (1, D, g, g)
-    img = F.interpolate(img, size=(new_grid, new_grid), mode="bicubic", align_corners=False,
-                        antialias=new_grid < g)                                   # (1, D, G, G)
-    out = img.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, D).to(pe.dtype)  # (1, G*G, D)
-    return out if pe.dim() == 3 else out[0]
+    out = resize_table(pe, new_grid)              # the native encoder's per-grid resize (method.md §8)
+    return pe.clone() if out is pe else out
 
 
 def sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos embedding of the `-native` AIMv2 checkpoints (transformers' is_native):
-    token (y, x) -> [sin(x w) | cos(x w) | sin(y w) | cos(y w)], w_i = 10000^(-i / (D/4)).
-    Returns (1, grid*grid, dim) fp32, row-major tokens."""
+    """Fixed 2-D sin-cos embedding of the `-native` AIMv2 checkpoints (transformers' is_native) on a
+    square grid: token (y, x) -> [sin(x w) | cos(x w) | sin(y w) | cos(y w)], w_i = 10000^(-i / (D/4))
+    (`aimv2.pos_embed.sincos_2d`, which takes any h x w grid). Returns (1, grid*grid, dim) fp32."""
     if dim % 4:
         raise ValueError(f"dim: the sin-cos embedding needs a multiple of 4, got {dim}")
-    w = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))   # (D/4,)
-    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                          torch.arange(grid, dtype=torch.float64), indexing="ij")     # (g, g) each
-    ex, ey = x.flatten()[:, None] * w, y.flatten()[:, None] * w                    # (g*g, D/4)
-    return torch.cat([ex.sin(), ex.cos(), ey.sin(), ey.cos()], 1)[None].float()     # (1, g*g, D)
+    return sincos_2d(grid, grid, dim)[None]                                        # (1, g*g, D)
 
 
 # ----------------------------------------------------------------------------- configs
