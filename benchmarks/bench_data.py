@@ -28,9 +28,17 @@ one per cell run (`repeat` = 0, 1, ...), then one median row per cell (`repeat` 
     python benchmarks/bench_data.py --out benchmarks/results       # the committed CPU table (~10 min)
     python benchmarks/bench_data.py --quick                         # smoke run, rows to a temp dir (< 60 s)
 
+    python benchmarks/bench_data.py --native --out benchmarks/results  # native-resolution mode rows
+
+--native times aimv2's native-resolution mode alone (no peer has one): the same crops, each resized to
+its own patch grid of 256..1024 patches (aspect ratio kept) and packed greedily into batches of at most
+--tokens (16384) patches; providers aimv2_torch_native / aimv2_dali_native (backend "torch_native" /
+"dali_cpu_native"), shape "set=...,tokens=16384,patches=256..1024,workers=...".
+
 Rows (CONVENTIONS.md): op "data", pass "fwd", shape "set=...,B=64,S=224,workers=...", provider, ms = ms
-per batch, images_per_s, cpu_s_per_image, cores_busy, load_avg (1-minute load at the cell's start),
-pillow (version, Pillow-SIMD or not).
+per batch, images_per_s, tokens_per_s (patches; 256 per image at 224 px), batches_per_s,
+cpu_s_per_image, cores_busy, load_avg (1-minute load at the cell's start), pillow (version,
+Pillow-SIMD or not).
 """
 from __future__ import annotations
 
@@ -62,6 +70,8 @@ SCALE, RATIO, S = (0.4, 1.0), (3 / 4, 4 / 3), 224
 PROVIDERS = ("aimv2_torch", "aimv2_dali", "webdataset", "dali_reader")
 GPU_PROVIDERS = ("aimv2_dali_gpu", "aimv2_torch_gpu")  # nvJPEG through DALI "mixed" / torchvision (CUDA only)
 PEERS = ("webdataset", "dali_reader")
+NATIVE_PROVIDERS = ("aimv2_torch_native", "aimv2_dali_native")  # --native: aimv2's native-resolution mode
+MIN_PATCHES, MAX_PATCHES = 256, 1024
 
 
 # ---- data sets -------------------------------------------------------------------------------------
@@ -138,7 +148,7 @@ def _dali_ok() -> bool:
 
 def skip_reason(provider: str) -> str | None:
     """Why `provider` cannot run here (None when it can)."""
-    if provider in ("aimv2_dali", "dali_reader") and not _dali_ok():
+    if provider in ("aimv2_dali", "dali_reader", "aimv2_dali_native") and not _dali_ok():
         return "nvidia-dali is not importable (pip install -e .[dali-cu13])"
     if provider in GPU_PROVIDERS:
         import torch
@@ -241,17 +251,22 @@ def _dali_reader_batches(tars: list[str], workers: int, batch: int):
         yield out, [np.array(x).tobytes().decode() for x in txt]
 
 
-def _aimv2_batches(tars: list[str], workers: int, batch: int, backend: str, device: str = "cpu"):
+def _aimv2_batches(tars: list[str], workers: int, batch: int, backend: str, device: str = "cpu", tokens: int = 0):
+    """aimv2's loader; tokens > 0: native mode, packed batches of at most `tokens` patches."""
     from aimv2.data import DataConfig, build_loader
 
+    native = dict(native=True, min_patches=MIN_PATCHES, max_patches=MAX_PATCHES, tokens_per_batch=tokens) if tokens else {}
     cfg = DataConfig(shards=tars, image_size=S, batch_size=batch, backend=backend, device=device,
-                     num_workers=workers, shuffle_buffer=1000, seed=0, crop_scale=SCALE, crop_ratio=RATIO)
+                     num_workers=workers, shuffle_buffer=1000, seed=0, crop_scale=SCALE, crop_ratio=RATIO, **native)
     return iter(build_loader(cfg))
 
 
-def run_cell(provider: str, tars: list[str], workers: int, batch: int, batches: int, warmup: int) -> dict:
+def run_cell(provider: str, tars: list[str], workers: int, batch: int, batches: int, warmup: int,
+             tokens: int = 16384) -> dict:
     """Time `batches` batches of `provider` after `warmup` (this process and its workers)."""
-    if provider == "aimv2_torch":
+    if provider in NATIVE_PROVIDERS:
+        it = _aimv2_batches(tars, workers, batch, provider.split("_")[1], tokens=tokens)
+    elif provider == "aimv2_torch":
         it = _aimv2_batches(tars, workers, batch, "torch")
     elif provider == "aimv2_dali":
         it = _aimv2_batches(tars, workers, batch, "dali")
@@ -265,7 +280,7 @@ def run_cell(provider: str, tars: list[str], workers: int, batch: int, batches: 
         next(it)
     load = os.getloadavg()[0]
     cpu0, t0 = _tree_cpu_s(), time.perf_counter()
-    times = []
+    times, n, tokens_seen = [], 0, 0
     for _ in range(batches):
         t = time.perf_counter()
         b = next(it)
@@ -273,12 +288,16 @@ def run_cell(provider: str, tars: list[str], workers: int, batch: int, batches: 
             import torch
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t) * 1e3)
+        if provider in NATIVE_PROVIDERS:  # a PackedBatch
+            assert b.num_tokens <= tokens and b.patches.shape[1] == 14 * 14 * 3, (b.num_tokens, b.patches.shape)
+            n, tokens_seen = n + b.num_images, tokens_seen + b.num_tokens
+        else:
+            images = b["images"] if isinstance(b, dict) else b[0]
+            assert tuple(images.shape) == (batch, 3, S, S), images.shape
+            n, tokens_seen = n + batch, tokens_seen + batch * (S // 14) ** 2
     wall, cpu = time.perf_counter() - t0, _tree_cpu_s() - cpu0
-    images = b["images"] if isinstance(b, dict) else b[0]
-    assert tuple(images.shape) == (batch, 3, S, S), images.shape
-    n = batch * batches
     times.sort()
-    return {"images_per_s": n / wall, "cpu_s_per_image": cpu / n, "cores_busy": cpu / wall,
+    return {"images_per_s": n / wall, "tokens_per_s": tokens_seen / wall, "batches_per_s": batches / wall, "cpu_s_per_image": cpu / n, "cores_busy": cpu / wall,
             "ms": statistics.median(times), "ms_p20": times[int(0.2 * (len(times) - 1))],
             "ms_p80": times[int(0.8 * (len(times) - 1))], "load_avg": load}
 
@@ -286,7 +305,8 @@ def run_cell(provider: str, tars: list[str], workers: int, batch: int, batches: 
 # ---- the run: cells in fresh processes, interleaved -----------------------------------------------
 def _cell_in_fresh_process(args, provider, tars, workers) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--cell", provider, "--workers", str(workers),
-           "--batch", str(args.batch), "--batches", str(args.batches), "--warmup", str(args.warmup), "--shards", *tars]
+           "--batch", str(args.batch), "--batches", str(args.batches), "--warmup", str(args.warmup),
+           "--tokens", str(args.tokens), "--shards", *tars]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cell_timeout)
     if r.returncode != 0:
         raise RuntimeError(f"cell {provider} workers={workers} failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
@@ -305,6 +325,8 @@ def run(args) -> ResultFile:
                                              "cpu_cores": len(os.sched_getaffinity(0))})
     if args.providers:
         providers = args.providers.split(",")
+    elif args.native:
+        providers = list(NATIVE_PROVIDERS)
     else:
         providers = list(PROVIDERS) + [p for p in GPU_PROVIDERS if skip_reason(p) != "needs CUDA"]
     for p in providers:
@@ -323,9 +345,10 @@ def run(args) -> ResultFile:
             m = _cell_in_fresh_process(args, p, sets[name], w)
             got[(name, w, p)].append(m)
             print(f"repeat {r} {name:6s} workers={w} {p:12s} {m['images_per_s']:7.1f} img/s "
+                  f"{m['tokens_per_s']:8.0f} tokens/s "
                   f"{1e3 * m['cpu_s_per_image']:6.2f} CPU-ms/img {m['cores_busy']:4.2f} cores "
                   f"(load {m['load_avg']:.2f})", flush=True)
-            results.add(_row(p, name, w, m, repeat=r, batch=args.batch))
+            results.add(_row(p, name, w, m, repeat=r, batch=args.batch, tokens=args.tokens))
     for name in sets:
         for w in workers:
             med = {p: {key: statistics.median(m[key] for m in got[(name, w, p)]) for key in got[(name, w, p)][0]}
@@ -334,7 +357,7 @@ def run(args) -> ResultFile:
             for p in providers:
                 ratio = med[p]["images_per_s"] / best_peer if best_peer else None
                 results.add(_row(p, name, w, med[p], repeat="median", batch=args.batch, ratio_to_best_peer=ratio,
-                                 repeats=args.repeats))
+                                 repeats=args.repeats, tokens=args.tokens))
                 print(f"median {name:6s} workers={w} {p:12s} {med[p]['images_per_s']:7.1f} img/s "
                       f"{1e3 * med[p]['cpu_s_per_image']:6.2f} CPU-ms/img"
                       + (f"  x{ratio:.2f} of the best peer" if ratio else ""), flush=True)
@@ -344,13 +367,17 @@ def run(args) -> ResultFile:
     return results
 
 
-def _row(provider: str, name: str, workers: int, m: dict | None, batch: int = 64, **extra) -> dict:
+def _row(provider: str, name: str, workers: int, m: dict | None, batch: int = 64, tokens: int = 0, **extra) -> dict:
+    native = provider in NATIVE_PROVIDERS
     provider, backend = {"aimv2_torch": ("aimv2", "torch"), "aimv2_dali": ("aimv2", "dali_cpu"),
-                         "aimv2_dali_gpu": ("aimv2", "dali_gpu"), "aimv2_torch_gpu": ("aimv2", "torch_gpu")}.get(
-        provider, (provider, None))
+                         "aimv2_dali_gpu": ("aimv2", "dali_gpu"), "aimv2_torch_gpu": ("aimv2", "torch_gpu"),
+                         "aimv2_torch_native": ("aimv2", "torch_native"),
+                         "aimv2_dali_native": ("aimv2", "dali_cpu_native")}.get(provider, (provider, None))
     m = dict(m or {})
     ms = m.pop("ms", None)
-    return result_row(op="data", pass_="fwd", shape=f"set={name},B={batch},S={S},workers={workers}", dtype="float32",
+    shape = (f"set={name},tokens={tokens},patches={MIN_PATCHES}..{MAX_PATCHES},workers={workers}" if native
+             else f"set={name},B={batch},S={S},workers={workers}")
+    return result_row(op="data", pass_="fwd", shape=shape, dtype="float32",
                       provider=provider, ms=ms, ms_p20=m.pop("ms_p20", None), ms_p80=m.pop("ms_p80", None),
                       backend=backend, dataset=name, workers=workers, **m, **extra)
 
@@ -371,19 +398,23 @@ def parse(argv=None):
     p.add_argument("--data-dir", default=None, help="where the two sets are generated (cached; default: a temp dir)")
     p.add_argument("--out", default=None, help="results directory (default: benchmarks/results; --quick: a temp dir)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sets, 1 worker, 1 repeat")
+    p.add_argument("--native", action="store_true", help="time aimv2's native-resolution mode instead "
+                   f"({', '.join(NATIVE_PROVIDERS)}: patches {MIN_PATCHES}..{MAX_PATCHES}, packed by --tokens)")
+    p.add_argument("--tokens", type=int, default=16384, help="--native: tokens_per_batch")
     p.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: run one cell, print JSON
     p.add_argument("--shards", nargs="*", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.num, args.shards_per_set, args.batch, args.batches, args.warmup = 48, 2, 8, 2, 1
         args.workers, args.repeats = "1", 1
+        args.tokens = min(args.tokens, 4096)
     return args
 
 
 def main(argv=None) -> int:
     args = parse(argv)
     if args.cell:
-        m = run_cell(args.cell, args.shards, int(args.workers), args.batch, args.batches, args.warmup)
+        m = run_cell(args.cell, args.shards, int(args.workers), args.batch, args.batches, args.warmup, args.tokens)
         print(json.dumps(m), flush=True)
         os._exit(0)  # DataLoader workers / DALI threads: leave without running their teardown
     run(args)

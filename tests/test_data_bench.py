@@ -55,3 +55,19 @@ def test_quick_run_writes_rows_for_every_provider(tmp_path):
                      ("webdataset", "dali_reader")]
             assert r["ratio_to_best_peer"] == pytest.approx(r["images_per_s"] / max(peers))
     assert rows[-1]["repeat"] == "end"
+
+
+@pytest.mark.timeout(120)
+def test_quick_native_run_writes_packed_rows(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_data.py"), "--quick", "--native", "--sets",
+                        "synth", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data")],
+                       capture_output=True, text=True, timeout=110, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (path,) = tmp_path.glob("data-*.json")
+    med = [row for row in json.loads(path.read_text()) if row["repeat"] == "median"]
+    assert {row["backend"] for row in med} >= {"torch_native"}
+    for row in med:
+        assert row["shape"] == "set=synth,tokens=4096,patches=256..1024,workers=1" and row["provider"] == "aimv2"
+        # every image is 256..1024 patches (the synth set's 224 px crops are clamped up to 256)
+        assert 256 <= row["tokens_per_s"] / row["images_per_s"] <= 1024
+        assert row["batches_per_s"] * 4096 >= row["tokens_per_s"] > 0

@@ -4,6 +4,7 @@
     loader = build_loader(DataConfig(shards=default_dataset(), batch_size=64))
     for batch in loader:  # {"images": (B,3,224,224) f32, "text": (B,77) i64, "prefix_len": (B,) i64}
         ...
+    # DataConfig(..., native=True, tokens_per_batch=16384): aimv2.packing.PackedBatch per batch instead
 """
 from .config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from .loader import Loader, build_loader, dali_available

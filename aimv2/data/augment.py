@@ -41,7 +41,7 @@ from PIL import Image
 
 from .config import DataConfig
 
-__all__ = ["CropPlan", "crop_plan", "crop_plans", "plan_uniforms", "CounterDraws", "random_crop_plan", "center_crop_plan",
+__all__ = ["CropPlan", "output_wh", "crop_plan", "crop_plans", "plan_uniforms", "CounterDraws", "random_crop_plan", "center_crop_plan",
            "pil_crop_resize", "tensor_crop_resize", "dali_crop_args"]
 
 
@@ -117,8 +117,8 @@ class CounterDraws:
 def crop_plans(cfg: DataConfig, epoch: int, sids, sizes) -> list[CropPlan]:
     """The plans of samples `sids` in `epoch` for images of sizes [(W, H), ...] (train: random; eval:
     centre), their uniforms drawn for the whole list at once; plan i depends on sids[i] and sizes[i] only."""
-    if not cfg.train:
-        return [center_crop_plan(w, h) for w, h in sizes]
+    if not cfg.train:  # native mode keeps the whole image (method.md §8)
+        return [CropPlan(0, 0, w, h, False) if cfg.native else center_crop_plan(w, h) for w, h in sizes]
     if len(sizes) == 0:
         return []
     rows = plan_uniforms(cfg.seed, epoch, sids).tolist()  # (n, PLAN_DRAWS) Python floats: cheap scalar math
@@ -168,17 +168,23 @@ def random_crop_plan(rng, width: int, height: int,
 
 
 # ---- executors -------------------------------------------------------------------------------------
-def pil_crop_resize(im: Image.Image, plan: CropPlan, size: int,
+def output_wh(size) -> tuple[int, int]:
+    """An executor's output size: an int S = (S, S), or (width, height) (native mode)."""
+    return (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+
+
+def pil_crop_resize(im: Image.Image, plan: CropPlan, size,
                     scale: tuple[float, float] = (1.0, 1.0), out: np.ndarray | None = None) -> np.ndarray:
     """Decoded RGB image -> uint8 (size, size, 3); or, when `out` (uint8 (3, size, size), e.g. a slot of
     the torch backend's chunk) is given, the same pixels written into it as channel planes.
+    size: an int, or (width, height) for a (height, width, 3) result (native mode).
 
     scale: (fx, fy), the decoded image's size over the source size the plan refers to (a JPEG decoded
     at 1/2, 1/4 or 1/8 in the DCT domain); the box is scaled by it, in float, before resizing.
     """
     fx, fy = scale
     x, y, w, h = plan.x, plan.y, plan.w, plan.h
-    res = im.resize((size, size), Image.BICUBIC, box=(x * fx, y * fy, (x + w) * fx, (y + h) * fy))
+    res = im.resize(output_wh(size), Image.BICUBIC, box=(x * fx, y * fy, (x + w) * fx, (y + h) * fy))
     if plan.flip:
         res = res.transpose(Image.FLIP_LEFT_RIGHT)
     if out is None:

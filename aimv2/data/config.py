@@ -41,6 +41,10 @@ class DataConfig:
     index_dir: where shard indexes are cached when the shard directory is not writable.
     return_keys: also yield `keys` (list of "<shard path>:<sample key>") for debugging and tests.
     crop_scale / crop_ratio: RandomResizedCrop's area-fraction and aspect-ratio (w / h) ranges.
+    native: native-resolution mode (aimv2.data.native, method.md §8): each crop (train) or whole image
+      (eval) is resized to its own patch grid, aspect ratio kept, min_patches <= h * w <= max_patches,
+      and samples are packed greedily into batches of at most tokens_per_batch patches; the Loader
+      yields aimv2.packing.PackedBatch instead of dicts, and image_size / batch_size are not used.
 
     Fields declared with `_context(...)` are filled in by whoever builds the Loader from its context:
     "model" (sizes), "process" (rank, world, device), "checkpoint" (resume position), "caller" (mode).
@@ -71,6 +75,10 @@ class DataConfig:
     return_keys: bool = _context("caller", False)
     crop_scale: tuple[float, float] = (0.4, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    native: bool = False
+    min_patches: int = 256
+    max_patches: int = 1024
+    tokens_per_batch: int = 16384
 
     def validate(self) -> "DataConfig":
         """Raise ValueError naming the first bad field; return self."""
@@ -90,15 +98,31 @@ class DataConfig:
              f"0 <= rank < world_size={self.world_size}")
         need(isinstance(self.start_epoch, int) and self.start_epoch >= 0, "start_epoch", "an int >= 0")
         need(isinstance(self.start_sample, int) and self.start_sample >= 0, "start_sample", "an int >= 0")
-        n = (self.image_size // self.patch_size) ** 2
-        need(self.prefix in ("random", "full") or (isinstance(self.prefix, int) and 0 <= self.prefix <= n),
-             "prefix", f'"random", "full" or an int in [0, {n}]')
         need(str(self.device).split(":")[0] in ("cpu", "cuda"), "device", '"cpu" or "cuda[:i]"')
         lo, hi = _pair(self.crop_scale)
         need(0 < lo <= hi <= 1, "crop_scale", "(lo, hi) with 0 < lo <= hi <= 1 (fractions of the image area)")
         lo, hi = _pair(self.crop_ratio)
         need(0 < lo <= hi, "crop_ratio", "(lo, hi) with 0 < lo <= hi (aspect ratios w / h)")
+        need(isinstance(self.native, bool), "native", "True or False")
+        if self.native:
+            for name in ("min_patches", "max_patches", "tokens_per_batch"):
+                need(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
+                     name, "an int")
+            need(self.min_patches >= 2, "min_patches", "an int >= 2 (a prefix U{1..N-1} needs N >= 2)")
+            need(self.max_patches >= self.min_patches, "max_patches", f">= min_patches={self.min_patches}")
+            need(self.tokens_per_batch >= self.max_patches, "tokens_per_batch",
+                 f">= max_patches={self.max_patches} (every image must fit in a batch)")
+            need(self.label_key is None, "label_key", "None in native mode (PackedBatch carries no labels)")
+            need(not self.return_keys, "return_keys", "False in native mode (PackedBatch carries no keys)")
+        n = self.max_patches if self.native else (self.image_size // self.patch_size) ** 2
+        need(self.prefix in ("random", "full") or (isinstance(self.prefix, int) and 0 <= self.prefix <= n),
+             "prefix", f'"random", "full" or an int in [0, {n}]')
         return self
+
+    @property
+    def max_images_per_batch(self) -> int:
+        """Most images one batch holds: batch_size, or in native mode tokens_per_batch // min_patches."""
+        return self.tokens_per_batch // self.min_patches if self.native else self.batch_size
 
     @property
     def num_patches(self) -> int:

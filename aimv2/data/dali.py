@@ -6,6 +6,10 @@ Pipeline per batch (B <= batch_size samples that passed SampleReader's checks):
      decodes only the crop window: ROI decoding)
   -> fn.resize to (S, S), cubic, antialiased
   -> fn.crop_mirror_normalize (mirror, mean/std * 255, float32, CHW), on the GPU when cfg.device is cuda.
+Native mode (cfg.native, aimv2/data/native.py): fn.resize takes each sample's own (w * p, h * p) from
+external sources (native.plan_grid of its crop plan), the flip keeps uint8 HWC, and the host cuts each
+image into patch rows and normalises the packed rows as the torch backend does (Loader._finish_packed).
+Batches are packed greedily by tokens: the grid is known from the plan, before decoding.
 
 Why not fn.readers.webdataset: it cannot start mid-epoch (no resume), its shuffle order is not the
 torch backend's, and a sample its decoder rejects fails the whole pipeline. Reading with the shared
@@ -37,6 +41,7 @@ import torch
 from .config import IMAGENET_MEAN, IMAGENET_STD
 from .augment import CropPlan, crop_plans, dali_crop_args
 from .dataset import Record, SampleReader, epoch_order
+from .native import patchify_hwc, plan_grid
 
 _CHUNK = 16  # samples whose crop plans are drawn at once (any value gives the same plans)
 
@@ -44,7 +49,8 @@ __all__ = ["DaliDecoder", "iterate_dali"]
 
 
 class DaliDecoder:
-    """Decodes lists of (Record, CropPlan) into float32 (n, 3, S, S) normalised images on `device`.
+    """Decodes lists of (Record, CropPlan) into float32 (n, 3, S, S) normalised images on `device`
+    (native mode, `grid_of` given: uint8 (T, p*p*3) patch rows of each plan's own grid, see _copy_out).
 
     `submit(items)` feeds a batch and schedules it; `collect()` returns the oldest submitted batch's images
     (blocking until DALI is done). Up to PREFETCH batches run at once: submit the next batch before
@@ -52,8 +58,11 @@ class DaliDecoder:
 
     PREFETCH = 2  # NOTE: 2 = feed i + 1 while DALI decodes i; measured in benchmarks/bench_data.py (README, Data)
 
-    def __init__(self, batch_size: int, size: int, num_threads: int, device: torch.device, seed: int = 0):
+    def __init__(self, batch_size: int, size: int, num_threads: int, device: torch.device, seed: int = 0,
+                 grid_of=None, patch_size: int = 14):
+        """grid_of: native mode, plan -> (h, w) patches; the images come out as uint8 patch rows then."""
         self.batch_size, self.size, self.num_threads, self.device, self.seed = batch_size, size, num_threads, device, seed
+        self.grid_of, self.patch_size = grid_of, patch_size
         self._single = None
         self.reset()
 
@@ -81,6 +90,11 @@ class DaliDecoder:
             img = fn.decoders.image_slice(data, anchor, shape, device="mixed" if gpu else "cpu",
                                           output_type=types.RGB, normalized_anchor=False, normalized_shape=False,
                                           axis_names="WH", adjust_orientation=False)
+            if self.grid_of is not None:  # native: per-sample output sizes, uint8 HWC out
+                rx = fn.external_source(name="resize_x", dtype=types.FLOAT, ndim=0)
+                ry = fn.external_source(name="resize_y", dtype=types.FLOAT, ndim=0)
+                img = fn.resize(img, resize_x=rx, resize_y=ry, interp_type=types.INTERP_CUBIC, antialias=True)
+                return fn.crop_mirror_normalize(img, mirror=mirror, dtype=types.UINT8, output_layout="HWC")
             img = fn.resize(img, resize_x=S, resize_y=S, interp_type=types.INTERP_CUBIC, antialias=True)
             return fn.crop_mirror_normalize(img, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
                                             mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
@@ -89,18 +103,32 @@ class DaliDecoder:
         p.build()
         return p
 
-    @staticmethod
-    def _feed(pipe, items) -> None:
+    def _feed(self, pipe, items) -> None:
         pipe.feed_input("data", [np.frombuffer(r.image, dtype=np.uint8) for r, _ in items])
         for name, values in dali_crop_args([plan for _, plan in items]).items():
             pipe.feed_input(name, values)
+        if self.grid_of is not None:
+            grids = [self.grid_of(plan) for _, plan in items]
+            pipe.feed_input("resize_x", [np.array(w * self.patch_size, dtype=np.float32) for _, w in grids])
+            pipe.feed_input("resize_y", [np.array(h * self.patch_size, dtype=np.float32) for h, _ in grids])
 
-    def _copy_out(self, out) -> torch.Tensor:
+    def _copy_out(self, out):
+        """float32 (n, 3, S, S) on self.device; native: uint8 (T, p*p*3) patch rows (numpy on the CPU)."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        if self.grid_of is not None:
+            p = self.patch_size
+            if self.device.type == "cpu":
+                return np.concatenate([patchify_hwc(out.at(i), p) for i in range(len(out))])
+            rows = []
+            for i in range(len(out)):
+                img = torch.empty(out[i].shape(), dtype=torch.uint8, device=self.device)  # (h*p, w*p, 3)
+                feed_ndarray(out[i], img, cuda_stream=stream)
+                rows.append(patchify_hwc(img, p))
+            return torch.cat(rows)
         t = out.as_tensor()
         res = torch.empty(t.shape(), dtype=torch.float32, device=self.device)  # (n, 3, S, S)
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         feed_ndarray(t, res, cuda_stream=stream)
         return res
 
@@ -235,17 +263,20 @@ def iterate_dali(loader, start_epoch: int, start_sample: int) -> Iterator[dict]:
     Units in plan order: ("batch", epoch, cands) fed to DALI as soon as formed, up to PREFETCH in flight,
     and ("end", epoch, lo, leftovers) at each epoch's end; they are handed over strictly in order."""
     cfg, B = loader.cfg, loader.cfg.batch_size
-    dec = DaliDecoder(B, cfg.image_size, cfg.num_workers, loader.device, cfg.seed)
-    source = iter(_Prefetch(_events(loader, start_epoch, start_sample), depth=2 * B))
+    grid_of = (lambda plan: plan_grid(cfg, plan)) if cfg.native else None
+    dec = DaliDecoder(cfg.max_images_per_batch, cfg.image_size, cfg.num_workers, loader.device, cfg.seed,
+                      grid_of, cfg.patch_size)
+    source = iter(_Prefetch(_events(loader, start_epoch, start_sample), depth=2 * cfg.max_images_per_batch))
     back: list = []      # events taken back after a failure, replayed before the source's
     cands: list = []     # (pos, record, plan) read, not yet in a unit
+    used = 0             # native: tokens in cands (a unit closes when the next sample would pass the budget)
     units: list = []     # formed units, oldest first; their batches are in flight in DALI
     done = False
     good = batches = 0
 
     def form() -> bool:
         """Read events until one more unit is formed (and its batch submitted); False at the stream's end."""
-        nonlocal cands, done
+        nonlocal cands, done, used
         while back or not done:
             if back:
                 kind, epoch, pos, payload = back.pop(0)
@@ -257,6 +288,17 @@ def iterate_dali(loader, start_epoch: int, start_sample: int) -> Iterator[dict]:
                     return False
             if kind == "skip":
                 loader._count_skip(payload)
+            elif kind == "rec" and cfg.native:
+                h, w = grid_of(payload[1])
+                full = cands and used + h * w > cfg.tokens_per_batch
+                if full:
+                    units.append(("batch", epoch, cands))
+                    dec.submit([(r, pl) for _, r, pl in cands])
+                    cands, used = [], 0
+                cands.append((pos, *payload))
+                used += h * w
+                if full:
+                    return True
             elif kind == "rec":
                 cands.append((pos, *payload))
                 if len(cands) == B:
@@ -271,13 +313,13 @@ def iterate_dali(loader, start_epoch: int, start_sample: int) -> Iterator[dict]:
                     back.insert(0, (kind, epoch, pos, payload))  # the end comes after the partial batch
                 else:
                     units.append(("end", epoch, pos, cands))
-                cands = []
+                cands, used = [], 0
                 return True
         return False
 
     def take_back() -> None:
         """After DALI failed: find the culprits among the batches in flight, skip them, replay the rest."""
-        nonlocal units
+        nonlocal units, cands, used
         replay, found = [], False
         for unit in units:
             if unit[0] == "batch":
@@ -291,7 +333,9 @@ def iterate_dali(loader, start_epoch: int, start_sample: int) -> Iterator[dict]:
                 replay += [("rec", unit[1], p, (r, w)) for p, r, w in unit[3]] + [("end", unit[1], unit[2], None)]
         if not found:
             raise RuntimeError("DALI failed on batches whose samples decode alone")
-        assert not cands  # form() returns right after moving the candidates into a unit
+        # native: the sample that closed the last unit is read and waits in cands; it comes after that unit
+        replay += [("rec", units[-1][1], p, (r, w)) for p, r, w in cands]
+        cands, used = [], 0
         back[:0] = replay
         units = []
         dec.reset()
@@ -312,6 +356,12 @@ def iterate_dali(loader, start_epoch: int, start_sample: int) -> Iterator[dict]:
                 take_back()
                 continue
             units.pop(0)
+            if cfg.native:
+                batch = loader._finish_packed(epoch, [p for p, _, _ in items], images,
+                                              [grid_of(pl) for _, _, pl in items], [r.caption for _, r, _ in items])
+                good, batches = good + len(items), batches + 1
+                yield batch
+                continue
             batch = loader._finish(epoch, [p for p, _, _ in items], images, [r.caption for _, r, _ in items],
                                    [r.label for _, r, _ in items], [r.key for _, r, _ in items])
             good, batches = good + len(items), batches + 1

@@ -22,6 +22,13 @@ passing a self-test against PIL at start-up), JPEGs skip PIL: workers pass the b
 process decodes the batch with torchvision.io.decode_jpeg(device="cuda") and crops / resizes /
 flips on the GPU (augment.tensor_crop_resize); a JPEG nvJPEG rejects is skipped and the batch refilled.
 Backend "dali": see aimv2/data/dali.py.
+
+Native mode (cfg.native, aimv2/data/native.py, method.md §8): the same plan and skips, but each sample
+keeps its crop's aspect ratio on its own patch grid, workers send uint8 patch rows, and the main process
+packs them greedily into batches of at most tokens_per_batch tokens, yielded as
+aimv2.packing.PackedBatch (patches normalised as above, cu_seqlens, grids, per-sample prefix_len, text);
+the state after a batch is again the position just past its last sample. JPEGs are decoded by PIL on
+the workers even with device="cuda" (the batch is then copied to the GPU).
 """
 from __future__ import annotations
 
@@ -38,12 +45,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
-from .augment import CropPlan, crop_plans, pil_crop_resize, tensor_crop_resize
+from .augment import CropPlan, crop_plans, output_wh, pil_crop_resize, tensor_crop_resize
+from .native import native_prefix_lengths, patchify_hwc, plan_grid
 from .dataset import (Record, SampleReader, SampleTable, epoch_order, jpeg_scans_intact, prefix_lengths,
                       scan_damage)
 from .shards import resolve_shards
 from .tokenizer import _Base as _BaseTokenizer
 from .tokenizer import get_tokenizer
+from ..packing import PackedBatch, cu_seqlens_of
 
 __all__ = ["Loader", "build_loader", "dali_available", "decode_pil", "pick_backend", "pillow_info", "to_rgb"]
 
@@ -65,13 +74,15 @@ def dali_available() -> bool:
     return True
 
 
-def _draft_scale(width: int, height: int, plan: CropPlan, size: int) -> int:
+def _draft_scale(width: int, height: int, plan: CropPlan, size) -> int:
     """The JPEG DCT-domain downscale (1, 2, 4 or 8) for `plan`: 1 unless the crop is >= 2x the output on
-    both axes, else the largest power of 2 keeping the crop >= `size` pixels on each axis (so the final
-    resize still only shrinks), as PIL's draft((ceil(W S / w), ceil(H S / h))) picks it."""
-    if min(plan.w, plan.h) < 2 * size:
+    both axes, else the largest power of 2 keeping the crop >= the output (S, or (w, h) in native mode)
+    on each axis (so the final resize still only shrinks), as PIL's draft((ceil(W S / w), ceil(H S / h)))
+    picks it."""
+    ow, oh = output_wh(size)
+    if plan.w < 2 * ow or plan.h < 2 * oh:
         return 1
-    f = min(width // math.ceil(width * size / plan.w), height // math.ceil(height * size / plan.h))
+    f = min(width // math.ceil(width * ow / plan.w), height // math.ceil(height * oh / plan.h))
     return next(a for a in (8, 4, 2, 1) if f >= a)
 
 
@@ -101,7 +112,7 @@ def pick_backend(backend: str, device: torch.device) -> tuple[str, str]:
     return "torch", "auto on the CPU: measured faster than DALI's CPU decoder (benchmarks/results/data-cpu-*.json)"
 
 
-def decode_pil(rec: Record, plan: CropPlan, size: int, out: np.ndarray | None = None) -> np.ndarray:
+def decode_pil(rec: Record, plan: CropPlan, size, out: np.ndarray | None = None) -> np.ndarray:
     """Decode rec.image and apply `plan` (augment.pil_crop_resize): uint8 (size, size, 3), or written into
     `out`, a uint8 (3, size, size) slot, as channel planes.
 
@@ -188,7 +199,7 @@ class _ChunkStream(IterableDataset):
         info = get_worker_info()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
         reader = SampleReader(self.table, self.cfg)
-        S = self.cfg.image_size
+        S, p, native = self.cfg.image_size, self.cfg.patch_size, self.cfg.native
         try:
             for c, (epoch, a, ids) in enumerate(self._chunks()):
                 if c % nw != wid:
@@ -202,7 +213,8 @@ class _ChunkStream(IterableDataset):
                 recs = [reader.read(sid, keep_header=True, defer_scan_check=not self.defer_jpeg) for sid in ids.tolist()]
                 good = [r for r in recs if isinstance(r, Record)]
                 plans = iter(crop_plans(self.cfg, epoch, [r.sid for r in good], [(r.width, r.height) for r in good]))
-                images = np.empty((len(good), 3, S, S), dtype=np.uint8)  # (n_good, 3, S, S): decoded in place
+                images = np.empty((0 if native else len(good), 3, S, S), dtype=np.uint8)  # (n_good, 3, S, S)
+                rows, grids = [], []  # native: each image's uint8 (h*w, p*p*3) patch rows and (h, w)
                 d = 0
                 for rec in recs:
                     raw = None
@@ -213,7 +225,12 @@ class _ChunkStream(IterableDataset):
                             raw = (rec.image, plan)
                         else:
                             try:
-                                decode_pil(rec, plan, S, images[d])
+                                if native:
+                                    h, w = plan_grid(self.cfg, plan)
+                                    rows.append(patchify_hwc(decode_pil(rec, plan, (w * p, h * p)), p))
+                                    grids.append((h, w))
+                                else:
+                                    decode_pil(rec, plan, S, images[d])
                                 d += 1
                             except Exception:  # PIL raises OSError, SyntaxError, ValueError... on broken streams
                                 rec = "corrupt_image"
@@ -226,6 +243,9 @@ class _ChunkStream(IterableDataset):
                     out["label"].append(rec.label)
                     out["key"].append(rec.key)
                 out["images"] = torch.from_numpy(images[:d])  # (n_decoded, 3, S, S) uint8, shared memory
+                if native:  # (sum of h*w, p*p*3) uint8 and the grids, in sample order
+                    out["images"] = torch.from_numpy(np.concatenate(rows) if rows else np.empty((0, 3 * p * p), np.uint8))
+                    out["grids"] = grids
                 yield out
         finally:
             reader.close()
@@ -273,7 +293,7 @@ class Loader:
         self._inv_std_np = 1.0 / (np.asarray(IMAGENET_STD, np.float32).reshape(3, 1, 1) * 255.0)
         # torch backend on a GPU: JPEGs decoded by nvJPEG through torchvision when it works, else by PIL
         self._jpeg_decoder = None
-        if self.backend == "torch" and self.device.type == "cuda":
+        if self.backend == "torch" and self.device.type == "cuda" and not cfg.native:  # native: PIL decodes
             decode, reason = _torchvision_jpeg_decoder(self.device)
             reason = reason or _check_gpu_decoder(decode)
             if reason is None:
@@ -301,6 +321,8 @@ class Loader:
     def __len__(self) -> int:
         """Batches per epoch if no sample were skipped (an upper bound)."""
         n, B = self._order_len, self.cfg.batch_size
+        if self.cfg.native:  # any tokens_per_batch // max_patches samples fit in one batch
+            B = self.cfg.tokens_per_batch // self.cfg.max_patches
         return -(-n // B) if self.cfg.keep_last else n // B
 
     def __iter__(self) -> Iterator[dict]:
@@ -348,10 +370,37 @@ class Loader:
             batch["labels"] = torch.tensor(labels, dtype=torch.int64).to(dev, non_blocking=True)
         if self.cfg.return_keys:
             batch["keys"] = list(keys)
+        self._advance(epoch, pos)
+        return batch
+
+    def _finish_packed(self, epoch: int, pos: list[int], rows, grids: list, captions: list[str]) -> PackedBatch:
+        """A PackedBatch from uint8 (T, p*p*3) patch rows (numpy on the host, or a tensor on self.device),
+        ImageNet-normalised per channel (the last axis of a patch row), and advance the position past
+        pos[-1]. Prefix lengths per sample (native.native_prefix_lengths, method.md §2)."""
+        dev, cfg = self.device, self.cfg
+        lengths = [h * w for h, w in grids]
+        if isinstance(rows, np.ndarray) and dev.type == "cpu":
+            out = np.empty(rows.shape, dtype=np.float32)  # (T, p*p*3)
+            x, o = rows.reshape(len(rows), -1, 3), out.reshape(len(rows), -1, 3)  # (T, p*p, 3)
+            np.subtract(x, self._mean_np.reshape(3), out=o, dtype=np.float32)  # the fixed path's float ops
+            np.multiply(o, self._inv_std_np.reshape(3), out=o)
+            patches = torch.from_numpy(out)
+        else:
+            if isinstance(rows, np.ndarray):
+                rows = torch.from_numpy(rows).pin_memory().to(dev, non_blocking=True)
+            x = rows.float().view(rows.shape[0], -1, 3)  # (T, p*p, 3)
+            patches = x.sub_(self._mean.view(3)).div_(self._std.view(3)).view(rows.shape[0], -1)
+        prefix = native_prefix_lengths(cfg.seed, cfg.rank, epoch, pos, lengths, cfg.prefix)
+        batch = PackedBatch(patches, cu_seqlens_of(lengths).to(dev, non_blocking=True), tuple(grids),
+                            prefix.to(dev, non_blocking=True), self._tokenize(captions).to(dev, non_blocking=True))
+        self._advance(epoch, pos)
+        return batch
+
+    def _advance(self, epoch: int, pos: list[int]) -> None:
+        """Count a yielded batch of the samples at `pos` and move the position past its last one."""
         self._epoch, self._sample = epoch, pos[-1] + 1
         self._stats["samples"] += len(pos)
         self._stats["batches"] += 1
-        return batch
 
     def _tokenize(self, captions: list[str]) -> torch.Tensor:
         """(B, text_len) int64; a user tokenizer object is called with the captions only."""
@@ -365,6 +414,10 @@ class Loader:
             raise RuntimeError(
                 f"every sample of epoch {epoch} was skipped ({self._skip_summary()}); "
                 f"rank {self.cfg.rank}/{self.cfg.world_size} reads {len(self.paths)} shard(s): {self.paths[:3]!r}")
+        if self.cfg.train and started_at == 0 and batches == 0 and self.cfg.native:
+            raise ValueError(
+                f"DataConfig.tokens_per_batch={self.cfg.tokens_per_batch} is more than the patches of the {good} "
+                f"good samples rank {self.cfg.rank} gets per epoch from {self.paths[:3]!r} (drop_last)")
         if self.cfg.train and started_at == 0 and batches == 0:
             raise ValueError(
                 f"DataConfig.batch_size={self.cfg.batch_size} is larger than the {good} good samples rank "
@@ -384,6 +437,9 @@ class Loader:
                         num_workers=nw, collate_fn=_identity, prefetch_factor=4 if nw else None,
                         persistent_workers=False)
         buf: list[tuple] = []  # (pos, image or (jpeg, plan), caption, label, key) of good samples not yet batched
+        # native: image = (uint8 (h*w, p*p*3) rows, (h, w)); a batch closes when the next sample would take it
+        # past tokens_per_batch tokens (native.greedy_packs)
+        used = 0  # native: tokens in buf
         good = batches = 0
         started_at = start_sample
         for chunk in dl:
@@ -400,22 +456,32 @@ class Loader:
                     good += len(ok)
                 else:
                     good += len(buf)
-                buf = []
+                buf, used = [], 0
                 self._end_epoch(epoch, good, batches, started_at)
                 good = batches = started_at = 0
                 continue
             g = d = 0  # index among the chunk's good samples / among its CPU-decoded images
-            decoded = chunk["images"].numpy()  # (n_decoded, 3, S, S) uint8
+            decoded = chunk["images"].numpy()  # (n_decoded, 3, S, S) uint8; native: (T_chunk, p*p*3)
+            row = 0  # native: first row of the next image in `decoded`
             for pos, reason in zip(chunk["pos"], chunk["reason"]):
                 if reason is not None:
                     self._count_skip(reason)
                     continue
                 img = chunk["raw"][g]
-                if img is None:
+                if cfg.native:
+                    h, w = chunk["grids"][g]
+                    n = h * w
+                    img, row = (decoded[row: row + n], (h, w)), row + n
+                    if buf and used + n > cfg.tokens_per_batch:
+                        good, batches = good + len(buf), batches + 1
+                        yield self._batch_from(epoch, buf)[0]
+                        buf, used = [], 0
+                    used += n
+                elif img is None:
                     img, d = decoded[d], d + 1
                 buf.append((pos, img, chunk["caption"][g], chunk["label"][g], chunk["key"][g]))
                 g += 1
-                if len(buf) == B:
+                if len(buf) == B and not cfg.native:
                     batch, buf = self._batch_from(epoch, buf)
                     if batch is not None:
                         good, batches = good + B, batches + 1
@@ -424,7 +490,7 @@ class Loader:
     def _decode_deferred(self, items: list[tuple]) -> tuple[dict, list[tuple]]:
         """GPU-decode the items holding (jpeg, plan): ({index: float (3, S, S) in [0, 255]}, good items)."""
         idx = [i for i, it in enumerate(items) if isinstance(it[1], tuple)]
-        if not idx:
+        if not idx or self._jpeg_decoder is None:  # nothing deferred (native items are tuples too)
             return {}, items
         datas = [items[i][1][0] for i in idx]
         try:
@@ -448,6 +514,9 @@ class Loader:
 
     def _batch_from(self, epoch: int, items: list[tuple]) -> tuple[dict | None, list[tuple]]:
         """(batch, []) or, when deferred decoding dropped bad samples, (None, the good items to refill)."""
+        if self.cfg.native:
+            pos, imgs, caps = [it[0] for it in items], [it[1] for it in items], [it[2] for it in items]
+            return self._finish_packed(epoch, pos, np.concatenate([r for r, _ in imgs]), [g for _, g in imgs], caps), []
         gpu, ok = self._decode_deferred(items)
         if len(ok) < len(items):
             return None, ok
