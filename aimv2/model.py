@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from aimv2 import kernels as K
 from aimv2.attention import AttentionMask, PackedAttentionMask
 from aimv2.config import ModelConfig
-from aimv2.packing import decoder_layout
+from aimv2.packing import PackedBatch, decoder_layout
 from aimv2.pos_embed import resize_table, sincos_2d
 
 
@@ -440,7 +440,11 @@ class AIMv2Pretrainer(nn.Module):
         training loss never builds them under impl="triton")."""
         return self.text_head(text_hidden)
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor, prefix_len) -> dict:
+    def forward(self, images, text: torch.Tensor | None = None, prefix_len=None) -> dict:
+        """images (B, C, S, S), text (B, T), prefix_len (None: bidirectional, int, or (B,)) -> losses;
+        or a PackedBatch alone -> forward_packed(batch) (so DDP / FSDP, which wrap forward, see both)."""
+        if isinstance(images, PackedBatch):
+            return self.forward_packed(images)
         cfg = self.cfg
         check_images(images, cfg)
         check_text(text, images.shape[0], cfg)
