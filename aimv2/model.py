@@ -397,7 +397,11 @@ class AIMv2Decoder(nn.Module):
         causal = torch.zeros(len(lay.lengths), dtype=torch.int32, device=x.device)
         mask = PackedAttentionMask(self.cfg.attn_backend, lay.cu_seqlens, lay.lengths, causal, x.device)
         x = self.trunk(x, mask)
-        return self.pixel_head(x[lay.image_rows]), x[lay.extra_rows[:, :T]]
+        # index_select (backward: index_add_ onto distinct rows) rather than x[idx], whose backward,
+        # an accumulating index_put_, sorts the indices
+        text_rows = lay.extra_rows[:, :T].flatten()                          # (n T,) CLS .. t_{T-1}
+        return (self.pixel_head(x.index_select(0, lay.image_rows)),
+                x.index_select(0, text_rows).view(-1, T, x.shape[-1]))
 
 
 def text_loss_fn(logits: torch.Tensor, text: torch.Tensor, pad_id: int) -> torch.Tensor:

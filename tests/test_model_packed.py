@@ -212,3 +212,24 @@ def test_packed_training_run_matches_per_sample_loop(device):
     torch.testing.assert_close(l_packed, l_loop, rtol=1e-9, atol=0)
     for k in w_loop:
         torch.testing.assert_close(w_packed[k], w_loop[k], rtol=1e-8, atol=1e-10, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are observable on a GPU only")
+def test_packed_step_has_no_host_sync():
+    """A packed training step (Triton kernels and attention, bf16 autocast) reads nothing back to the
+    host once per-grid caches are warm: layouts, masks and loss reductions stay on the device."""
+    cfg = _cfg("triton", "triton", native=True)
+    model = _pretrainer(cfg, torch.float32).cuda()
+    batch = _batch(cfg, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model.forward_packed(batch)["loss"].backward()
+
+    step()                                                               # warm: sin-cos tables, autotune
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

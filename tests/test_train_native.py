@@ -23,12 +23,13 @@ NATIVE = {"model.native": True, "data.native": True, "data.min_patches": 4, "dat
 def test_cli_native_flags(capsys):
     buf = io.StringIO()
     with redirect_stdout(buf):
-        rc = cli_main(["train", "--preset", "aimv2-tiny", "--native", "--max-patches", "300",
+        rc = cli_main(["train", "--preset", "aimv2-tiny", "--native", "--min-patches", "100", "--max-patches", "300",
                        "--tokens-per-batch", "4096", "--init", "runs/base", "--print-config"])
     assert rc == 0
     d = yaml.safe_load(buf.getvalue())
     assert d["model"]["native"] is True and d["data"]["native"] is True
-    assert (d["data"]["max_patches"], d["data"]["tokens_per_batch"], d["run"]["init"]) == (300, 4096, "runs/base")
+    assert (d["data"]["min_patches"], d["data"]["max_patches"], d["data"]["tokens_per_batch"],
+            d["run"]["init"]) == (100, 300, 4096, "runs/base")
     assert cli_main(["train", "--preset", "aimv2-tiny", "--set", "data.native=true", "--print-config"]) == 2
     assert "data.native (packed batches of images at their own sizes) needs model.native" in capsys.readouterr().err
     assert cli_main(["train", "--preset", "aimv2-tiny", "--native", "--max-patches", "100", "--print-config"]) == 2

@@ -14,7 +14,8 @@ FLAG_KEYS = {"steps": "run.steps", "batch_size": "data.batch_size", "lr": "optim
              "log_every": "run.log_every", "ckpt_every": "run.ckpt_every", "out": "run.out",
              "data": "data.shards", "grad_accum": "optim.grad_accum", "device": "run.device",
              "compile": "run.compile", "max_minutes": "run.max_minutes", "init": "run.init",
-             "max_patches": "data.max_patches", "tokens_per_batch": "data.tokens_per_batch"}
+             "min_patches": "data.min_patches", "max_patches": "data.max_patches",
+             "tokens_per_batch": "data.tokens_per_batch"}
 
 
 def build_config(args):
@@ -98,6 +99,7 @@ def register(subparsers) -> None:
     p.add_argument("--native", action="store_true",
                    help="native resolution (method.md §8): images at their own size packed by tokens "
                         "(model.native and data.native)")
+    p.add_argument("--min-patches", type=int, help="native: fewest patches one image gets (data.min_patches)")
     p.add_argument("--max-patches", type=int, help="native: most patches one image gets (data.max_patches)")
     p.add_argument("--tokens-per-batch", type=int,
                    help="native: patches per packed micro-batch on each rank (data.tokens_per_batch)")
