@@ -17,6 +17,8 @@ from aimv2.presets import get_preset
 P = 4                                                         # patch side: K = 48 values per patch
 GRIDS = [(1, 1), (1, 2), (2, 3), (3, 5), (2, 1)]              # N_s = 1, 2, 6, 15, 2
 
+pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
+
 
 def _cfg(backend="sdpa", impl="torch", **kw):
     # D = Dd = 64 with 2 heads of 32 (a head dim the Triton attention takes), SwiGLU hidden 96, 6 tokens

@@ -16,6 +16,8 @@ from aimv2.train.random_data import RandomPackedBatches
 from aimv2.train.trainer import init_weights
 from aimv2.weights import save_encoder
 
+pytestmark = pytest.mark.usefixtures("one_thread")               # tests/conftest.py
+
 NATIVE = {"model.native": True, "data.native": True, "data.min_patches": 4, "data.max_patches": 20,
           "data.tokens_per_batch": 50}
 
@@ -110,6 +112,27 @@ def test_native_run_end_to_end(fixed_run, tmp_path):
     model = AIMv2Pretrainer(cfg.model.replace(impl="torch", attn_backend="sdpa"))
     init_weights(model, str(fixed_run.checkpoint), lambda m: None)
     first = next(RandomPackedBatches(cfg.model, 50, 4, 20, seed=cfg.data.seed))
+    with torch.no_grad():
+        want = model(first)["loss"].item()
+    assert r[0]["loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_native_run_on_the_data_loader(fixed_run, tmp_path):
+    """The real native loader (aimv2.data, embedded synthetic images, packs by tokens) feeds the loop:
+    step 1's loss is the --init model's packed loss on the loader's first pack."""
+    from aimv2.train import distributed as D
+    from aimv2.train.trainer import build_data
+    cfg = tiny_cfg(tmp_path / "native", **{
+        **NATIVE, "data.source": "shards", "data.synthetic_num": 16, "data.synthetic_size": 112,
+        "data.num_workers": 0, "data.max_patches": 30, "data.tokens_per_batch": 90,
+        "run.init": str(fixed_run.checkpoint), "run.steps": 2})
+    res = train(cfg)
+    r = rows(res.run_dir)
+    assert [x["step"] for x in r] == [1, 2] and all(x["images_per_s"] > 0 for x in r)
+    first = next(iter(build_data(cfg, cfg.model, D.DistInfo(0, 1, 0, "none", torch.device("cpu")), 4, None)))
+    assert len(set(first.grids)) > 1 and first.num_tokens <= 90                   # sizes vary, packed by tokens
+    model = AIMv2Pretrainer(cfg.model)
+    init_weights(model, str(fixed_run.checkpoint), lambda m: None)
     with torch.no_grad():
         want = model(first)["loss"].item()
     assert r[0]["loss"] == pytest.approx(want, rel=1e-5)
