@@ -22,7 +22,8 @@ Attention-pooling heads (`head.*`) are dropped too: the encoder is the trunk onl
 transformers (5.x modeling_aimv2): position_embedding is an nn.Embedding looked up at arange(N), i.e.
 the same (N, D) table added after the patch RMSNorm; blocks are pre-norm; `rms_norm` is the final
 norm; last_hidden_state equals our encoder output. Its `is_native` models have no learned table
-but a fixed 2-D sin-cos one (`sincos_pos_embed`), which we rebuild for any resolution.
+but a fixed 2-D sin-cos one (`sincos_pos_embed`), which we rebuild for any resolution; with
+`native=True` they load as our native encoder (no table, sin-cos per image grid, method.md §8).
 
     enc = load_encoder("aimv2-large-patch14-224/")              # HF layout dir, any of the 3 formats
     enc = load_encoder(sd, "aimv2-large", img_size=448)          # pos-embed bicubic-resized 16x16 -> 32x32
@@ -424,7 +425,8 @@ def _resolve_config(sd, meta, hf, preset, overrides, origin) -> tuple[ModelConfi
         if stated is not None and "num_heads" not in overrides and int(stated) != cfg.num_heads:
             raise ValueError(f"load_encoder({origin}): the checkpoint states {stated} heads, preset "
                              f"{cfg.name!r} has {cfg.num_heads}; pass num_heads=... to override")
-    native = POS not in sd and bool(hf.get("is_native"))
+    native = POS not in sd and (bool(hf.get("is_native")) or (
+        ckpt_cfg is not None and ckpt_cfg.native and ckpt_cfg.native_pos == "sincos"))
     grid = _shape_summary(sd)["grid"]
     img = grid * cfg.patch_size if grid else int(hf.get("image_size", cfg.img_size)) if native else cfg.img_size
     return cfg.replace(img_size=img, **overrides), img, native
@@ -468,6 +470,11 @@ def load_encoder(source, preset=None, *, img_size: int | None = None, strict: bo
       16x16 -> 32x32 tokens for 224 -> 448 px); sin-cos `-native` models get their exact embedding.
     strict: False tolerates missing keys (left at init) and unexpected keys; never mis-shaped ones.
     cfg_overrides: ModelConfig fields for the built model (attn_backend="flex", impl="triton", ...).
+      native=True builds the native-resolution encoder (method.md §8; images of any size,
+      `forward_packed`): a sin-cos `-native` checkpoint (transformers is_native) maps onto it with no
+      position table; a learned-table checkpoint keeps its table and resizes it bicubically to each
+      image's grid (native_pos="interpolate", chosen automatically; native_pos="sincos" drops the table
+      instead, with a warning).
     Raises ValueError listing missing, unexpected and mis-shaped keys.
     """
     from aimv2.model import AIMv2Encoder
@@ -479,7 +486,18 @@ def load_encoder(source, preset=None, *, img_size: int | None = None, strict: bo
     target = ckpt_img if img_size is None else img_size
     if not isinstance(target, int) or target <= 0 or target % p:
         raise ValueError(f"img_size: expected a positive multiple of the patch size {p}, got {img_size!r}")
-    if native:
+    if cfg.native:                                      # per-image grids (method.md §8)
+        if native and cfg.native_pos == "interpolate":
+            raise ValueError(f"load_encoder({origin}): native_pos='interpolate' resizes a learned table, and "
+                             "this sin-cos `-native` checkpoint has none; use native_pos='sincos' (the default)")
+        if POS in sd and cfg.native_pos == "sincos":
+            if cfg_overrides.get("native_pos") == "sincos":
+                log.warning("load_encoder(%s): native_pos='sincos' drops the checkpoint's learned position "
+                            "table; features change until the model is fine-tuned", origin)
+                del sd[POS]
+            else:                                       # keep the learned table, resized per image grid
+                cfg = cfg.replace(native_pos="interpolate")
+    elif native:
         sd[POS] = sincos_pos_embed(ckpt_img // p, cfg.dim)
 
     # ---- key sets and shapes against the model at the checkpoint's own resolution
@@ -526,7 +544,8 @@ def _hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "num_channels": cfg.in_chans, "image_size": cfg.img_size, "patch_size": cfg.patch_size,
         "hidden_act": "silu", "attention_dropout": 0.0, "rms_norm_eps": cfg.norm_eps,
         "qkv_bias": False, "mlp_bias": False, "initializer_range": 0.02,
-        "use_head": False, "is_native": False, "dtype": str(dtype).removeprefix("torch."),
+        "use_head": False, "is_native": cfg.native and cfg.native_pos == "sincos",
+        "dtype": str(dtype).removeprefix("torch."),
     }
 
 

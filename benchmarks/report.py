@@ -8,7 +8,7 @@ measurement (op, pass, shape, provider) with ms, GB/s or TFLOP/s, % of the measu
 and the speed-up over the strongest same-run baseline, the first of BASELINE measured for the same
 (op, pass, shape, dtype): `flex`, then `sdpa_dense` (attention, steps), `compile_ref` (the fused
 kernels; never the attention baseline while a real one ran: it is the naive fp32 reference),
-`hf_compile` (inference), `eager_ref`; rows with a `timing` (host launches or CUDA-graph replay,
+`hf_compile` (inference), `eager_ref`, `padded` (native resolution: the square-padded batch); rows with a `timing` (host launches or CUDA-graph replay,
 benchmarks/tune_kernels.py) are compared only with rows timed the same way. Every row names the mask its provider computed (attention:
 a causal SDPA row does less work than a prefix mask). Device and date come from the rows themselves.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
-BASELINE = ("flex", "sdpa_dense", "compile_ref", "hf_compile", "eager_ref")
+BASELINE = ("flex", "sdpa_dense", "compile_ref", "hf_compile", "eager_ref", "padded")
 
 
 def load_rows(results: Path = RESULTS) -> dict[str, list[dict]]:

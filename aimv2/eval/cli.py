@@ -50,7 +50,8 @@ def cmd_embed(args) -> int:
 
     res = embed(args.checkpoint, data=args.data, out=args.out, pool=args.pool, batch_size=args.batch_size,
                 num_workers=args.num_workers, device=args.device, preset=args.preset,
-                img_size=args.img_size, dtype=getattr(torch, args.dtype), progress=not args.no_progress)
+                img_size=args.img_size, dtype=getattr(torch, args.dtype), progress=not args.no_progress,
+                native=args.native, max_patches=args.max_patches)
     print(f"embedded {res['num_images']} image(s) ({', '.join(res['keys'])}) -> {res['out']}; "
           f"skipped {res['num_skipped']} unreadable")
     return 0
@@ -92,5 +93,10 @@ def register(subparsers) -> None:
     e.add_argument("--preset", default=None)
     e.add_argument("--img-size", type=int, default=None, help="resolution (position embedding interpolated)")
     e.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    e.add_argument("--native", action="store_true",
+                   help="native resolution: each image at its own aspect ratio (sides multiples of 14, no "
+                        "crop), packed --batch-size at a time; per-patch output is packed (method.md §8)")
+    e.add_argument("--max-patches", type=int, default=4096,
+                   help="with --native: at most this many patches per image (downscaled to fit)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_embed)

@@ -16,12 +16,21 @@ the mean / std of the checkpoint directory's preprocessor_config.json (Apple's h
 statistics) or else the training pipeline's ImageNet ones. Files that fail to decode are skipped and
 counted.
 All features are held in memory before writing: per-patch output costs M * N * D * 4 bytes in fp32.
+
+Native resolution (`--native`, method.md §8; image folders only): no crop. Each image keeps its aspect
+ratio and is resized (bicubic) to H' x W', both multiples of the patch size p, with (H'/p)(W'/p) <=
+max_patches (`native_grid`); `batch_size` images at a time are packed into one sequence
+(`AIMv2Encoder.forward_packed`). The images have different token counts N_i, so "patch" is packed:
+    "patch":   (sum N_i, D)  rows offsets[i] : offsets[i+1] are image i, row-major over its grid
+    "grids":   (M, 2) int64  each image's (h, w) patch grid;   "offsets": (M + 1,) int64
+("pooled" is (M, D) as before; metadata "native" = "1", "max_patches", "img_size" = "native").
 """
 from __future__ import annotations
 
 import glob
 import json
 import logging
+import math
 import os
 
 import torch
@@ -83,11 +92,60 @@ def load_image(path: str, size: int, mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
-class ImageFolder(torch.utils.data.Dataset):
-    """Items (index, image (3, S, S) or None when the file cannot be decoded)."""
+DEFAULT_MAX_PATCHES = 4096
 
-    def __init__(self, folder: str, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+
+def native_grid(height: int, width: int, patch_size: int = 14, max_patches: int = DEFAULT_MAX_PATCHES):
+    """The (h, w) patch grid an H x W image is resized to for native-resolution inference: each side
+    rounded to the nearest multiple of the patch size (at least one patch). When h*w would exceed
+    `max_patches`, both sides are scaled by the one factor that makes the exact area max_patches and
+    each is rounded down or up (within one patch of its exact size): the largest of those grids that
+    fits, the closer aspect ratio on a tie (a side at one patch stays there). No upper bound on
+    max_patches other than memory."""
+    if isinstance(max_patches, bool) or not isinstance(max_patches, int) or max_patches < 1:
+        raise ValueError(f"max_patches: expected a positive int, got {max_patches!r}")
+    if height < 1 or width < 1:
+        raise ValueError(f"image size {height}x{width}: expected positive sides")
+    h0, w0 = height / patch_size, width / patch_size
+    h, w = max(1, round(h0)), max(1, round(w0))
+    if h * w > max_patches:
+        s = math.sqrt(max_patches / (h0 * w0))
+        hs, ws = h0 * s, w0 * s
+        cands = [(max(1, a), max(1, b)) for a in {math.floor(hs), math.ceil(hs)} for b in {math.floor(ws), math.ceil(ws)}]
+        fits = [c for c in cands if c[0] * c[1] <= max_patches] or [min(cands, key=lambda c: c[0] * c[1])]
+        h, w = max(fits, key=lambda c: (c[0] * c[1], -abs(math.log(c[1] / c[0] * h0 / w0))))
+        if h * w > max_patches:                          # only with a side clamped at 1 (extreme aspect)
+            w = max(1, max_patches // h)
+        if h * w > max_patches:
+            h = max(1, max_patches // w)
+    return h, w
+
+
+def load_image_native(path: str, patch_size: int, max_patches: int, mean, std) -> torch.Tensor:
+    """RGB, resized (bicubic, aspect ratio kept) to the `native_grid` size, no crop, normalised:
+    (3, h*p, w*p) fp32."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        gh, gw = native_grid(h, w, patch_size, max_patches)
+        im = im.resize((gw * patch_size, gh * patch_size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0  # (3, H', W')
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    return (x - m) / s
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Items (index, image (3, S, S) or None when the file cannot be decoded). With `max_patches` set
+    (native resolution) images are (3, h*p, w*p) at their own aspect ratio (`load_image_native`)."""
+
+    def __init__(self, folder: str, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 max_patches: int | None = None, patch_size: int = 14):
         self.folder, self.size, self.mean, self.std = folder, size, mean, std
+        self.max_patches, self.patch_size = max_patches, patch_size
         self.names = list_images(folder)
 
     def __len__(self):
@@ -95,7 +153,10 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            return i, load_image(os.path.join(self.folder, self.names[i]), self.size, self.mean, self.std)
+            path = os.path.join(self.folder, self.names[i])
+            if self.max_patches is not None:
+                return i, load_image_native(path, self.patch_size, self.max_patches, self.mean, self.std)
+            return i, load_image(path, self.size, self.mean, self.std)
         except Exception as e:                                 # noqa: BLE001 - PIL raises many types
             log.debug("embed: skipping %s: %s", self.names[i], e)
             return i, None
@@ -106,6 +167,13 @@ def _collate(items):
     bad = [i for i, x in items if x is None]
     images = torch.stack([x for _, x in ok]) if ok else None
     return {"index": [i for i, _ in ok], "bad": bad, "images": images}
+
+
+def _collate_list(items):
+    """Native resolution: the images keep their own sizes, so a list instead of a stack."""
+    ok = [(i, x) for i, x in items if x is not None]
+    return {"index": [i for i, _ in ok], "bad": [i for i, x in items if x is None],
+            "images": [x for _, x in ok] or None}
 
 
 def _is_image_folder(data: str) -> bool:
@@ -124,11 +192,14 @@ def _shards_of(data):
 @torch.no_grad()
 def embed(checkpoint=None, *, encoder=None, data, out: str, pool: str = "mean", batch_size: int = 32,
           num_workers: int = 0, device=None, dtype=torch.float32, preset: str | None = None,
-          img_size: int | None = None, progress: bool = True) -> dict:
+          img_size: int | None = None, progress: bool = True, native: bool = False,
+          max_patches: int = DEFAULT_MAX_PATCHES) -> dict:
     """Write encoder features of `data` (image folder or shards) to `out` (safetensors); see module doc.
 
     checkpoint: anything `aimv2.weights.load_encoder` reads (or pass `encoder`). dtype: storage dtype of
-    the features. Returns dict(out, num_images, num_skipped, skipped, names, keys (tensor names)).
+    the features. native: images at their own aspect ratio, at most `max_patches` patches each, packed
+    `batch_size` at a time (image folders only; a given `encoder` must be native). Returns dict(out,
+    num_images, num_skipped, skipped, names, keys (tensor names)).
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -137,21 +208,32 @@ def embed(checkpoint=None, *, encoder=None, data, out: str, pool: str = "mean", 
         raise ValueError(f"pool: expected one of {POOLS}, got {pool!r}")
     if (checkpoint is None) == (encoder is None):
         raise ValueError("embed: give exactly one of checkpoint or encoder")
+    if native:
+        native_grid(1, 1, max_patches=max_patches)                         # validates max_patches
+        if not (isinstance(data, str) and _is_image_folder(data)):
+            raise ValueError(f"data: native-resolution embedding reads a folder of images; {data!r} is not one "
+                             "(shards are decoded at a fixed size)")
+        if img_size is not None:
+            raise ValueError("img_size: not used with native=True (images keep their own size; see max_patches)")
     if encoder is None:
         from aimv2.eval.hub import from_pretrained
-        encoder = from_pretrained(checkpoint, device=device, preset=preset, img_size=img_size)
+        encoder = from_pretrained(checkpoint, device=device, preset=preset, img_size=img_size, native=native)
         source = str(checkpoint)
     else:
+        if native and not encoder.cfg.native:
+            raise ValueError(f"encoder: {encoder.cfg.name} is not native; build it with native=True")
         source = f"encoder:{encoder.cfg.name}"
     encoder.eval()
     p = next(encoder.parameters())
     cfg = encoder.cfg
     names, skipped, pooled, patches = [], [], [], []
 
+    grids = []
     if isinstance(data, str) and _is_image_folder(data):
-        ds = ImageFolder(data, cfg.img_size, *_norm_stats(checkpoint))
+        ds = ImageFolder(data, cfg.img_size, *_norm_stats(checkpoint),
+                         max_patches=max_patches if native else None, patch_size=cfg.patch_size)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
-                                             collate_fn=_collate)
+                                             collate_fn=_collate_list if native else _collate)
         total = len(loader)
     else:
         from aimv2.data import DataConfig, build_loader
@@ -172,6 +254,15 @@ def embed(checkpoint=None, *, encoder=None, data, out: str, pool: str = "mean", 
         images = batch["images"]
         if images is None:
             continue
+        if native:                                                           # one packed sequence
+            seen += len(images)
+            feats = encoder.forward_packed([im.to(p.device, p.dtype, non_blocking=True) for im in images])
+            grids += [(im.shape[1] // cfg.patch_size, im.shape[2] // cfg.patch_size) for im in images]
+            if pool in ("mean", "both"):
+                pooled.append(torch.stack([f.float().mean(0) for f in feats]).to("cpu", dtype))  # (B, D)
+            if pool in ("none", "both"):
+                patches += [f.to("cpu", dtype) for f in feats]               # (N_i, D) each
+            continue
         B = images.shape[0]
         if ds is None:
             names += [str(k) for k in batch["keys"]]                         # "<shard path>:<key>"
@@ -189,10 +280,17 @@ def embed(checkpoint=None, *, encoder=None, data, out: str, pool: str = "mean", 
     if pooled:
         tensors["pooled"] = torch.cat(pooled).contiguous()                  # (M, D)
     if patches:
-        tensors["patch"] = torch.cat(patches).contiguous()                  # (M, N, D)
+        tensors["patch"] = torch.cat(patches).contiguous()                  # (M, N, D); native (sum N_i, D)
     meta = {"names": json.dumps(names), "skipped": json.dumps(skipped), "num_skipped": str(len(skipped)),
             "source": source, "img_size": str(cfg.img_size), "dim": str(cfg.dim),
             "num_patches": str(cfg.num_patches), "pool": pool}
+    if native:
+        lengths = torch.tensor([h * w for h, w in grids], dtype=torch.int64)
+        if patches:
+            tensors["grids"] = torch.tensor(grids, dtype=torch.int64).reshape(-1, 2)          # (M, 2)
+            tensors["offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])  # (M + 1,)
+        meta.update(native="1", max_patches=str(max_patches), img_size="native",
+                    num_patches=str(int(lengths.sum())))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_file(tensors, out, metadata=meta)
     if skipped:

@@ -8,6 +8,9 @@ statistics of the checkpoint's image processor. `img_size=S'` builds the encoder
 the learned (N, D) position embedding is resized bicubically on its (S/14, S/14) grid to (S'/14, S'/14)
 (done by `aimv2.weights.load_encoder`); quality at S' is best for checkpoints fine-tuned near S'.
 
+Native resolution (`native=True`, method.md §8): images at their own size, each resized so both sides
+are multiples of 14, packed into one sequence by `enc.forward_packed(images)` -> one (h*w, D) per image.
+
 Backend ("auto"): on a CUDA device the fused Triton kernels (impl="triton": RMSNorm+residual, SwiGLU;
 attn_backend="triton": flash attention with P = N) in bf16; otherwise the PyTorch references with SDPA in
 fp32. Every fallback logs its reason on the `aimv2.eval.hub` logger.
@@ -51,7 +54,7 @@ def select_backend(device, backend: str = "auto", dtype=None) -> tuple[str, str,
 
 
 def from_pretrained(path, *, img_size: int | None = None, device=None, dtype=None, backend: str = "auto",
-                    preset: str | None = None, strict: bool = True):
+                    preset: str | None = None, strict: bool = True, native: bool = False):
     """An `AIMv2Encoder` in eval mode from a local checkpoint (see the module docstring).
 
     path: a weights file (.safetensors / .pt / .bin), a transformers or Apple-hub directory, a timm file,
@@ -59,7 +62,11 @@ def from_pretrained(path, *, img_size: int | None = None, device=None, dtype=Non
     img_size: build at another resolution (bicubic position-embedding interpolation); default the
     checkpoint's. device: default "cuda" when available else "cpu". dtype: default bf16 on a GPU, fp32
     otherwise. backend: "auto" | "triton" | "torch". preset: the architecture when the file carries no
-    config. Returns the encoder; `enc.cfg` says the resolution and backend chosen.
+    config. native: build the native-resolution encoder (method.md §8): images of any size (H, W
+    multiples of 14), `enc.forward_packed(list_of_images)` runs many sizes as one packed sequence
+    (Triton varlen attention on a GPU). Apple's `-native` checkpoints map onto it exactly; learned-table
+    checkpoints resize their table to each image's grid. Returns the encoder; `enc.cfg` says the
+    resolution and backend chosen.
     """
     from aimv2 import kernels
     from aimv2.weights import load_encoder
@@ -71,7 +78,8 @@ def from_pretrained(path, *, img_size: int | None = None, device=None, dtype=Non
         raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
     impl, attn, reason = select_backend(device, backend, dtype)
     log.info("from_pretrained: impl=%s attn_backend=%s (%s)", impl, attn, reason)
-    enc = load_encoder(path, preset, img_size=img_size, strict=strict, impl=impl, attn_backend=attn)
+    extra = {"native": True} if native else {}      # else a checkpoint's own (metadata) choice stands
+    enc = load_encoder(path, preset, img_size=img_size, strict=strict, impl=impl, attn_backend=attn, **extra)
     if attn == "triton" and enc.cfg.head_dim not in kernels.ATTENTION_HEAD_DIMS:
         why = f"head dim {enc.cfg.head_dim} not in the Triton attention's {kernels.ATTENTION_HEAD_DIMS}"
         if backend == "triton":
