@@ -81,6 +81,17 @@ def test_init_from_a_training_run(fixed_run, native_pos):
     assert "encoder, decoder and text head" in logs[-1]
 
 
+def test_init_from_a_native_run(tmp_path):
+    """Fine-tuning on from a native (sin-cos) run: its checkpoint holds no position table and loads whole."""
+    run = train(tiny_cfg(tmp_path / "a", **NATIVE, **{"run.steps": 1}))
+    saved, _, _ = ck.load_checkpoint(run.checkpoint)
+    model = AIMv2Pretrainer(tiny_cfg("unused", **NATIVE).model)
+    init_weights(model, str(run.run_dir), lambda m: None)
+    got = model.state_dict()
+    assert set(got) == set(saved) and "encoder.preprocessor.pos_embed" not in got
+    assert all(torch.equal(v, saved[k]) for k, v in got.items())
+
+
 def test_init_from_released_encoder_weights_and_a_wrong_size(tmp_path):
     cfg = tiny_cfg("unused", **NATIVE).model
     torch.manual_seed(1)
