@@ -124,6 +124,18 @@ def test_int_prefix_and_one_image(device):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
 
 
+def test_empty_pack_and_one_patch(device):
+    """No images (T = 0) and one 1x1 image (T = 1, nothing to predict): loss 0, gradient 0, no error."""
+    for T, cu in ((0, [0]), (1, [0, 1])):
+        pred = torch.randn(T, P * P * C, device=device, requires_grad=True)
+        cu = torch.tensor(cu, dtype=torch.int32, device=device)
+        plen = torch.zeros(len(cu) - 1, dtype=torch.int64, device=device)
+        for fn in (patch_l2_loss_packed, patch_l2_loss_packed_ref):
+            loss = fn(pred, torch.randn_like(pred), cu, plen)
+            grad, = torch.autograd.grad(loss, pred)
+            assert loss.item() == 0 and grad.shape == pred.shape and not grad.any()
+
+
 def test_compile_fullgraph_fwd_bwd(device):
     batch, pred = _pack([(2, 3), (1, 2), (3, 1)], "random", device, torch.bfloat16)
     pred.requires_grad_()
