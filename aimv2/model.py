@@ -17,6 +17,8 @@ the fused linear + cross-entropy, so the (B, T, V) logits are never materialised
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -500,6 +502,7 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+@functools.lru_cache(maxsize=4096)                     # native packs ask per image size, every step
 def _prefix_pairs(N: int) -> float:
     """Expected unmasked (query, key) pairs of the prefix mask with P ~ U{1, ..., N-1}."""
     if N < 2:
@@ -510,13 +513,15 @@ def _prefix_pairs(N: int) -> float:
     return tot / (N - 1)
 
 
-def forward_flops(cfg: ModelConfig, prefix: str = "random") -> dict:
+def forward_flops(cfg: ModelConfig, prefix: str = "random", num_patches: int | None = None) -> dict:
     """Forward matmul FLOPs per image (2 per multiply-add), by part.
 
     prefix: "random" (training, P ~ U{1..N-1}), "none" (bidirectional inference) or "causal".
+    num_patches: N of this image (native resolution, method.md §8: its own grid), default cfg's.
     Attention counts only the unmasked (i, j) pairs: 4 * head_dim * heads per pair (QK^T and PV)."""
-    N, D, T = cfg.num_patches, cfg.dim, cfg.text_len
-    Dd, L = cfg.dec_dim, cfg.num_patches + cfg.text_len + 1
+    N = cfg.num_patches if num_patches is None else num_patches
+    D, T = cfg.dim, cfg.text_len
+    Dd, L = cfg.dec_dim, N + cfg.text_len + 1
     enc_pairs = {"random": _prefix_pairs(N), "none": float(N * N), "causal": N * (N + 1) / 2}[prefix]
 
     def blocks(tokens, dim, hidden, depth, pairs):
@@ -533,6 +538,7 @@ def forward_flops(cfg: ModelConfig, prefix: str = "random") -> dict:
     return out
 
 
-def flops_per_sample(cfg: ModelConfig) -> float:
-    """Training FLOPs per image (forward + backward = 3x forward), prefix mask's unmasked work only."""
-    return 3.0 * forward_flops(cfg, "random")["total"]
+def flops_per_sample(cfg: ModelConfig, num_patches: int | None = None) -> float:
+    """Training FLOPs per image (forward + backward = 3x forward), prefix mask's unmasked work only;
+    num_patches: an image of N patches (native resolution), default cfg's."""
+    return 3.0 * forward_flops(cfg, "random", num_patches)["total"]

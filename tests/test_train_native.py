@@ -9,7 +9,7 @@ import yaml
 
 from _train_common import rows, tiny_cfg
 from aimv2.cli import main as cli_main
-from aimv2.model import AIMv2Encoder, AIMv2Pretrainer
+from aimv2.model import AIMv2Encoder, AIMv2Pretrainer, flops_per_sample
 from aimv2.train import train
 from aimv2.train import checkpoint as ck
 from aimv2.train.random_data import RandomPackedBatches
@@ -119,13 +119,17 @@ def test_native_run_end_to_end(fixed_run, tmp_path):
     r = rows(res.run_dir)
     assert [x["step"] for x in r] == [1, 2] and res.checkpoint is not None
     assert all(torch.isfinite(torch.tensor([x["loss"], x["pixel_loss"], x["text_loss"]])).all() for x in r)
-    assert all(x["images_per_s"] > 0 and x["tflops"] is None for x in r)
     model = AIMv2Pretrainer(cfg.model.replace(impl="torch", attn_backend="sdpa"))
     init_weights(model, str(fixed_run.checkpoint), lambda m: None)
     first = next(RandomPackedBatches(cfg.model, 50, 4, 20, seed=cfg.data.seed))
     with torch.no_grad():
         want = model(first)["loss"].item()
     assert r[0]["loss"] == pytest.approx(want, rel=1e-5)
+    # throughput of step 1 counts that pack: its images, and each image's FLOPs at its own size
+    seconds = first.num_images / r[0]["images_per_s"]
+    flops = sum(flops_per_sample(cfg.model, n) for n in first.lengths)
+    assert r[0]["tflops"] * 1e12 * seconds == pytest.approx(flops, rel=1e-9)
+    assert r[0]["tokens_per_s"] * seconds == pytest.approx(first.num_tokens + first.num_images * cfg.model.text_len)
 
 
 def test_native_run_on_the_data_loader(fixed_run, tmp_path):

@@ -277,7 +277,7 @@ class Trainer:
             self.log(f"run.init {r.init} ignored: resuming from {ckpt}")
         self.start_step, skipped = self._load_state(model_sd, state) if ckpt is not None else (0, 0)
         self.stats = StepStats(self.device, skipped)
-        self.lap_counts = [0, 0]                             # native: images, patch tokens this interval
+        self.lap_counts = [0, 0, 0.0]                        # native: images, patch tokens, FLOPs this interval
         self.checkpointer = ck.CheckpointManager(self.run_dir, r.ckpt_every, r.keep_ckpts, info, self._snapshot,
                                                  model_cfg.to_dict(), self.cfg.to_yaml(), latest=ckpt)
         self.stop = StopController(info, r.max_minutes)
@@ -370,9 +370,10 @@ class Trainer:
         for a in range(A):
             batch = self._next_batch(it)
             packed = isinstance(batch, PackedBatch)
-            if packed:                                     # images and patch tokens: host ints (grids)
+            if packed:                                     # images, patch tokens, FLOPs: host (grids)
                 self.lap_counts[0] += batch.num_images
                 self.lap_counts[1] += batch.num_tokens
+                self.lap_counts[2] += sum(flops_per_sample(self.model_cfg, n) for n in batch.lengths)
             with D.grad_sync(self.model, self.info, sync=a == A - 1):
                 with self.amp():
                     out = self.model(batch) if packed else \
@@ -518,10 +519,10 @@ class Trainer:
         if self.cfg.data.native:                           # packs vary: count them (summed over ranks)
             counts = torch.tensor(self.lap_counts, dtype=torch.float64, device=self.device)
             D.all_reduce_(counts, self.info, "sum")
-            images, patches = counts.tolist()
-            ips, tflops = images / lap.seconds, None       # FLOPs per image depend on its grid: not counted
+            images, patches, flops = counts.tolist()
+            ips, tflops = images / lap.seconds, flops / lap.seconds / 1e12
             tokens_per_image = (patches + images * self.model_cfg.text_len) / max(images, 1.0)
-            self.lap_counts = [0, 0]
+            self.lap_counts = [0, 0, 0.0]
         loader_stats = self.loader.stats() if hasattr(self.loader, "stats") else {}
         return {
             "step": step, "loss": s.loss, "pixel_loss": s.pixel_loss, "text_loss": s.text_loss,
