@@ -191,8 +191,9 @@ def init_weights(model: AIMv2Pretrainer, source: str, log) -> None:
     from aimv2.weights import load_encoder
     enc = load_encoder(source, img_size=model.cfg.img_size).state_dict()
     own = model.encoder.state_dict()
-    if "preprocessor.pos_embed" not in own:
-        enc.pop("preprocessor.pos_embed", None)                     # native sin-cos: computed, not learned
+    if "preprocessor.pos_embed" not in own and enc.pop("preprocessor.pos_embed", None) is not None:
+        log("init: the checkpoint's learned position table is dropped for the sin-cos code "
+            "(model.native_pos=sincos); --set model.native_pos=interpolate keeps it, resized per grid")
     try:
         model.encoder.load_state_dict(enc, strict=True)
     except RuntimeError as e:
