@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from _train_common import rows, tiny_cfg
+from _train_common import losses, rows, tiny_cfg
 from aimv2.cli import main as cli_main
 from aimv2.model import AIMv2Encoder, AIMv2Pretrainer, flops_per_sample
 from aimv2.train import train
@@ -151,3 +151,13 @@ def test_native_run_on_the_data_loader(fixed_run, tmp_path):
     with torch.no_grad():
         want = model(first)["loss"].item()
     assert r[0]["loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_native_run_resumes_exactly(tmp_path):
+    """3 native steps in one go == 2 steps, then --resume for the third (the packed stream's position
+    and the RNG come back from the checkpoint); --init is ignored on resume."""
+    whole = train(tiny_cfg(tmp_path / "whole", **NATIVE, **{"run.steps": 3}))
+    part = tmp_path / "part"
+    train(tiny_cfg(part, **NATIVE, **{"run.steps": 2}))
+    train(tiny_cfg(part, **NATIVE, **{"run.steps": 3, "run.resume": True, "run.init": "no/such/dir"}))
+    assert losses(part) == losses(whole.run_dir)

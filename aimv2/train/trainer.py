@@ -199,8 +199,8 @@ def init_weights(model: AIMv2Pretrainer, source: str, log) -> None:
     except RuntimeError as e:
         raise ValueError(f"run.init: {source!r} does not fit the model's encoder: {e}") from None
     path = Path(source)
-    if path.is_dir() and (path / "checkpoints").is_dir() and ck.latest_checkpoint(path) is not None:
-        path = ck.latest_checkpoint(path)
+    if path.is_dir() and (path / "checkpoints").is_dir():                 # a run dir: its newest checkpoint
+        path = ck.latest_checkpoint(path) or path
     if not (path.is_dir() and (path / ck.STATE_FILE).is_file()):          # not a training checkpoint
         log(f"init: encoder from {source} (no decoder there: decoder and text head start fresh)")
         return
@@ -261,7 +261,9 @@ class Trainer:
         self.compiled = r.compile if r.compile is not None else self.device.type == "cuda" and not cfg.data.native
         self.damaged: list[Path] = []                        # newer checkpoints that failed verification
         ckpt, (model_sd, saved_model_cfg, state) = self._resume_checkpoint()
-        self._resume_checkpoint_found = ckpt
+        self.resumed_from = ckpt
+        if r.init is not None and ckpt is not None:
+            self.log(f"run.init {r.init} ignored: resuming from {ckpt}")
         model_cfg = resolve_kernels(cfg.model, r.kernels, self.device, self.log)
         seed_everything(r.seed)
         self.loader = loader if loader is not None else \
@@ -273,9 +275,6 @@ class Trainer:
         self.cfg = dataclasses.replace(cfg, model=model_cfg)
         self._build_model()
         self._build_optimizer()
-        self.resumed_from = ckpt
-        if r.init is not None and ckpt is not None:
-            self.log(f"run.init {r.init} ignored: resuming from {ckpt}")
         self.start_step, skipped = self._load_state(model_sd, state) if ckpt is not None else (0, 0)
         self.stats = StepStats(self.device, skipped)
         self.lap_counts = [0, 0, 0.0]                        # native: images, patch tokens, FLOPs this interval
@@ -313,7 +312,7 @@ class Trainer:
 
     def _build_model(self) -> None:
         model = AIMv2Pretrainer(self.model_cfg)
-        if self.cfg.run.init is not None and self._resume_checkpoint_found is None:
+        if self.cfg.run.init is not None and self.resumed_from is None:
             init_weights(model, self.cfg.run.init, self.log)
         model = model.to(self.device)
         if self.compiled:
