@@ -447,14 +447,15 @@ class AIMv2Pretrainer(nn.Module):
         return self.text_head(text_hidden)
 
     def forward(self, images, text: torch.Tensor | None = None, prefix_len=None) -> dict:
-        """images (B, C, S, S), text (B, T), prefix_len (None: bidirectional, int, or (B,)) -> losses;
-        or a PackedBatch alone -> forward_packed(batch) (so DDP / FSDP, which wrap forward, see both)."""
+        """images (B, C, S, S) (native: (B, C, H, W), one size per batch), text (B, T), prefix_len (None:
+        bidirectional, int, or (B,)) -> losses; or a PackedBatch alone -> forward_packed(batch) (so DDP /
+        FSDP, which wrap forward, see both)."""
         if isinstance(images, PackedBatch):
             return self.forward_packed(images)
         cfg = self.cfg
         check_images(images, cfg)
         check_text(text, images.shape[0], cfg)
-        N = cfg.num_patches
+        N = (images.shape[2] // cfg.patch_size) * (images.shape[3] // cfg.patch_size)   # cfg.num_patches unless native
         prefix_len = check_prefix_len(prefix_len, images.shape[0], N, images.device)
         enc = self.encoder(images, prefix_len)                               # (B, N, D)
         pixels, text_hidden = self.decoder(enc, text)                       # (B, N, p*p*C), (B, T, Dd)

@@ -235,3 +235,23 @@ def test_packed_step_has_no_host_sync():
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("prefix", [None, 0, 5, 12])
+def test_fixed_forward_of_a_native_image_equals_its_pack(device, prefix):
+    """A native model's forward() on one non-square image (its own N = 12, not cfg.num_patches = 16)
+    gives forward_packed's losses for the one-image pack: prefix None counts no pixel pair, and
+    prefix N_image is accepted."""
+    cfg = _cfg(native=True)
+    model = _pretrainer(cfg).to(device)
+    image = torch.randn(1, 3, 3 * P, 4 * P, device=device, dtype=torch.float64)
+    text = torch.randint(1, cfg.vocab_size, (1, cfg.text_len), device=device)
+    plen = None if prefix is None else torch.tensor([prefix], device=device)
+    got = model(image, text, plen)
+    batch = pack_images(list(image), P, prefix_len=plen, text=text)
+    want = model.forward_packed(batch)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)
+    assert (got["pixel_loss"].item() == 0) == (prefix in (None, 12))
+    with pytest.raises(ValueError, match=r"prefix_len: 13 outside \[0, N=12\]"):   # not cfg's N = 16
+        model(image, text, 13)
