@@ -5,6 +5,8 @@
     AIMv2Encoder.forward_packed -> one (h_s w_s, D) per image, computed as one packed sequence
     [Linear(D -> Dd)(enc tokens) | CLS | text tokens] -> causal decoder -> pixel head, text head
     loss = 0.4 * patch-normalised l2 (shifted by one, prefix excluded) + 1.0 * caption cross-entropy
+    packed (method.md §8): AIMv2Pretrainer.forward_packed(PackedBatch) runs the same per image inside
+    one packed sequence, both losses token-weighted over the pack
 
 Module names follow Apple's ml-aim checkpoints (`preprocessor.*`, `trunk.blocks.b.*`), so those load
 by name; `aimv2.weights` maps the transformers and timm layouts onto them.
@@ -15,6 +17,8 @@ the fused linear + cross-entropy, so the (B, T, V) logits are never materialised
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from aimv2 import kernels as K
 from aimv2.attention import AttentionMask, PackedAttentionMask
 from aimv2.config import ModelConfig
+from aimv2.packing import PackedBatch, decoder_layout
 from aimv2.pos_embed import resize_table, sincos_2d
 
 
@@ -366,12 +371,39 @@ class AIMv2Decoder(nn.Module):
         B, N, _ = enc_tokens.shape
         T = self.cfg.text_len
         img = self.proj(enc_tokens)                                          # (B, N, Dd)
-        txt = torch.cat([self.cls_token.expand(B, -1, -1).to(img.dtype),
-                         self.text_embed(text).to(img.dtype)], dim=1)         # (B, T+1, Dd)
-        x = torch.cat([img, txt + self.text_pos_embed.to(img.dtype)], dim=1)  # (B, N+T+1, Dd)
+        x = torch.cat([img, self._text_tokens(text, img.dtype)], dim=1)     # (B, N+T+1, Dd)
         mask = AttentionMask(self.cfg.attn_backend, 0, B, N + T + 1, x.device)
         x = self.trunk(x, mask)
         return self.pixel_head(x[:, :N]), x[:, N:N + T]
+
+    def _text_tokens(self, text: torch.Tensor, dtype) -> torch.Tensor:
+        """text (B, T) ids -> (B, T+1, Dd): [CLS, t_1 .. t_T] embeddings plus their position table."""
+        txt = torch.cat([self.cls_token.expand(text.shape[0], -1, -1).to(dtype),
+                         self.text_embed(text).to(dtype)], dim=1)             # (B, T+1, Dd)
+        return txt + self.text_pos_embed.to(dtype)
+
+    def forward_packed(self, enc: torch.Tensor, batch):
+        """The decoder over a packed batch (method.md §8): enc (T_img, D) the packed encoder output of
+        `batch` (an aimv2.packing.PackedBatch with text (n, T)) -> pixel predictions (T_img, p*p*C)
+        packed like batch.patches (row r predicts row r+1 of its image) and text hidden (n, T, Dd).
+
+        Image s runs as its own [proj(enc_s) (N_s) | CLS | t_1 .. t_T] sequence, the n of them packed
+        into one (T_img + n (T+1), Dd) sequence that is causal within each image and never attends
+        across images, so each image's outputs are forward(enc_s[None], text[s:s+1])'s. The layout
+        comes from cu_seqlens on the device (aimv2.packing.decoder_layout): no host sync."""
+        T = self.cfg.text_len
+        lay = decoder_layout(batch.cu_seqlens, batch.lengths, T + 1)
+        img = self.proj(enc)                                                 # (T_img, Dd)
+        txt = self._text_tokens(batch.text, img.dtype)                      # (n, T+1, Dd)
+        x = torch.cat([img, txt.flatten(0, 1)]).index_select(0, lay.gather)  # (T_img + n(T+1), Dd)
+        causal = torch.zeros(len(lay.lengths), dtype=torch.int32, device=x.device)
+        mask = PackedAttentionMask(self.cfg.attn_backend, lay.cu_seqlens, lay.lengths, causal, x.device)
+        x = self.trunk(x, mask)
+        # index_select (backward: index_add_ onto distinct rows) rather than x[idx], whose backward,
+        # an accumulating index_put_, sorts the indices
+        text_rows = lay.extra_rows[:, :T].flatten()                          # (n T,) CLS .. t_{T-1}
+        return (self.pixel_head(x.index_select(0, lay.image_rows)),
+                x.index_select(0, text_rows).view(-1, T, x.shape[-1]))
 
 
 def text_loss_fn(logits: torch.Tensor, text: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -391,7 +423,8 @@ def _old_text_head_keys(module, state_dict, prefix, *args) -> None:
 
 class AIMv2Pretrainer(nn.Module):
     """Encoder + decoder + text head + losses:
-    forward(images, text, prefix_len) -> dict(loss, pixel_loss, text_loss).
+    forward(images, text, prefix_len) -> dict(loss, pixel_loss, text_loss);
+    forward_packed(PackedBatch) -> the same over images of different sizes (method.md §8).
 
     The text head (Linear(Dd -> V), no bias) lives here, not in the decoder, so that the text loss can
     fuse it: impl="triton" runs `aimv2.kernels.linear_cross_entropy` (no (B, T, V) logits), impl="torch"
@@ -413,19 +446,53 @@ class AIMv2Pretrainer(nn.Module):
         training loss never builds them under impl="triton")."""
         return self.text_head(text_hidden)
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor, prefix_len) -> dict:
+    def forward(self, images, text: torch.Tensor | None = None, prefix_len=None) -> dict:
+        """images (B, C, S, S) (native: (B, C, H, W), one size per batch), text (B, T), prefix_len (None:
+        bidirectional, int, or (B,)) -> losses; or a PackedBatch alone -> forward_packed(batch) (so DDP /
+        FSDP, which wrap forward, see both)."""
+        if isinstance(images, PackedBatch):
+            return self.forward_packed(images)
         cfg = self.cfg
         check_images(images, cfg)
         check_text(text, images.shape[0], cfg)
-        N = cfg.num_patches
+        N = (images.shape[2] // cfg.patch_size) * (images.shape[3] // cfg.patch_size)   # cfg.num_patches unless native
         prefix_len = check_prefix_len(prefix_len, images.shape[0], N, images.device)
         enc = self.encoder(images, prefix_len)                               # (B, N, D)
         pixels, text_hidden = self.decoder(enc, text)                       # (B, N, p*p*C), (B, T, Dd)
         plen = N if prefix_len is None else prefix_len
-        triton = cfg.impl == "triton"
-        loss_fn = K.patch_l2_loss if triton else K.patch_l2_loss_ref
+        loss_fn = K.patch_l2_loss if cfg.impl == "triton" else K.patch_l2_loss_ref
         pixel_loss = loss_fn(pixels, images, plen, cfg.patch_size, cfg.patch_norm_eps)
-        ce_fn = K.linear_cross_entropy if triton else K.linear_cross_entropy_ref
+        return self._losses(pixel_loss, text_hidden, text)
+
+    def forward_packed(self, batch) -> dict:
+        """Pre-training on a pack of images of different sizes (method.md §8): batch an
+        aimv2.packing.PackedBatch with text (n, T) -> dict(loss, pixel_loss, text_loss).
+
+        Each image is encoded with its own prefix P_s (`AIMv2Encoder.forward_packed`) and decoded as its
+        own [image | CLS | text] sequence (`AIMv2Decoder.forward_packed`), all in one packed sequence.
+        Both losses are token-weighted over the whole pack as forward()'s are over the batch: the pixel
+        loss averages every (prediction, next patch of the same image) pair past each image's prefix
+        (`kernels.patch_l2_loss_packed`, targets = batch.patches), the text loss every non-padding
+        caption token. prefix_len None (bidirectional) counts no pixel pair, as in forward()."""
+        cfg = self.cfg
+        if batch.text is None:
+            raise ValueError("batch.text: the packed pre-training forward needs captions (n, T), got None")
+        check_text(batch.text, batch.num_images, cfg)
+        device = self.text_head.weight.device
+        if batch.patches.device != device or batch.cu_seqlens.device != device:
+            batch = batch.to(device)
+        enc = self.encoder.forward_packed(batch, packed_output=True)        # (T_img, D)
+        pixels, text_hidden = self.decoder.forward_packed(enc, batch)       # (T_img, p*p*C), (n, T, Dd)
+        cu = batch.cu_seqlens
+        plen = cu[1:] - cu[:-1] if batch.prefix_len is None else batch.prefix_len
+        loss_fn = K.patch_l2_loss_packed if cfg.impl == "triton" else K.patch_l2_loss_packed_ref
+        pixel_loss = loss_fn(pixels, batch.patches, cu, plen, cfg.patch_norm_eps)
+        return self._losses(pixel_loss, text_hidden, batch.text)
+
+    def _losses(self, pixel_loss: torch.Tensor, text_hidden: torch.Tensor, text: torch.Tensor) -> dict:
+        """The text loss (text head fused with the cross-entropy under impl="triton") and the total."""
+        cfg = self.cfg
+        ce_fn = K.linear_cross_entropy if cfg.impl == "triton" else K.linear_cross_entropy_ref
         text_loss = ce_fn(text_hidden, self.text_head.weight, text, ignore_index=cfg.pad_id)
         loss = cfg.pixel_loss_weight * pixel_loss + cfg.text_loss_weight * text_loss
         return {"loss": loss, "pixel_loss": pixel_loss, "text_loss": text_loss}
@@ -436,6 +503,7 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+@functools.lru_cache(maxsize=4096)                     # native packs ask per image size, every step
 def _prefix_pairs(N: int) -> float:
     """Expected unmasked (query, key) pairs of the prefix mask with P ~ U{1, ..., N-1}."""
     if N < 2:
@@ -446,13 +514,15 @@ def _prefix_pairs(N: int) -> float:
     return tot / (N - 1)
 
 
-def forward_flops(cfg: ModelConfig, prefix: str = "random") -> dict:
+def forward_flops(cfg: ModelConfig, prefix: str = "random", num_patches: int | None = None) -> dict:
     """Forward matmul FLOPs per image (2 per multiply-add), by part.
 
     prefix: "random" (training, P ~ U{1..N-1}), "none" (bidirectional inference) or "causal".
+    num_patches: N of this image (native resolution, method.md §8: its own grid), default cfg's.
     Attention counts only the unmasked (i, j) pairs: 4 * head_dim * heads per pair (QK^T and PV)."""
-    N, D, T = cfg.num_patches, cfg.dim, cfg.text_len
-    Dd, L = cfg.dec_dim, cfg.num_patches + cfg.text_len + 1
+    N = cfg.num_patches if num_patches is None else num_patches
+    D, T = cfg.dim, cfg.text_len
+    Dd, L = cfg.dec_dim, N + cfg.text_len + 1
     enc_pairs = {"random": _prefix_pairs(N), "none": float(N * N), "causal": N * (N + 1) / 2}[prefix]
 
     def blocks(tokens, dim, hidden, depth, pairs):
@@ -469,6 +539,7 @@ def forward_flops(cfg: ModelConfig, prefix: str = "random") -> dict:
     return out
 
 
-def flops_per_sample(cfg: ModelConfig) -> float:
-    """Training FLOPs per image (forward + backward = 3x forward), prefix mask's unmasked work only."""
-    return 3.0 * forward_flops(cfg, "random")["total"]
+def flops_per_sample(cfg: ModelConfig, num_patches: int | None = None) -> float:
+    """Training FLOPs per image (forward + backward = 3x forward), prefix mask's unmasked work only;
+    num_patches: an image of N patches (native resolution), default cfg's."""
+    return 3.0 * forward_flops(cfg, "random", num_patches)["total"]

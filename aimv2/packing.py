@@ -138,3 +138,38 @@ def unpatchify(patches: torch.Tensor, grid, patch_size: int, channels: int = 3) 
     p = patch_size
     x = patches.reshape(h, w, p, p, channels)
     return torch.einsum("hwpqc->chpwq", x).reshape(channels, h * p, w * p)
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """Where each row goes when every image s of a pack gets `extra` more rows after its N_s own
+    (the decoder's [image tokens | CLS | text], method.md §8), all on cu_seqlens' device:
+
+    cu_seqlens  (n + 1,) int32  the longer images' offsets: cu_seqlens[s] + s * extra
+    lengths     list of ints    N_s + extra, on the host (from grids)
+    image_rows  (T,) int64      row of the long pack that packed row r moves to
+    extra_rows  (n, extra) int64  rows of image s's extra tokens in the long pack
+    gather      (T + n * extra,) int64  for each long-pack row, its source in cat([packed rows, extra rows])
+    """
+    cu_seqlens: torch.Tensor
+    lengths: list
+    image_rows: torch.Tensor
+    extra_rows: torch.Tensor
+    gather: torch.Tensor
+
+
+def decoder_layout(cu_seqlens: torch.Tensor, lengths, extra: int) -> DecoderLayout:
+    """The `DecoderLayout` of a pack with image lengths `lengths` (host ints, as from grids) and
+    cu_seqlens on the device: computed there without reading it on the host (no sync)."""
+    lengths = [int(n) for n in lengths]
+    n, T, dev = len(lengths), sum(lengths), cu_seqlens.device
+    cu = cu_seqlens.long()
+    shift = extra * torch.arange(n + 1, device=dev)                                       # (n + 1,)
+    image_of_row = torch.repeat_interleave(torch.arange(n, device=dev), cu[1:] - cu[:-1], output_size=T)
+    image_rows = torch.arange(T, device=dev) + shift[:-1][image_of_row]                    # (T,)
+    extra_rows = (cu[1:] + shift[:-1])[:, None] + torch.arange(extra, device=dev)          # (n, extra)
+    total = T + n * extra
+    gather = torch.empty(total, dtype=torch.int64, device=dev).scatter_(
+        0, torch.cat([image_rows, extra_rows.flatten()]), torch.arange(total, device=dev))
+    return DecoderLayout((cu + shift).to(torch.int32), [m + extra for m in lengths], image_rows, extra_rows,
+                         gather)

@@ -9,6 +9,9 @@ the eager reference (`eager_ref`), `torch.compile` of the reference (`compile_re
     swiglu         gate, up (128*256, H), H in 2816, 8192, contiguous (the model's fc1 / fc3 outputs)
     patch_l2_loss  pred (128, 256, 588) bf16, images (128, 3, 224, 224) fp32, patch 14, prefix
                    lengths uniform in [1, N-1] per image (seeded)
+    patch_l2_loss_packed  the same 32768 tokens as a native pack (method.md §8): 128 images of seeded
+                   random grids with 64..512 patches, pred (T, 588) bf16, patches (T, 588) fp32, prefix
+                   uniform in [1, N_s-1]; not in --gpu-quick (`--ops patch_l2_loss_packed`)
 
 Timing: `triton.testing.do_bench` (median, p20, p80). Backward times `torch.autograd.grad` on a
 retained graph; forward runs with autograd recording (as in training). GB/s counts the minimum
@@ -150,6 +153,27 @@ def patch_l2_loss_case(B, img, p, device, dtype, compile_ref) -> Case:
                 {"fwd": fwd_b, "bwd": bwd_b, "fwdbwd": fwd_b + bwd_b})
 
 
+def patch_l2_loss_packed_case(n, lo, hi, p, device, dtype, compile_ref) -> Case:
+    from aimv2.kernels import patch_l2_loss_packed, patch_l2_loss_packed_ref
+    from aimv2.packing import cu_seqlens_of
+    K = p * p * 3
+    gen = torch.Generator().manual_seed(0)
+    lens = torch.randint(lo, hi + 1, (n,), generator=gen)
+    plen = torch.cat([torch.randint(1, int(m), (1,), generator=gen) for m in lens]).to(device)
+    cu = cu_seqlens_of(lens.tolist(), device)
+    T = int(lens.sum())
+    pred = torch.randn(T, K, device=device, dtype=dtype, requires_grad=True)
+    patches = torch.randn(T, K, device=device)
+    dloss = torch.tensor(1.0, device=device)
+    providers = _providers(lambda pr, x: patch_l2_loss_packed(pr, x, cu, plen),
+                           lambda pr, x: patch_l2_loss_packed_ref(pr, x, cu, plen), compile_ref)
+    counted = int((lens - plen.cpu()).sum())                      # pairs with target past the prefix
+    read = counted * K * (pred.element_size() + patches.element_size())
+    fwd_b, bwd_b = read, read + _nbytes(pred)                      # bwd also writes d_pred whole
+    return Case("patch_l2_loss_packed", f"pred ({T}, {K}), {n} images", _DT[dtype], [pred, patches], [pred],
+                [dloss], providers, {"fwd": fwd_b, "bwd": bwd_b, "fwdbwd": fwd_b + bwd_b})
+
+
 def _as_tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
@@ -210,12 +234,15 @@ def make_cases(ops, device, quick: bool, compile_ref: bool, gpu_quick: bool = Fa
     if "patch_l2_loss" in ops:
         B, img, p = (2, 16, 4) if quick else (128, 224, 14)
         cases.append(lambda: patch_l2_loss_case(B, img, p, device, dt, compile_ref))
+    if "patch_l2_loss_packed" in ops and not gpu_quick:
+        n, lo, hi, p = (3, 2, 9, 4) if quick else (128, 64, 512, 14)
+        cases.append(lambda: patch_l2_loss_packed_case(n, lo, hi, p, device, dt, compile_ref))
     return cases
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ops", default="rms_norm,swiglu,patch_l2_loss")
+    ap.add_argument("--ops", default="rms_norm,swiglu,patch_l2_loss,patch_l2_loss_packed")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shapes, interpreter")
     ap.add_argument("--no-compile-ref", dest="compile_ref", action="store_false",
                     help="skip torch.compile of the references (always skipped with --quick on CPU)")

@@ -59,6 +59,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 GPU_TESTS = ["tests/test_rms_norm.py", "tests/test_swiglu.py", "tests/test_patch_l2_loss.py",
+             "tests/test_patch_l2_loss_packed.py", "tests/test_model_packed.py::test_packed_step_has_no_host_sync",
              "tests/test_prefix_attention.py", "tests/test_kernels_inductor.py",
              "tests/test_kernels_package.py", "tests/test_model_impl_triton.py",
              "tests/test_model_triton_attention.py", "tests/test_eval_hf_patch.py",

@@ -4,6 +4,8 @@ Ops (each with a plain-PyTorch `<op>_ref`):
 - rms_norm(x, weight, eps, residual=None)     fused RMSNorm (+ residual add)
 - swiglu(gate, up)                            silu(gate) * up
 - patch_l2_loss(pred, images, prefix_len, p)  AIMv2 patch-normalised l2 pixel loss
+- patch_l2_loss_packed(pred, patches, cu_seqlens, prefix_len)
+                                              the same over images of different sizes packed in one sequence
 - prefix_attention(q, k, v, prefix_len)       prefix-causal flash attention
 - prefix_attention_varlen(q, k, v, cu_seqlens, max_seqlen, prefix_len)
                                               the same over images of different sizes packed in one sequence
@@ -19,6 +21,7 @@ if __name__ == "aimv2.kernels":
     from ._utils import unavailable_reason
     from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
     from .patch_l2_loss import patch_l2_loss, patch_l2_loss_ref, patchify
+    from .patch_l2_loss_packed import patch_l2_loss_packed, patch_l2_loss_packed_ref
     from .prefix_attention import ATTENTION_HEAD_DIMS, prefix_attention, prefix_attention_ref, prefix_mask
     from .prefix_attention_varlen import prefix_attention_varlen, prefix_attention_varlen_ref
     from .rms_norm import rms_norm, rms_norm_ref

@@ -73,6 +73,34 @@ def clamp_prefix(prefix_len: torch.Tensor, N: int) -> torch.Tensor:
     return prefix_len.clamp(0, N).to(torch.int32)
 
 
+def check_pack_values(cu_seqlens: torch.Tensor, prefix_len: torch.Tensor, T: int, max_seqlen: int,
+                      rows_of: str = "q.shape[0]") -> None:
+    """Value checks of a packed sequence (cu_seqlens 0 first, strictly increasing, T last; every image at
+    most max_seqlen long; prefix_len[s] in [0, len_s]) for CPU tensors only: on CUDA they would sync the
+    host (the kernels clamp instead). rows_of names the argument whose rows T counts."""
+    if cu_seqlens.device.type != "cpu":
+        return
+    cu = cu_seqlens.long()
+    if int(cu[0]) != 0:
+        raise ValueError(f"cu_seqlens: must start at 0, got {int(cu[0])}")
+    if int(cu[-1]) != T:
+        raise ValueError(f"cu_seqlens: last value must be T={T} ({rows_of}), got {int(cu[-1])}")
+    lens = cu[1:] - cu[:-1]                                                   # (S,)
+    if lens.numel() == 0:
+        return
+    if int(lens.min()) <= 0:
+        s = int(torch.nonzero(lens <= 0)[0])
+        raise ValueError(f"cu_seqlens: must be strictly increasing, got cu_seqlens[{s}]={int(cu[s])} "
+                         f">= cu_seqlens[{s + 1}]={int(cu[s + 1])}")
+    if int(lens.max()) > max_seqlen:
+        raise ValueError(f"max_seqlen: {max_seqlen} is less than the longest image ({int(lens.max())} tokens)")
+    bad = (prefix_len.long() < 0) | (prefix_len.long() > lens)
+    if bool(bad.any()):
+        s = int(torch.nonzero(bad)[0])
+        raise ValueError(f"prefix_len: values must lie in [0, len_s], got prefix_len[{s}]={int(prefix_len[s])} "
+                         f"for an image of {int(lens[s])} tokens")
+
+
 def unavailable_reason(device=None, dtype: torch.dtype | None = None) -> str | None:
     """None when the Triton kernels can run on `device` (default: "cuda" when CUDA is available,
     else "cpu") with inputs of `dtype` (default: any), else the reason they cannot.

@@ -43,14 +43,18 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(B, (H // p) * (W // p), p * p * C)        # (B, N, p*p*C)
 
 
+def normalise_patches_ref(target: torch.Tensor, eps: float) -> torch.Tensor:
+    """(..., K) patches -> (t - mean) / sqrt(var_unbiased + eps) over the last dim (method.md §4)."""
+    mean = target.mean(-1, keepdim=True)
+    var = target.var(-1, keepdim=True, unbiased=True)
+    return (target - mean) / torch.sqrt(var + eps)
+
+
 def patch_l2_loss_ref(pred: torch.Tensor, images: torch.Tensor, prefix_len, patch_size: int,
                       eps: float = 1e-6) -> torch.Tensor:
     """Plain PyTorch specification (fp32, or fp64 when the inputs are fp64)."""
     cdt = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    target = patchify(images.to(cdt), patch_size)                      # (B, N, K)
-    mean = target.mean(-1, keepdim=True)
-    var = target.var(-1, keepdim=True, unbiased=True)
-    target = (target - mean) / torch.sqrt(var + eps)
+    target = normalise_patches_ref(patchify(images.to(cdt), patch_size), eps)   # (B, N, K)
     B, N, _ = target.shape
     err = (pred.to(cdt)[:, :-1] - target[:, 1:]).pow(2).mean(-1)      # (B, N-1)
     idx = torch.arange(1, N, device=pred.device)                       # target index i+1
@@ -79,12 +83,19 @@ def _normalised_targets(IMG, b, j, counted, N_W, K, stride_ib, stride_ic, stride
     mask = counted[:, None] & (k < K)[None, :]
     t = tl.load(IMG + b.to(tl.int64) * stride_ib + off_t[:, None] + off_k[None, :], mask=mask,
                 other=0.0).to(tl.float32)
+    return normalise_rows(t, mask, K, eps), mask
+
+
+@triton.jit
+def normalise_rows(t, mask, K, eps):
+    """Raw patches t (BLOCK_T, BLOCK_K) fp32, 0 off `mask` -> (t - mean) / sqrt(var_unbiased + eps)
+    per row over its K values, 0 off the mask. Shared with kernels/patch_l2_loss_packed.py."""
     # div_rn / sqrt_rn: exactly rounded, as in the interpreter and torch (a plain `/` and tl.sqrt
     # compile to approximate PTX on a GPU)
     mean = tl.div_rn(tl.sum(t, axis=1), K * 1.0)
     diff = tl.where(mask, t - mean[:, None], 0.0)
     var = tl.div_rn(tl.sum(diff * diff, axis=1), (K - 1) * 1.0)                   # unbiased
-    return diff * tl.div_rn(1.0, tl.sqrt_rn(var + eps))[:, None], mask
+    return diff * tl.div_rn(1.0, tl.sqrt_rn(var + eps))[:, None]
 
 
 @triton.jit

@@ -42,7 +42,7 @@ import math
 import torch
 
 from ._compat import tl, triton
-from ._utils import check_launchable, check_same_device, last_dim_contiguous
+from ._utils import check_launchable, check_pack_values, check_same_device, last_dim_contiguous
 from .prefix_attention import (_LOG2E, _check_qkv, _delta_launch, _dkdv_program, _dot_precision, _dq_program,
                                _fwd_program, _interpreter_needs_fp32, _query_tile_start, _tiles, prefix_attention_ref)
 
@@ -180,38 +180,13 @@ def _varlen_bwd_launch(dout, q, k, v, out, lse, cu_seqlens, plen, max_seqlen: in
     return dq, dk, dv
 
 
-def _check_pack_values(cu_seqlens: torch.Tensor, prefix_len: torch.Tensor, T: int, max_seqlen: int) -> None:
-    """Value checks for CPU tensors only: on CUDA they would sync the host (the kernels clamp instead)."""
-    if cu_seqlens.device.type != "cpu":
-        return
-    cu = cu_seqlens.long()
-    if int(cu[0]) != 0:
-        raise ValueError(f"cu_seqlens: must start at 0, got {int(cu[0])}")
-    if int(cu[-1]) != T:
-        raise ValueError(f"cu_seqlens: last value must be T={T} (q.shape[0]), got {int(cu[-1])}")
-    lens = cu[1:] - cu[:-1]                                                   # (S,)
-    if lens.numel() == 0:
-        return
-    if int(lens.min()) <= 0:
-        s = int(torch.nonzero(lens <= 0)[0])
-        raise ValueError(f"cu_seqlens: must be strictly increasing, got cu_seqlens[{s}]={int(cu[s])} "
-                         f">= cu_seqlens[{s + 1}]={int(cu[s + 1])}")
-    if int(lens.max()) > max_seqlen:
-        raise ValueError(f"max_seqlen: {max_seqlen} is less than the longest image ({int(lens.max())} tokens)")
-    bad = (prefix_len.long() < 0) | (prefix_len.long() > lens)
-    if bool(bad.any()):
-        s = int(torch.nonzero(bad)[0])
-        raise ValueError(f"prefix_len: values must lie in [0, len_s], got prefix_len[{s}]={int(prefix_len[s])} "
-                         f"for an image of {int(lens[s])} tokens")
-
-
 # ----------------------------------------------------------------------------- registered ops
 @torch.library.custom_op("aimv2::prefix_attention_varlen_fwd", mutates_args=())
 def _varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                    prefix_len: torch.Tensor, max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out (T, H, D), lse (H, T) fp32 in log2 units (scaled scores)."""
     T, H, D = q.shape
-    _check_pack_values(cu_seqlens, prefix_len, T, max_seqlen)
+    check_pack_values(cu_seqlens, prefix_len, T, max_seqlen)
     if q.numel() == 0:
         return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_zeros(H, T, dtype=torch.float32)
     if _interpreter_needs_fp32(q):

@@ -58,3 +58,14 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", empty)
     yield
+
+
+def assert_compiled_matches_eager(f, x: torch.Tensor) -> None:
+    """f(x) -> scalar loss: torch.compile(fullgraph=True) (Dynamo's trace through the registered op and
+    its fake implementation, then eager kernels) gives the eager loss and d/dx bit for bit."""
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    got, = torch.autograd.grad(loss, x)
+    want_loss = f(x)
+    want, = torch.autograd.grad(want_loss, x)
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

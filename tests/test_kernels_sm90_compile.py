@@ -1,4 +1,4 @@
-"""The fused kernels (RMSNorm, SwiGLU, patch l2 loss) compile for an H100 (sm_90) with the block
+"""The fused kernels (RMSNorm, SwiGLU, patch l2 loss, fixed and packed) compile for an H100 (sm_90) with the block
 choices their launchers make at AIMv2 shapes, without a GPU: Triton -> TTGIR -> PTX -> cubin with
 Triton's bundled ptxas. The interpreter runs kernels as Python and never sees what only compiled
 Triton rejects (constexpr-only branches, scalar/tensor type rules), so this is the CPU machine's
@@ -18,7 +18,7 @@ import sys
 import pytest
 
 _FP32_PTRS = {"W", "RSTD", "DW_PART", "PART", "SCALE", "IMG", "DRES"}
-_INT_SIZES = {"M", "D", "H", "N", "N_W", "K"}          # upper-case names that are not pointers
+_INT_SIZES = {"M", "D", "H", "N", "N_W", "K", "T"}          # upper-case names that are not pointers
 
 
 def _signature(fn, ptr_dtypes):
@@ -35,7 +35,8 @@ def _signature(fn, ptr_dtypes):
 
 def _configs():
     """(module, kernel, launcher block choice (BLOCK_* , num_warps), extra constexprs, ptr dtypes)."""
-    R, S, L = (importlib.import_module("aimv2.kernels." + m) for m in ("rms_norm", "swiglu", "patch_l2_loss"))
+    R, S, L, LP = (importlib.import_module("aimv2.kernels." + m)
+                   for m in ("rms_norm", "swiglu", "patch_l2_loss", "patch_l2_loss_packed"))
     out = []
     for D in (1024, 3072):
         for res in (False, True):
@@ -52,6 +53,9 @@ def _configs():
         t = L._tiles(588, backward=bwd)
         out.append((k, {"P": 14, "C": 3, "BLOCK_T": t.block_m, "BLOCK_K": t.block_n}, t.num_warps,
                     {"PLEN": "*i32"}))
+    for bwd, k in ((False, LP._patch_l2_loss_packed_fwd_kernel), (True, LP._patch_l2_loss_packed_bwd_kernel)):
+        t = L._tiles(588, backward=bwd)
+        out.append((k, {"BLOCK_T": t.block_m, "BLOCK_K": t.block_n}, t.num_warps, {"COUNTED": "*i1"}))
     return out
 
 

@@ -12,7 +12,6 @@ relative at the first step, orders of magnitude beyond this bound.
 """
 import copy
 
-import pytest
 import torch
 
 from aimv2.model import AIMv2Pretrainer
@@ -67,17 +66,6 @@ def _within(name, got, f32, f64):
     err_ref = (f32 - f64).abs().max().item()
     bound = FACTOR * err_ref + FLOOR_ULPS * torch.finfo(torch.float32).eps * f64.abs().max().item()
     assert err <= bound, f"{name}: triton err {err:.3e} > {FACTOR} x torch fp32 err {err_ref:.3e} + floor"
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny shapes: one intra-op thread avoids oversubscription on a shared 2-core CI machine
-    (measured 13 s CPU for the interpreter run either way, but 3x the wall time with 2 threads
-    under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_triton_impl_trains_like_torch(device, one_thread):

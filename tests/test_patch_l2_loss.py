@@ -4,7 +4,7 @@ Tolerances: tests/_kernel_numerics.py (kernel error <= 2x the same-dtype torch e
 import pytest
 import torch
 
-from _kernel_numerics import assert_close_to_truth, poison_empty  # noqa: F401 (fixture)
+from _kernel_numerics import assert_close_to_truth, assert_compiled_matches_eager, poison_empty  # noqa: F401 (fixture)
 from aimv2.kernels import patch_l2_loss, patch_l2_loss_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -100,13 +100,7 @@ def test_compile_fullgraph_fwd_bwd(device):
     def f(pred):
         return 0.4 * patch_l2_loss(pred, images, plen, 7)
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    loss = compiled(pred)
-    got, = torch.autograd.grad(loss, pred)
-    want_loss = f(pred)
-    want, = torch.autograd.grad(want_loss, pred)
-    torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert_compiled_matches_eager(f, pred)
 
 
 def test_opcheck(device):

@@ -81,3 +81,16 @@ def test_fsdp_two_ranks_match_and_resume_on_one_process(reference, tmp_path):
     # resume the 2-rank FSDP checkpoint in one process (same global batch via accumulation)
     assert cli_main(_args(out, STEPS, "--grad-accum", "2", "--resume")) == 0
     _close(losses(out), reference)
+
+
+def test_native_packs_fsdp_matches_ddp(tmp_path):
+    """--native under torchrun: each rank trains on its own packs (data.source=random streams per rank,
+    the same in both runs); FSDP2 all-gathers for the packed encoder / decoder entry points
+    (forward_packed, registered as forward methods) and gives DDP's losses."""
+    native = ["--native", "--min-patches", "4", "--max-patches", "20", "--tokens-per-batch", "50"]
+    runs = {}
+    for mode in ("ddp", "fsdp"):
+        p = _torchrun(_args(tmp_path / mode, 3, *native, "--set", f"run.distributed={mode}"))
+        assert f"cpu x2 ({mode}) | native: 2 x 1 packs of <= 50 patches" in p.stderr
+        runs[mode] = losses(tmp_path / mode)
+    _close(runs["fsdp"], runs["ddp"])

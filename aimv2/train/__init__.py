@@ -27,6 +27,8 @@ Command line
     aimv2 train --preset aimv2-tiny --out runs/tiny --steps 300 --batch-size 32
     aimv2 train --preset aimv2-large --config my.yaml --set optim.warmup_steps=2000 --data '/d/{000..099}.tar'
     aimv2 train --out runs/tiny --resume                     # continue from the newest whole checkpoint
+    aimv2 train --preset aimv2-large --native --max-patches 1024 --tokens-per-batch 16384 --init runs/l224
+                                        # native resolution (method.md §8): packed images, from a 224 px run
     torchrun --nproc-per-node 8 -m aimv2.cli train --preset aimv2-large --set run.distributed=fsdp ...
     aimv2 plot runs/tiny
 

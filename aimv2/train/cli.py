@@ -13,7 +13,9 @@ from pathlib import Path
 FLAG_KEYS = {"steps": "run.steps", "batch_size": "data.batch_size", "lr": "optim.lr",
              "log_every": "run.log_every", "ckpt_every": "run.ckpt_every", "out": "run.out",
              "data": "data.shards", "grad_accum": "optim.grad_accum", "device": "run.device",
-             "compile": "run.compile", "max_minutes": "run.max_minutes"}
+             "compile": "run.compile", "max_minutes": "run.max_minutes", "init": "run.init",
+             "min_patches": "data.min_patches", "max_patches": "data.max_patches",
+             "tokens_per_batch": "data.tokens_per_batch"}
 
 
 def build_config(args):
@@ -38,6 +40,8 @@ def build_config(args):
         over["run.resume"] = True
     if args.no_progress:
         over["run.progress"] = False
+    if args.native:
+        over["model.native"] = over["data.native"] = True
     return cfg.merge(over).set(args.set or [])
 
 
@@ -92,6 +96,16 @@ def register(subparsers) -> None:
     p.add_argument("--max-minutes", type=float, help="wall-clock budget: checkpoint and stop when reached")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile every block (default: on for a GPU, off for a CPU)")
+    p.add_argument("--native", action="store_true",
+                   help="native resolution (method.md §8): images at their own size packed by tokens "
+                        "(model.native and data.native)")
+    p.add_argument("--min-patches", type=int, help="native: fewest patches one image gets (data.min_patches)")
+    p.add_argument("--max-patches", type=int, help="native: most patches one image gets (data.max_patches)")
+    p.add_argument("--tokens-per-batch", type=int,
+                   help="native: patches per packed micro-batch on each rank (data.tokens_per_batch)")
+    p.add_argument("--init", metavar="CHECKPOINT",
+                   help="start from these weights (fine-tuning): a training checkpoint or run dir, or "
+                        "released encoder weights (the decoder then starts fresh)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)

@@ -103,6 +103,8 @@ class RunConfig:
     tensorboard: bool | None = None    # None: when torch.utils.tensorboard is importable
     plot: bool = True
     peak_tflops: float | None = None   # override the device-peak table for MFU
+    init: str | None = None            # start from these weights (fine-tuning): a training checkpoint or
+                                       # run dir (whole model), or released encoder weights (encoder only)
 
 
 @dataclass
@@ -295,6 +297,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(r.kernels in KERNELS, f"run.kernels must be one of {KERNELS}, got {r.kernels!r}")
     need(r.distributed in DISTRIBUTED, f"run.distributed must be one of {DISTRIBUTED}, got {r.distributed!r}")
     need(d.batch_size > 0, f"data.batch_size must be > 0, got {d.batch_size}")
+    need(cfg.model.native or not d.native,
+         "data.native (packed batches of images at their own sizes) needs model.native; --native sets both")
     d.validate()
     need(o.grad_accum > 0, f"optim.grad_accum must be > 0, got {o.grad_accum}")
     need(o.lr > 0 and o.min_lr >= 0 and o.warmup_init_lr >= 0, "optim: lr must be > 0, min_lr / warmup_init_lr >= 0")

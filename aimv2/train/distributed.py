@@ -88,6 +88,9 @@ def wrap_model(model: nn.Module, info: DistInfo, bf16: bool) -> nn.Module:
         fully_shard(model.encoder, **kw)          # patch embedding, position embedding, final norm
         fully_shard(model.decoder, **kw)          # projection, CLS, text embeddings, heads
         fully_shard(model, **root_kw)             # no parameters of its own left
+        from torch.distributed.fsdp import register_fsdp_forward_method
+        for part in (model.encoder, model.decoder):   # packed batches (method.md §8) enter through these
+            register_fsdp_forward_method(part, "forward_packed")
         return model
     return model
 

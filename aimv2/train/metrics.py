@@ -4,7 +4,8 @@ One JSON row per log interval (values averaged over the interval's non-skipped s
     step, loss, pixel_loss, text_loss, lr, grad_norm,
     images_per_s    global images per second (all ranks) over the interval,
     tokens_per_s    images_per_s * (N + text_len), N = image patches,
-    tflops          images_per_s * flops_per_sample(cfg) / 1e12 (all ranks; unmasked attention only),
+    tflops          images_per_s * flops_per_sample(cfg) / 1e12 (all ranks; unmasked attention only;
+                    native mode: each image's flops_per_sample at its own patch count, summed),
     mfu             tflops / (world_size * device bf16 dense peak); null when the peak is unknown,
     peak_mem_mb     CUDA max_memory_allocated on rank 0 (on a CPU: the process's peak RSS),
     data_wait_pct   % of the interval's wall time rank 0 spent waiting in next(loader),

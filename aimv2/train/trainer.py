@@ -1,8 +1,10 @@
 """The training loop: `train(cfg) -> TrainResult` (single process, or one rank under torchrun).
 
-One optimizer step, with A = optim.grad_accum micro-batches of b = batch_size / (world * A) images:
+One optimizer step, with A = optim.grad_accum micro-batches of b = batch_size / (world * A) images
+(data.native: A packs of at most data.tokens_per_batch patches per rank, aimv2.packing.PackedBatch):
 
     for a in 0..A-1:  loss_a = model(images_a, text_a, prefix_a)["loss"];  (loss_a / A).backward()
+                      (native: model(pack_a), i.e. AIMv2Pretrainer.forward_packed, method.md §8)
                       (gradient all-reduce / reduce-scatter only after the last micro-batch)
     g = ||grads||_2 (global);  clip to optim.grad_clip;  bad = !isfinite(g) | !isfinite(loss)
     AdamW step with optimizer.found_inf = bad;  LR schedule step;  zero grads
@@ -49,6 +51,7 @@ import torch
 
 from aimv2.errors import CheckpointError, ConfigError, RunError
 from aimv2.model import AIMv2Pretrainer, flops_per_sample
+from aimv2.packing import PackedBatch
 
 from . import checkpoint as ck
 from . import distributed as D
@@ -111,6 +114,11 @@ def compile_blocks(model: AIMv2Pretrainer) -> None:
 
 def build_data(cfg: TrainConfig, model_cfg, info: D.DistInfo, micro_bs: int, pos: dict | None):
     pos = pos or {"epoch": 0, "sample": 0}
+    if cfg.data.source == "random" and cfg.data.native:
+        from .random_data import RandomPackedBatches
+        d = cfg.data
+        return RandomPackedBatches(model_cfg, d.tokens_per_batch, d.min_patches, d.max_patches, seed=d.seed,
+                                   rank=info.rank, device=info.device, start_sample=pos["sample"])
     if cfg.data.source == "random":
         from .random_data import RandomBatches
         return RandomBatches(model_cfg, micro_bs, seed=cfg.data.seed, rank=info.rank,
@@ -171,6 +179,44 @@ def match_tokenizer(model_cfg, loader, log):
     return model_cfg
 
 
+def init_weights(model: AIMv2Pretrainer, source: str, log) -> None:
+    """run.init (--init): load `source` into a freshly built model before it is wrapped.
+
+    The encoder comes through aimv2.weights.load_encoder (any layout it reads: our training checkpoints
+    and run dirs, ml-aim / transformers / timm weights), at this model's img_size (a learned position
+    table is resized; a native sin-cos model has none and drops it). The decoder and text head come
+    from the same checkpoint when it is one of ours (a run dir: its newest whole checkpoint); released
+    weights have none, and those parts keep their fresh initialisation. A checkpoint of another size
+    raises ValueError naming the mismatched keys."""
+    from aimv2.weights import load_encoder
+    enc = load_encoder(source, img_size=model.cfg.img_size).state_dict()
+    own = model.encoder.state_dict()
+    if "preprocessor.pos_embed" not in own and enc.pop("preprocessor.pos_embed", None) is not None:
+        log("init: the checkpoint's learned position table is dropped for the sin-cos code "
+            "(model.native_pos=sincos); --set model.native_pos=interpolate keeps it, resized per grid")
+    try:
+        model.encoder.load_state_dict(enc, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"run.init: {source!r} does not fit the model's encoder: {e}") from None
+    path = Path(source)
+    if path.is_dir() and (path / "checkpoints").is_dir():                 # a run dir: its newest checkpoint
+        path = ck.latest_checkpoint(path) or path
+    if not (path.is_dir() and (path / ck.STATE_FILE).is_file()):          # not a training checkpoint
+        log(f"init: encoder from {source} (no decoder there: decoder and text head start fresh)")
+        return
+    full, _, _ = ck.load_checkpoint(path, log=log)
+    rest = {k: v for k, v in full.items() if not k.startswith("encoder.")}
+    try:
+        bad = model.load_state_dict(rest, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"run.init: {str(path)!r} does not fit the model's decoder: {e}") from None
+    missing = [k for k in bad.missing_keys if not k.startswith("encoder.")]
+    if missing or bad.unexpected_keys:
+        raise ValueError(f"run.init: {str(path)!r} does not fit the model: missing {missing}, "
+                         f"unexpected {bad.unexpected_keys}")
+    log(f"init: encoder, decoder and text head from {path}")
+
+
 def check_same_model(saved: dict, model_cfg, ckpt: Path) -> None:
     """--resume needs the checkpoint's architecture (kernels, backends and loss weights may change)."""
     ignore = ("impl", "attn_backend", "pixel_loss_weight", "text_loss_weight", "name")
@@ -210,9 +256,14 @@ class Trainer:
         cfg, info, r = self.cfg, self.info, self.cfg.run
         self.micro_bs = micro_batch_size(cfg, info)
         self.bf16 = r.precision == "bf16" or (r.precision == "auto" and self.device.type == "cuda")
-        self.compiled = r.compile if r.compile is not None else self.device.type == "cuda"
+        # native packs change shape every step (and the mask's per-image lengths are Python ints that
+        # Dynamo guards on), so per-block compilation would recompile each step: off unless asked for
+        self.compiled = r.compile if r.compile is not None else self.device.type == "cuda" and not cfg.data.native
         self.damaged: list[Path] = []                        # newer checkpoints that failed verification
         ckpt, (model_sd, saved_model_cfg, state) = self._resume_checkpoint()
+        self.resumed_from = ckpt
+        if r.init is not None and ckpt is not None:
+            self.log(f"run.init {r.init} ignored: resuming from {ckpt}")
         model_cfg = resolve_kernels(cfg.model, r.kernels, self.device, self.log)
         seed_everything(r.seed)
         self.loader = loader if loader is not None else \
@@ -224,9 +275,9 @@ class Trainer:
         self.cfg = dataclasses.replace(cfg, model=model_cfg)
         self._build_model()
         self._build_optimizer()
-        self.resumed_from = ckpt
         self.start_step, skipped = self._load_state(model_sd, state) if ckpt is not None else (0, 0)
         self.stats = StepStats(self.device, skipped)
+        self.lap_counts = [0, 0, 0.0]                        # native: images, patch tokens, FLOPs this interval
         self.checkpointer = ck.CheckpointManager(self.run_dir, r.ckpt_every, r.keep_ckpts, info, self._snapshot,
                                                  model_cfg.to_dict(), self.cfg.to_yaml(), latest=ckpt)
         self.stop = StopController(info, r.max_minutes)
@@ -260,7 +311,10 @@ class Trainer:
                               f"each reason is logged above); continue from a copy you trust or start a new --out")
 
     def _build_model(self) -> None:
-        model = AIMv2Pretrainer(self.model_cfg).to(self.device)
+        model = AIMv2Pretrainer(self.model_cfg)
+        if self.cfg.run.init is not None and self.resumed_from is None:
+            init_weights(model, self.cfg.run.init, self.log)
+        model = model.to(self.device)
         if self.compiled:
             compile_blocks(model)
         self.model = D.wrap_model(model, self.info, self.bf16)
@@ -315,9 +369,15 @@ class Trainer:
         losses = torch.zeros(3, device=self.device)
         for a in range(A):
             batch = self._next_batch(it)
+            packed = isinstance(batch, PackedBatch)
+            if packed:                                     # images, patch tokens, FLOPs: host (grids)
+                self.lap_counts[0] += batch.num_images
+                self.lap_counts[1] += batch.num_tokens
+                self.lap_counts[2] += sum(flops_per_sample(self.model_cfg, n) for n in batch.lengths)
             with D.grad_sync(self.model, self.info, sync=a == A - 1):
                 with self.amp():
-                    out = self.model(batch["images"], batch["text"], batch["prefix_len"])
+                    out = self.model(batch) if packed else \
+                        self.model(batch["images"], batch["text"], batch["prefix_len"])
                 (out["loss"] / A).backward()
             losses += torch.stack([out["loss"], out["pixel_loss"], out["text_loss"]]).detach().float() / A
         return losses
@@ -400,8 +460,11 @@ class Trainer:
                          desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
         self.log(f"run dir {self.run_dir} | {self.model_cfg.name} impl={self.model_cfg.impl} "
                  f"attn={self.model_cfg.attn_backend} | {self.device} x{self.info.world_size} "
-                 f"({self.info.mode}) | batch {self.cfg.data.batch_size} = {self.info.world_size} x "
-                 f"{self.cfg.optim.grad_accum} x {self.micro_bs} | "
+                 f"({self.info.mode}) | " + (
+                     f"native: {self.info.world_size} x {self.cfg.optim.grad_accum} packs of <= "
+                     f"{self.cfg.data.tokens_per_batch} patches | " if self.cfg.data.native else
+                     f"batch {self.cfg.data.batch_size} = {self.info.world_size} x "
+                     f"{self.cfg.optim.grad_accum} x {self.micro_bs} | ") +
                  f"{'bf16' if self.bf16 else 'fp32'} | compile={self.compiled}")
 
     def _after_step(self, step: int) -> None:
@@ -451,16 +514,24 @@ class Trainer:
         """The metrics.jsonl row of an interval (fields: aimv2/train/metrics.py)."""
         w = self.info.world_size
         ips = lap.steps * self.cfg.data.batch_size / lap.seconds
+        tokens_per_image = self.model_cfg.num_patches + self.model_cfg.text_len
         tflops = ips * self.flops_per_image / 1e12
+        if self.cfg.data.native:                           # packs vary: count them (summed over ranks)
+            counts = torch.tensor(self.lap_counts, dtype=torch.float64, device=self.device)
+            D.all_reduce_(counts, self.info, "sum")
+            images, patches, flops = counts.tolist()
+            ips, tflops = images / lap.seconds, flops / lap.seconds / 1e12
+            tokens_per_image = (patches + images * self.model_cfg.text_len) / max(images, 1.0)
+            self.lap_counts = [0, 0, 0.0]
         loader_stats = self.loader.stats() if hasattr(self.loader, "stats") else {}
         return {
             "step": step, "loss": s.loss, "pixel_loss": s.pixel_loss, "text_loss": s.text_loss,
             "lr": self.schedule.lr(step - 1),                        # the last step's learning rate
             "grad_norm": s.grad_norm,
             "images_per_s": ips,
-            "tokens_per_s": ips * (self.model_cfg.num_patches + self.model_cfg.text_len),
+            "tokens_per_s": ips * tokens_per_image,
             "tflops": tflops,
-            "mfu": tflops / (self.peak * w) if self.peak else None,
+            "mfu": tflops / (self.peak * w) if self.peak and tflops is not None else None,
             "peak_mem_mb": peak_memory_mb(self.device),
             "data_wait_pct": 100.0 * lap.data_wait / lap.seconds,
             "skipped_samples": int(loader_stats.get("skipped", 0)),
