@@ -64,6 +64,8 @@ LABELS = {  # name -> (classes, fn(meta) -> int)
     "count_size": (9, lambda d: 3 * (d["num_shapes"] - 1) + ["small", "medium", "large"].index(d["shapes"][0]["size"])),
     "scene": (45, lambda d: 15 * ["small", "medium", "large"].index(d["shapes"][0]["size"])
               + 5 * (d["num_shapes"] - 1) + (0 if d["num_shapes"] == 1 else _relation(d["shapes"][0], d["shapes"][1]))),
+    "scene_texture": (135, lambda d: 3 * LABELS["scene"][1](d) + ["solid", "striped", "dotted"].index(
+        d["shapes"][0]["texture"])),
 }
 
 
