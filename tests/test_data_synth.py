@@ -54,6 +54,30 @@ def test_captions_labels_and_pixels_agree():
     assert all(len(c) >= 4 for c in colours_per_label.values()), colours_per_label
 
 
+def test_scene_label_is_what_the_caption_states():
+    """`scene` decoded back = (main size, count, relation word) read off the caption text; 19 codes occur
+    and colour varies within each (the random encoder's shortcut is no use to the probe)."""
+    from aimv2.data.synth import NUM_SCENES, RELATIONS
+    seen, colours = set(), {}
+    for i in range(400):
+        _, caption, meta = render_sample(i, 32, seed=3)
+        code = meta["scene"]
+        assert 0 <= code < NUM_SCENES
+        size, count, rel = list(SIZES)[code // 15], code % 15 // 5 + 1, code % 5
+        body = caption
+        for prefix in ("a picture of ", "a photo of ", "an image of "):
+            body = body.removeprefix(prefix)
+        n_shapes = (" " + body).count(" a ") - 1                                  # minus "on a ... background"
+        assert count == meta["num_shapes"] == n_shapes, (caption, code)
+        assert body.startswith(f"a {size} "), (caption, code)
+        words = [r for r in RELATIONS if f" {r} a " in caption]
+        assert (rel == 0) == (count == 1) and words == ([] if rel == 0 else [RELATIONS[rel - 1]]), (caption, code)
+        seen.add(code)
+        colours.setdefault(code, set()).add(meta["colour"])
+    assert len(seen) == 19
+    assert sum(len(c) >= 4 for c in colours.values()) >= 15
+
+
 def test_default_dataset_is_cached_and_atomic(tmp_path, monkeypatch):
     root = str(tmp_path / "cache" / "synth")
 

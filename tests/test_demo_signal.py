@@ -10,8 +10,9 @@ NOTE measured (2026-11-29, shared 2-core CPU, benchmarks/results/demo-signal-cpu
   correct objective  gap 18.5 pts, next-patch error 0.830 < same-patch 0.842, probe 20.8% vs 19.2% random
   noshift (pixel loss scores output i against patch i)   gap 21.3, next 0.937 > same 0.758  -> caught
   zeroenc (the decoder gets zeros for the encoder tokens)  gap 0.0 (true == shuffled)        -> caught
-At this size the attentive probe on the shape's kind shows no margin (20.8% vs 19.2%), so the test does
-not assert the probe ratio; `make demo` (48k images) is where the probe is read. The negative controls
+At this size the attentive probe shows no margin (the shape's kind 20.8% vs 19.2%; the scene layout, the
+demo's label since 2026-11-30, needs the demo's 48k images: count alone was 47.5% vs 44.8% here), so the
+test does not assert the probe ratio; `make demo` is where the probe is read. The negative controls
 (`test_broken_objective_is_caught`) are opt-in with AIMV2_MUTATION_CHECKS=1: each is another training run.
 """
 import json

@@ -7,8 +7,11 @@ pattern in {plain, striped, checkered, dotted, gradient}) and 1-3 shapes; each s
 texture (solid / striped / dotted), a position and a rotation. The first shape is the *main* shape:
 it is always strictly the largest and is named first in the caption.
 
-Labels in the JSON: `label` = the main shape's kind (`KINDS.index`, NUM_CLASSES = 6 classes), the probe
-target of `aimv2 demo`. Its colour, size, texture, position, the other shapes and the background all vary
+Labels in the JSON: `scene` = the scene's layout as the caption states it, colour and texture left out:
+15 * main size + 5 * (number of shapes - 1) + the main shape's relation to the second (0 when alone,
+then above / below / left of / right of), 45 codes of which 19 occur (a main shape among several is
+never small); the probe target of `aimv2 demo`. `label` = the main shape's kind (`KINDS.index`,
+NUM_CLASSES = 6 classes), the demo's former target. Its colour, size, texture, position, the other shapes and the background all vary
 within a class, so a classifier must read the outline: the mean colour of the patches, which a randomly
 initialised patch embedding passes through, does not give it away (it did for the former label, kind x
 colour, now `kind_colour` = kind_index * 8 + colour_index, 48 classes).
@@ -39,7 +42,7 @@ from multiprocessing import get_context
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["KINDS", "COLOURS", "NUM_CLASSES", "VERSION", "render_sample", "write_synthetic_dataset", "default_dataset",
+__all__ = ["KINDS", "COLOURS", "NUM_CLASSES", "NUM_SCENES", "VERSION", "scene_code", "render_sample", "write_synthetic_dataset", "default_dataset",
            "shard_pattern"]
 
 KINDS = ("circle", "square", "triangle", "star", "hexagon", "cross")
@@ -51,7 +54,7 @@ _COLOUR_NAMES = tuple(COLOURS)
 NUM_CLASSES = len(KINDS)       # classes of `label` (the main shape's kind)
 # Version of what render_sample writes (pixels, captions, JSON): a cached dataset of another version is
 # regenerated. 2: `label` is the main shape's kind (was kind x colour, now `kind_colour`).
-VERSION = 2
+VERSION = 3              # 3: the `scene` label
 SIZES = {"small": 0.12, "medium": 0.19, "large": 0.28}
 TEXTURES = ("solid", "striped", "dotted")
 BACKGROUNDS = {"white": (235, 235, 235), "gray": (128, 128, 128), "black": (25, 25, 25), "beige": (215, 200, 165)}
@@ -111,6 +114,26 @@ def _pattern(kind: str, size: int, base: np.ndarray, rng: np.random.Generator,
     return img
 
 
+RELATIONS = ("above", "below", "to the left of", "to the right of")
+NUM_SCENES = 45          # codes of `scene`
+SCENES_OCCURRING = 19    # of them occur: a main shape among several is never small (tests/test_data_synth.py)
+
+
+def _relation(a: dict, b: dict) -> str:
+    """Where shape a lies relative to shape b (centres; the larger offset decides)."""
+    dx, dy = a["x"] - b["x"], a["y"] - b["y"]
+    if abs(dy) >= abs(dx):
+        return "above" if dy < 0 else "below"
+    return "to the left of" if dx < 0 else "to the right of"
+
+
+def scene_code(shapes: list[dict]) -> int:
+    """The `scene` label: 15 * main size + 5 * (count - 1) + relation of the main shape to the second
+    (0 alone, 1 + RELATIONS.index otherwise)."""
+    rel = 0 if len(shapes) == 1 else 1 + RELATIONS.index(_relation(shapes[0], shapes[1]))
+    return 15 * list(SIZES).index(shapes[0]["size"]) + 5 * (len(shapes) - 1) + rel
+
+
 def render_sample(index: int, size: int = 224, seed: int = 0) -> tuple[Image.Image, str, dict]:
     """Scene `index` of dataset `seed`: (RGB PIL image of size x size, caption, metadata dict)."""
     rng = np.random.default_rng([seed, index])
@@ -160,15 +183,9 @@ def render_sample(index: int, size: int = 224, seed: int = 0) -> tuple[Image.Ima
         tex = "" if s["texture"] == "solid" else s["texture"] + " "
         return f"a {s['size']} {s['colour']} {tex}{s['kind']}"
 
-    def relation(a, b):
-        dx, dy = a["x"] - b["x"], a["y"] - b["y"]
-        if abs(dy) >= abs(dx):
-            return "above" if dy < 0 else "below"
-        return "to the left of" if dx < 0 else "to the right of"
-
     text = str(rng.choice(_PREFIXES)) + phrase(shapes[0])
     if n > 1:
-        text += f" {relation(shapes[0], shapes[1])} {phrase(shapes[1])}"
+        text += f" {_relation(shapes[0], shapes[1])} {phrase(shapes[1])}"
     if n > 2:
         text += f" and {phrase(shapes[2])}"
     bg_word = "" if bg_pat == "plain" else bg_pat + " "
@@ -177,6 +194,7 @@ def render_sample(index: int, size: int = 224, seed: int = 0) -> tuple[Image.Ima
     meta = {
         "index": int(index), "label": KINDS.index(main["kind"]),
         "kind_colour": KINDS.index(main["kind"]) * len(COLOURS) + _COLOUR_NAMES.index(main["colour"]),
+        "scene": scene_code(shapes),
         "kind": main["kind"], "colour": main["colour"], "size": main["size"], "texture": main["texture"],
         "background": bg_name, "background_pattern": bg_pat, "num_shapes": n, "shapes": shapes,
     }

@@ -343,7 +343,8 @@ def run_probe(checkpoint=None, *, encoder: nn.Module | None = None, train_shards
     whose JSON holds an integer class under `label_key`.
 
     Returns dict(top1 (val, %, picked rate), best_lr, per_lr {lr: {"val_top1", "select_top1"}},
-    num_train, num_holdout, num_val, num_classes, selected_on ("holdout" | "train" | "only"), encoder).
+    num_train, num_holdout, num_val, num_classes, majority_top1 (val top-1 of always answering the
+    commonest train class, %), selected_on ("holdout" | "train" | "only"), encoder).
     """
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"holdout: expected a fraction in [0, 1), got {holdout}")
@@ -406,6 +407,8 @@ def run_probe(checkpoint=None, *, encoder: nn.Module | None = None, train_shards
         "num_holdout": int(n_hold),
         "num_val": int(va_x.shape[0]),
         "num_classes": num_classes,
+        # the no-information baseline: val accuracy of always answering the train split's commonest class
+        "majority_top1": 100.0 * (va_y == torch.mode(tr_y).values).float().mean().item(),
         "selected_on": selected_on,
         "encoder": name,
     }
