@@ -98,7 +98,10 @@ class DaliDecoder:
                                               adjust_orientation=False)
                 roi = {}
             else:  # decoded on the host (Record.pixels, see _decoded); the resize reads the crop window
-                img = fn.external_source(name="data", dtype=types.UINT8, ndim=3, layout="HWC")
+                # no_copy: DALI reads Record.pixels in place; the records stay referenced (self._fed, then the
+                # batch's unit) until the batch is collected. NOTE: 1.92-1.98 CPU-ms per synth image vs
+                # 2.03-2.07 with the copy (B = 64, 1 thread, 2 shared cores, interleaved)
+                img = fn.external_source(name="data", dtype=types.UINT8, ndim=3, layout="HWC", no_copy=True)
                 roi = dict(roi_start=fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1),
                            roi_end=fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1), roi_relative=False)
             if self.grid_of is not None:  # native: per-sample output sizes, uint8 HWC out
