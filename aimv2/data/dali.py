@@ -124,7 +124,10 @@ class DaliDecoder:
             for name, values in dali_crop_args(plans).items():
                 pipe.feed_input(name, values)
         else:
-            pipe.feed_input("data", [r.pixels if r.pixels is not None else decode_rgb(r) for r, _ in items])
+            for r, _ in items:
+                if r.pixels is None:  # a caller's own Record (not from _events): decoded here, kept on it (no_copy)
+                    r.pixels = decode_rgb(r)
+            pipe.feed_input("data", [r.pixels for r, _ in items])
             pipe.feed_input("roi_start", [np.array((p.y, p.x), dtype=np.float32) for p in plans])  # HWC order
             pipe.feed_input("roi_end", [np.array((p.y + p.h, p.x + p.w), dtype=np.float32) for p in plans])
             pipe.feed_input("mirror", dali_crop_args(plans)["mirror"])
