@@ -103,9 +103,10 @@ def pillow_info() -> str:
 def pick_backend(backend: str, device: torch.device) -> tuple[str, str]:
     """(backend, reason) for DataConfig.backend on `device`: "auto" picks the one measured fastest there.
 
-    NOTE: on the 2-core CPU machine (benchmarks/results/data-cpu-*.json, interleaved runs) the torch
-    backend out-ran our DALI CPU backend on every set and worker count (README, Data); on a GPU DALI's
-    nvJPEG "mixed" decode of the crop window leaves the host free."""
+    NOTE: on the 2-core CPU machine (benchmarks/results/data-cpu-2026-11-30.json, interleaved runs) the
+    torch backend spent less CPU per image than our DALI CPU backend on every set and worker count (1.71-1.78
+    vs 1.97-2.02 ms per synth image, 2.93-2.97 vs 3.91-3.95 per photo) and was as fast or faster (README,
+    Data); on a GPU DALI's nvJPEG "mixed" decode of the crop window leaves the host free."""
     if backend != "auto":
         return backend, "DataConfig.backend"
     if device.type == "cuda":
