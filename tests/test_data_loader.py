@@ -212,3 +212,20 @@ def test_batch_buffers_are_reused_only_once_released():
     assert tc.data_ptr() == first  # released: reused
     assert torch.from_numpy(pool.get((2, 3, 4, 4))).data_ptr() not in (first, tb.data_ptr())  # both in use
     assert pool.get((1, 3, 4, 4)).shape == (1, 3, 4, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_held_batches_are_never_overwritten(shards, backend):
+    """Both backends hand out pooled batch buffers on the CPU: batches the caller still holds (more than the
+    pool keeps) stay as they were delivered while later ones are made; dropped ones are reused."""
+    cfg = cfg_for(shards[0], backend, seed=int(np.random.default_rng().integers(1 << 30)))
+    copies = [b["images"].clone() for b, _ in take(build_loader(cfg), 10)]  # each copied as it arrives
+    held = [b["images"] for b, _ in take(build_loader(cfg), 10)]  # all 10 kept
+    assert len({x.data_ptr() for x in held}) == 10
+    for i, (h, c) in enumerate(zip(held, copies)):
+        assert torch.equal(h, c), i
+    it = iter(build_loader(cfg))
+    ptrs = set()
+    for _ in range(10):
+        ptrs.add(next(it)["images"].data_ptr())  # dropped at once: a few buffers serve every batch
+    assert len(ptrs) <= 4

@@ -1,11 +1,14 @@
-"""DALI backend: the shared sample plan feeds encoded bytes to a DALI decode/augment pipeline.
+"""DALI backend: the shared sample plan feeds a DALI decode/augment pipeline.
 
 Pipeline per batch (B <= batch_size samples that passed SampleReader's checks):
-  external_source(jpeg bytes; crop plan as augment.dali_crop_args: anchor (x, y), shape (w, h), mirror)
-  -> fn.decoders.image_slice (device "mixed" = nvJPEG on the GPU when cfg.device is cuda, else "cpu";
-     decodes only the crop window: ROI decoding)
-  -> fn.resize to (S, S), cubic, antialiased
-  -> fn.crop_mirror_normalize (mirror, mean/std * 255, float32, CHW), on the GPU when cfg.device is cuda.
+  GPU (cfg.device cuda): external_source(jpeg bytes; crop plan as augment.dali_crop_args: anchor (x, y),
+     shape (w, h), mirror) -> fn.decoders.image_slice (device "mixed" = nvJPEG, decodes only the crop
+     window: ROI decoding)
+  CPU: external_source(uint8 (H, W, 3) decoded by the reader thread: loader.decode_rgb, libjpeg-turbo
+     strict, so the decode is the JPEG scan check; crop window as roi_start / roi_end (y, x), mirror)
+  -> fn.resize to (S, S), cubic, antialiased (CPU: of the ROI, read in place)
+  -> fn.crop_mirror_normalize (mirror, mean/std * 255, float32, CHW), on the GPU when cfg.device is cuda;
+     on the CPU copied out into the loader's pooled batch buffers (loader._BatchPool).
 Native mode (cfg.native, aimv2/data/native.py): fn.resize takes each sample's own (w * p, h * p) from
 external sources (native.plan_grid of its crop plan), the flip keeps uint8 HWC, and the host cuts each
 image into patch rows and normalises the packed rows as the torch backend does (Loader._finish_packed).
@@ -16,11 +19,11 @@ torch backend's, and a sample its decoder rejects fails the whole pipeline. Read
 plan (dataset.py) gives both backends the same samples, the same order, the same crop boxes, flips
 and prefix lengths; DALI does the expensive part (decode, resize, normalise) on its threads / GPU.
 
-Overlap: a reader thread (`_Prefetch`) runs the plan two batches ahead (pread, header and scan checks,
-crop windows drawn per chunk), and the pipeline runs with prefetch_queue_depth = 2: batch i + 1 is fed
+Overlap: a reader thread (`_Prefetch`) runs the plan two batches ahead (pread, header and scan checks or,
+on the CPU, the strict decode; crop windows drawn per chunk), and the pipeline runs with prefetch_queue_depth = 2: batch i + 1 is fed
 and scheduled before batch i is collected (`DaliDecoder.submit` / `collect`), so DALI decodes the next
 batch while the host copies out, tokenises and hands over this one, and while the caller trains on it.
-The CPU and the "mixed" (nvJPEG) pipelines share this code; only the decoder's device differs.
+The CPU and the "mixed" (nvJPEG) pipelines share this code; they differ only in where the JPEG is decoded.
 Batches are still formed strictly in plan order.
 
 Bad data: SampleReader rejects most bad samples before decoding. When DALI still fails on a batch,
@@ -41,6 +44,7 @@ import torch
 from .config import IMAGENET_MEAN, IMAGENET_STD
 from .augment import CropPlan, crop_plans, dali_crop_args
 from .dataset import Record, SampleReader, epoch_order
+from .loader import decode_rgb
 from .native import patchify_hwc, plan_grid
 
 _CHUNK = 16  # samples whose crop plans are drawn at once (any value gives the same plans)
@@ -59,10 +63,11 @@ class DaliDecoder:
     PREFETCH = 2  # NOTE: 2 = feed i + 1 while DALI decodes i; measured in benchmarks/bench_data.py (README, Data)
 
     def __init__(self, batch_size: int, size: int, num_threads: int, device: torch.device, seed: int = 0,
-                 grid_of=None, patch_size: int = 14):
-        """grid_of: native mode, plan -> (h, w) patches; the images come out as uint8 patch rows then."""
+                 grid_of=None, patch_size: int = 14, pool=None):
+        """grid_of: native mode, plan -> (h, w) patches; the images come out as uint8 patch rows then.
+        pool: a loader._BatchPool the CPU batches are copied into (a fresh buffer per batch when None)."""
         self.batch_size, self.size, self.num_threads, self.device, self.seed = batch_size, size, num_threads, device, seed
-        self.grid_of, self.patch_size = grid_of, patch_size
+        self.grid_of, self.patch_size, self.pool = grid_of, patch_size, pool
         self._single = None
         self.reset()
 
@@ -83,19 +88,28 @@ class DaliDecoder:
         @pipeline_def(batch_size=batch_size, num_threads=max(1, self.num_threads), device_id=device_id,
                       seed=self.seed, prefetch_queue_depth=depth)
         def pipe():
-            data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
-            anchor = fn.external_source(name="anchor", dtype=types.FLOAT, ndim=1)
-            shape = fn.external_source(name="shape", dtype=types.FLOAT, ndim=1)
             mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
-            img = fn.decoders.image_slice(data, anchor, shape, device="mixed" if gpu else "cpu",
-                                          output_type=types.RGB, normalized_anchor=False, normalized_shape=False,
-                                          axis_names="WH", adjust_orientation=False)
+            if gpu:  # nvJPEG decodes the crop window
+                data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
+                anchor = fn.external_source(name="anchor", dtype=types.FLOAT, ndim=1)
+                shape = fn.external_source(name="shape", dtype=types.FLOAT, ndim=1)
+                img = fn.decoders.image_slice(data, anchor, shape, device="mixed", output_type=types.RGB,
+                                              normalized_anchor=False, normalized_shape=False, axis_names="WH",
+                                              adjust_orientation=False)
+                roi = {}
+            else:  # decoded on the host (Record.pixels, see _decoded); the resize reads the crop window
+                # no_copy: DALI reads Record.pixels in place; the records stay referenced (self._fed, then the
+                # batch's unit) until the batch is collected. NOTE: 1.92-1.98 CPU-ms per synth image vs
+                # 2.03-2.07 with the copy (B = 64, 1 thread, 2 shared cores, interleaved)
+                img = fn.external_source(name="data", dtype=types.UINT8, ndim=3, layout="HWC", no_copy=True)
+                roi = dict(roi_start=fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1),
+                           roi_end=fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1), roi_relative=False)
             if self.grid_of is not None:  # native: per-sample output sizes, uint8 HWC out
                 rx = fn.external_source(name="resize_x", dtype=types.FLOAT, ndim=0)
                 ry = fn.external_source(name="resize_y", dtype=types.FLOAT, ndim=0)
-                img = fn.resize(img, resize_x=rx, resize_y=ry, interp_type=types.INTERP_CUBIC, antialias=True)
+                img = fn.resize(img, resize_x=rx, resize_y=ry, interp_type=types.INTERP_CUBIC, antialias=True, **roi)
                 return fn.crop_mirror_normalize(img, mirror=mirror, dtype=types.UINT8, output_layout="HWC")
-            img = fn.resize(img, resize_x=S, resize_y=S, interp_type=types.INTERP_CUBIC, antialias=True)
+            img = fn.resize(img, resize_x=S, resize_y=S, interp_type=types.INTERP_CUBIC, antialias=True, **roi)
             return fn.crop_mirror_normalize(img, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
                                             mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
 
@@ -104,9 +118,19 @@ class DaliDecoder:
         return p
 
     def _feed(self, pipe, items) -> None:
-        pipe.feed_input("data", [np.frombuffer(r.image, dtype=np.uint8) for r, _ in items])
-        for name, values in dali_crop_args([plan for _, plan in items]).items():
-            pipe.feed_input(name, values)
+        plans = [plan for _, plan in items]
+        if self.device.type == "cuda":
+            pipe.feed_input("data", [np.frombuffer(r.image, dtype=np.uint8) for r, _ in items])
+            for name, values in dali_crop_args(plans).items():
+                pipe.feed_input(name, values)
+        else:
+            for r, _ in items:
+                if r.pixels is None:  # a caller's own Record (not from _events): decoded here, kept on it (no_copy)
+                    r.pixels = decode_rgb(r)
+            pipe.feed_input("data", [r.pixels for r, _ in items])
+            pipe.feed_input("roi_start", [np.array((p.y, p.x), dtype=np.float32) for p in plans])  # HWC order
+            pipe.feed_input("roi_end", [np.array((p.y + p.h, p.x + p.w), dtype=np.float32) for p in plans])
+            pipe.feed_input("mirror", dali_crop_args(plans)["mirror"])
         if self.grid_of is not None:
             grids = [self.grid_of(plan) for _, plan in items]
             pipe.feed_input("resize_x", [np.array(w * self.patch_size, dtype=np.float32) for _, w in grids])
@@ -128,7 +152,12 @@ class DaliDecoder:
                 rows.append(patchify_hwc(img, p))
             return torch.cat(rows)
         t = out.as_tensor()
-        res = torch.empty(t.shape(), dtype=torch.float32, device=self.device)  # (n, 3, S, S)
+        if self.device.type == "cpu" and self.pool is not None:
+            # NOTE: a reused batch buffer: copying out into a fresh 38 MB tensor page-faults it in, 0.36 CPU-ms
+            # per 224 px image against 0.07 into a reused one (B = 64, DALI 2.4, 2 shared cores)
+            res = torch.from_numpy(self.pool.get(tuple(t.shape())))  # (n, 3, S, S)
+        else:
+            res = torch.empty(t.shape(), dtype=torch.float32, device=self.device)  # (n, 3, S, S)
         feed_ndarray(t, res, cuda_stream=stream)
         return res
 
@@ -185,13 +214,15 @@ def _events(loader, start_epoch: int, start_sample: int):
     Crop plans are drawn per chunk of _CHUNK samples (augment.crop_plans: the same values as one by one)."""
     cfg = loader.cfg
     reader = SampleReader(loader.table, cfg)
+    host = loader.device.type == "cpu"
     epoch, lo = start_epoch, start_sample
     try:
         while True:
             order = epoch_order(loader.table, cfg, epoch)
             for a in range(lo, len(order), _CHUNK):
                 sids = order[a: a + _CHUNK].tolist()
-                recs = [reader.read(sid) for sid in sids]
+                recs = [_decoded(reader.read(sid, keep_header=True, defer_scan_check=True)) if host
+                        else reader.read(sid) for sid in sids]
                 good = [r for r in recs if not isinstance(r, str)]
                 plans = iter(crop_plans(cfg, epoch, [r.sid for r in good], [(r.width, r.height) for r in good]))
                 for k, rec in enumerate(recs):
@@ -205,6 +236,23 @@ def _events(loader, start_epoch: int, start_sample: int):
             epoch, lo = epoch + 1, 0
     finally:
         reader.close()
+
+
+def _decoded(rec: Record | str) -> Record | str:
+    """rec with Record.pixels = its whole image, uint8 (H, W, 3) (loader.decode_rgb: JPEGs strictly, so the
+    decode is the scan check), or the skip reason.
+    NOTE: on the CPU this decode replaces both the 1/8-scale scan check (0.15 ms per synth image) and DALI's
+    own decode (0.32 ms in its executor thread), and the resize reads the crop window in place: 2.04-2.11
+    CPU-ms per synth image where bytes + image_slice took 2.14-2.25 (with pooled copy-out; 2.48 before it),
+    photos 3.98; DALI's readers.webdataset 2.07-2.13 and 3.91 in the same per-thread count (/proc, B = 64,
+    1 thread, 2 shared cores, load 2.3-3.2)."""
+    if isinstance(rec, str):
+        return rec
+    try:
+        rec.pixels = decode_rgb(rec)
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError... on broken streams
+        return "corrupt_image"
+    return rec
 
 
 class _Prefetch:
@@ -265,7 +313,7 @@ def iterate_dali(loader, start_epoch: int, start_sample: int) -> Iterator[dict]:
     cfg, B = loader.cfg, loader.cfg.batch_size
     grid_of = (lambda plan: plan_grid(cfg, plan)) if cfg.native else None
     dec = DaliDecoder(cfg.max_images_per_batch, cfg.image_size, cfg.num_workers, loader.device, cfg.seed,
-                      grid_of, cfg.patch_size)
+                      grid_of, cfg.patch_size, loader._pool)
     source = iter(_Prefetch(_events(loader, start_epoch, start_sample), depth=2 * cfg.max_images_per_batch))
     back: list = []      # events taken back after a failure, replayed before the source's
     cands: list = []     # (pos, record, plan) read, not yet in a unit

@@ -147,6 +147,7 @@ class Record:
     key: str
     header: Image.Image | None = None  # the PIL image opened on the header (SampleReader.read(keep_header=True))
     scan_checked: bool = True  # False: a JPEG whose scan data the decoder must check (read(defer_scan_check=True))
+    pixels: np.ndarray | None = None  # uint8 (H, W, 3) once decoded on the host (the DALI backend on the CPU)
 
 
 class SampleReader:
@@ -314,8 +315,8 @@ def jpeg_scans_intact(data: bytes) -> bool:
     libjpeg-turbo (simplejpeg, strict: warnings raise; the entropy decoding, where these warnings arise,
     is the same at every scale, so a strict decode at any scale is the same check: loader.decode_pil).
     NOTE: 0.7 ms for a 500x375 q90 JPEG where PIL's full decode takes 1.6 ms (2 shared cores): the
-    price of never training on gray blocks, paid by the DALI backend's reader thread; the torch
-    backend's strict decode makes it for free."""
+    price of never training on gray blocks, paid by the GPU DALI backend's reader thread; the torch
+    backend's and the CPU DALI backend's strict decodes make it for free."""
     global _warned_no_simplejpeg
     if _simplejpeg is None:
         if not _warned_no_simplejpeg:

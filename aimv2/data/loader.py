@@ -54,7 +54,7 @@ from .tokenizer import _Base as _BaseTokenizer
 from .tokenizer import get_tokenizer
 from ..packing import PackedBatch, cu_seqlens_of
 
-__all__ = ["Loader", "build_loader", "dali_available", "decode_pil", "pick_backend", "pillow_info", "to_rgb"]
+__all__ = ["Loader", "build_loader", "dali_available", "decode_pil", "decode_rgb", "pick_backend", "pillow_info", "to_rgb"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,10 @@ try:
 except ImportError:  # pragma: no cover - a dependency; PIL decodes every image then
     _simplejpeg = None
 
-_CHUNK = 16  # samples per DataLoader item; any value gives the same batches
+# samples per DataLoader item; any value gives the same batches. NOTE: 32 over 16 halves the per-item
+# IPC (a shared-memory tensor, its fd sent over a socket, pickling): 1.63-1.66 vs 1.71-1.78 CPU-ms per synth
+# image (workers + main process), 2.79-2.88 vs 2.98-3.00 per photo, at 2 workers (B = 64, 2 shared cores)
+_CHUNK = 32
 
 
 def dali_available() -> bool:
@@ -100,9 +103,10 @@ def pillow_info() -> str:
 def pick_backend(backend: str, device: torch.device) -> tuple[str, str]:
     """(backend, reason) for DataConfig.backend on `device`: "auto" picks the one measured fastest there.
 
-    NOTE: on the 2-core CPU machine (benchmarks/results/data-cpu-*.json, interleaved runs) the torch
-    backend out-ran our DALI CPU backend on every set and worker count (README, Data); on a GPU DALI's
-    nvJPEG "mixed" decode of the crop window leaves the host free."""
+    NOTE: on the 2-core CPU machine (benchmarks/results/data-cpu-2026-11-30.json, interleaved runs) the
+    torch backend spent less CPU per image than our DALI CPU backend on every set and worker count (1.71-1.78
+    vs 1.97-2.02 ms per synth image, 2.93-2.97 vs 3.91-3.95 per photo) and was as fast or faster (README,
+    Data); on a GPU DALI's nvJPEG "mixed" decode of the crop window leaves the host free."""
     if backend != "auto":
         return backend, "DataConfig.backend"
     if device.type == "cuda":
@@ -128,20 +132,39 @@ def decode_pil(rec: Record, plan: CropPlan, size, out: np.ndarray | None = None)
     rec.header = None
     try:
         a = _draft_scale(W, H, plan, size) if im.format in ("JPEG", "MPO") else 1
-        src = None
-        if im.format in ("JPEG", "MPO") and im.mode in ("RGB", "L") and _simplejpeg is not None:
-            src = _decode_jpeg_strict(rec.image, W, H, a)
-            if src is not None:
-                src = Image.fromarray(src)
-        if src is None:
-            if not rec.scan_checked and not jpeg_scans_intact(rec.image):
-                raise ValueError("JPEG scan data ends early or is corrupt")
-            if a > 1:
-                im.draft("RGB", ((W + a - 1) // a, (H + a - 1) // a))
-            src = im if im.mode == "RGB" else to_rgb(im)  # NOTE: no convert("RGB") copy of an RGB image
+        src = _decode_source(rec, im, a)
+        if isinstance(src, np.ndarray):
+            src = Image.fromarray(src)
         return pil_crop_resize(src, plan, size, (src.size[0] / W, src.size[1] / H), out)
     finally:
         im.close()
+
+
+def decode_rgb(rec: Record) -> np.ndarray:
+    """rec.image decoded whole: uint8 (H, W, 3), by decode_pil's decoders with its checks (JPEGs strictly
+    by libjpeg-turbo: ValueError on scan damage). The DALI backend's CPU pipeline resizes it (dali.py)."""
+    im = rec.header if rec.header is not None else Image.open(io.BytesIO(rec.image))
+    rec.header = None
+    try:
+        src = _decode_source(rec, im, 1)
+        return src if isinstance(src, np.ndarray) else np.asarray(src)
+    finally:
+        im.close()
+
+
+def _decode_source(rec: Record, im: Image.Image, a: int) -> np.ndarray | Image.Image:
+    """rec.image (im: its open header) decoded at 1/a scale: uint8 (ceil(H / a), ceil(W / a), 3) from
+    simplejpeg for RGB / gray JPEGs, else an RGB PIL image; ValueError when the JPEG's scan is damaged."""
+    W, H = rec.width, rec.height
+    if im.format in ("JPEG", "MPO") and im.mode in ("RGB", "L") and _simplejpeg is not None:
+        src = _decode_jpeg_strict(rec.image, W, H, a)
+        if src is not None:
+            return src
+    if not rec.scan_checked and not jpeg_scans_intact(rec.image):
+        raise ValueError("JPEG scan data ends early or is corrupt")
+    if a > 1:
+        im.draft("RGB", ((W + a - 1) // a, (H + a - 1) // a))
+    return im if im.mode == "RGB" else to_rgb(im)  # NOTE: no convert("RGB") copy of an RGB image
 
 
 def _decode_jpeg_strict(data: bytes, width: int, height: int, scale: int) -> np.ndarray | None:
