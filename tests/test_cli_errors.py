@@ -65,6 +65,8 @@ CASES = [
     ("no-preset", lambda d: ["train", "--out", str(d / "runs" / "y")], 2, ["--preset"]),
     ("plot-missing", lambda d: ["plot", str(d / "nope")], 2, ["nope"]),
     ("index-missing", lambda d: ["data", "index", str(d / "nope")], 1, ["nope"]),
+    ("inspect-not-a-tar", lambda d: ["data", "inspect", str(d / "notes.txt")], 1, ["no usable sample", "1 shard"]),
+    ("inspect-all-garbage", lambda d: ["data", "inspect", str(d / "garbage")], (1, 2), ["garbage"]),
     ("embed-missing-checkpoint", lambda d: ["embed", "--checkpoint", str(d / "nope"), "--data", str(d / "empty"),
                                             "--out", str(d / "e.safetensors")], 1, ["nope"]),
     ("probe-no-checkpoint", lambda d: ["probe", "--train", str(d / "good"), "--val", str(d / "good")], 2,

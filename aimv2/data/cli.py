@@ -92,12 +92,14 @@ def _inspect(args) -> int:
         counts["skipped_truncated_shard"] = table.dropped
     for reason, n in sorted(table.damaged.items()):
         counts["skipped_" + reason] = n
-    thumbs = []
+    thumbs, usable = [], 0
     for sid in range(table.num_samples):
         rec = reader.read(sid)
         if isinstance(rec, str):
             counts["skipped_" + rec] = counts.get("skipped_" + rec, 0) + 1
-        elif args.sheet and len(thumbs) < args.n:
+            continue
+        usable += 1
+        if args.sheet and len(thumbs) < args.n:
             try:
                 im = to_rgb(Image.open(io.BytesIO(rec.image)))
             except Exception:
@@ -119,6 +121,11 @@ def _inspect(args) -> int:
             draw.multiline_text((x + 2, y + args.size + 2), "\n".join(lines[:4]), fill="black")
         sheet.save(args.sheet)
         print(f"contact sheet: {args.sheet}")
+    if not usable:                 # the counts above say why; a script must not read this as success
+        from aimv2.errors import RunError
+        why = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "samples" and v) or "no members"
+        raise RunError(f"data inspect: no usable sample in {len(paths)} shard(s) ({why}); "
+                       f"are they webdataset .tar files?")
     return 0
 
 
