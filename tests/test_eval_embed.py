@@ -36,6 +36,23 @@ def test_load_image_resize_and_center_crop(tmp_path):
     torch.testing.assert_close(inner, want.view(3, 1, 1).expand_as(inner), atol=2 / 255 / 0.224, rtol=0)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_16bit_images_are_scaled_not_clipped(tmp_path, native):
+    """A 16-bit gray PNG (random values over the whole 0..65535 range) reads as round(v / 257), as the
+    training loader does; convert("RGB") would clip every value above 255 to white."""
+    from aimv2.eval.embed import load_image_native
+    v = np.random.default_rng(1).integers(0, 65536, (28, 42), dtype=np.uint16)
+    Image.fromarray(v).save(tmp_path / "deep.png")
+    if native:
+        x = load_image_native(str(tmp_path / "deep.png"), 14, 64, (0, 0, 0), (1, 1, 1))   # 2 x 3 grid: no resize
+    else:
+        x = load_image(str(tmp_path / "deep.png"), 28, (0, 0, 0), (1, 1, 1))
+        v = v[:, 7:35]                                                                   # the center crop
+    want = torch.from_numpy(np.round(v / 257.0).astype(np.float32) / 255.0)
+    assert x.shape[1:] == want.shape
+    torch.testing.assert_close(x, want.expand(3, -1, -1), atol=1e-6, rtol=0)
+
+
 @pytest.fixture
 def folder(tmp_path):
     d = tmp_path / "imgs"

@@ -73,12 +73,15 @@ def list_images(folder: str) -> list[str]:
 
 
 def load_image(path: str, size: int, mean, std) -> torch.Tensor:
-    """RGB, shorter side -> size (bicubic), center crop size x size, normalised: (3, size, size) fp32."""
+    """RGB (16-bit images scaled, not clipped: `aimv2.data.loader.to_rgb`), shorter side -> size (bicubic),
+    center crop size x size, normalised: (3, size, size) fp32."""
     import numpy as np
     from PIL import Image
 
+    from aimv2.data.loader import to_rgb
+
     with Image.open(path) as im:
-        im = im.convert("RGB")                             # decodes fully: truncated files raise here
+        im = to_rgb(im)                                    # decodes fully: truncated files raise here
         w, h = im.size
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -108,13 +111,15 @@ def native_grid(height: int, width: int, patch_size: int = 14, max_patches: int 
 
 
 def load_image_native(path: str, patch_size: int, max_patches: int, mean, std) -> torch.Tensor:
-    """RGB, resized (bicubic, aspect ratio kept) to the `native_grid` size, no crop, normalised:
-    (3, h*p, w*p) fp32."""
+    """RGB (as `load_image`), resized (bicubic, aspect ratio kept) to the `native_grid` size, no crop,
+    normalised: (3, h*p, w*p) fp32."""
     import numpy as np
     from PIL import Image
 
+    from aimv2.data.loader import to_rgb
+
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = to_rgb(im)
         w, h = im.size
         gh, gw = native_grid(h, w, patch_size, max_patches)
         im = im.resize((gw * patch_size, gh * patch_size), Image.BICUBIC)
