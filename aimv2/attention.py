@@ -87,20 +87,24 @@ class PackedAttentionMask:
     - "flex":   one document block mask over the pack (B = 1, N = T): no cross-image tile is computed.
 
     cu_seqlens: int32 (n + 1,) on the device; lengths: the L_s as host ints; prefix_len: None
-    (bidirectional) or an int tensor (n,) in [0, L_s] (already validated).
+    (bidirectional), an int tensor (n,) in [0, L_s] (already validated), or a host int P >= 0 for every
+    image (min(P, L_s); 0 = causal: the decoder, where sdpa then runs `is_causal` per image, no mask).
     """
 
     def __init__(self, backend: str, cu_seqlens: torch.Tensor, lengths, prefix_len, device: torch.device):
         self.backend = backend
         self.lengths = [int(n) for n in lengths]
         self.cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
-        self.prefix_len = None if prefix_len is None else prefix_len.to(device=device)
         self.max_seqlen = max(self.lengths, default=0)
         self.masks = self.block_mask = None
-        if backend == "sdpa":
-            self.masks = [AttentionMask(backend, None if self.prefix_len is None else self.prefix_len[s:s + 1],
+        if backend == "sdpa":                            # an int stays an int: is_causal / no mask per image
+            self.masks = [AttentionMask(backend, min(prefix_len, n) if isinstance(prefix_len, int)
+                                        else None if prefix_len is None else prefix_len[s:s + 1].to(device),
                                         1, n, device) for s, n in enumerate(self.lengths)]
-        elif backend == "flex":
+        if isinstance(prefix_len, int):                  # host ints: no device read
+            prefix_len = torch.tensor([min(prefix_len, n) for n in self.lengths], dtype=torch.int32)
+        self.prefix_len = None if prefix_len is None else prefix_len.to(device=device)
+        if backend == "flex":
             self.block_mask = self._doc_block_mask(device)
         elif backend == "triton":
             if self.prefix_len is None:                                          # bidirectional: P_s = L_s

@@ -396,8 +396,7 @@ class AIMv2Decoder(nn.Module):
         img = self.proj(enc)                                                 # (T_img, Dd)
         txt = self._text_tokens(batch.text, img.dtype)                      # (n, T+1, Dd)
         x = torch.cat([img, txt.flatten(0, 1)]).index_select(0, lay.gather)  # (T_img + n(T+1), Dd)
-        causal = torch.zeros(len(lay.lengths), dtype=torch.int32, device=x.device)
-        mask = PackedAttentionMask(self.cfg.attn_backend, lay.cu_seqlens, lay.lengths, causal, x.device)
+        mask = PackedAttentionMask(self.cfg.attn_backend, lay.cu_seqlens, lay.lengths, 0, x.device)   # causal
         x = self.trunk(x, mask)
         # index_select (backward: index_add_ onto distinct rows) rather than x[idx], whose backward,
         # an accumulating index_put_, sorts the indices

@@ -255,3 +255,17 @@ def test_fixed_forward_of_a_native_image_equals_its_pack(device, prefix):
     assert (got["pixel_loss"].item() == 0) == (prefix in (None, 12))
     with pytest.raises(ValueError, match=r"prefix_len: 13 outside \[0, N=12\]"):   # not cfg's N = 16
         model(image, text, 13)
+
+
+def test_packed_causal_mask_needs_no_dense_mask():
+    """The decoder's pattern (prefix 0 for every image) is `is_causal` per image on sdpa, no (L, L) mask
+    built; flex / triton get per-image zeros clamped to each length."""
+    from aimv2.attention import PackedAttentionMask
+    lengths = [5, 1, 9]
+    cu = torch.tensor([0, 5, 6, 15], dtype=torch.int32)
+    sdpa = PackedAttentionMask("sdpa", cu, lengths, 0, torch.device("cpu"))
+    assert all(m.is_causal and m.dense is None for m in sdpa.masks)
+    some = PackedAttentionMask("sdpa", cu, lengths, 3, torch.device("cpu"))
+    assert [m.prefix_len for m in some.masks] == [3, 1, 3] and some.prefix_len.tolist() == [3, 1, 3]
+    tri = PackedAttentionMask("triton", cu, lengths, 0, torch.device("cpu"))
+    assert tri.plen32.tolist() == [0, 0, 0] and tri.plen32.dtype == torch.int32
