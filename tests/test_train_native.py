@@ -161,3 +161,11 @@ def test_native_run_resumes_exactly(tmp_path):
     train(tiny_cfg(part, **NATIVE, **{"run.steps": 2}))
     train(tiny_cfg(part, **NATIVE, **{"run.steps": 3, "run.resume": True, "run.init": "no/such/dir"}))
     assert losses(part) == losses(whole.run_dir)
+
+
+def test_native_grad_accum_ignores_the_unused_batch_size(tmp_path):
+    """Native packs are sized by tokens: grad_accum 3 with batch_size 32 (unused there; not a multiple of
+    3) runs instead of failing the fixed-size batch check."""
+    res = train(tiny_cfg(tmp_path / "acc", **NATIVE, **{"run.steps": 2, "optim.grad_accum": 3,
+                                                         "data.batch_size": 32}))
+    assert res.step == 2 and len(losses(res.run_dir)) == 2

@@ -144,6 +144,10 @@ def build_data(cfg: TrainConfig, model_cfg, info: D.DistInfo, micro_bs: int, pos
 
 # ----------------------------------------------------------------------------- set-up helpers
 def micro_batch_size(cfg: TrainConfig, info: D.DistInfo) -> int:
+    """Images per micro-batch; native mode has none (packs are sized by data.tokens_per_batch, and
+    data.batch_size is not used there): 1, never checked against world size x grad_accum."""
+    if cfg.data.native:
+        return 1
     per_step = info.world_size * cfg.optim.grad_accum
     if cfg.data.batch_size % per_step:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by "
