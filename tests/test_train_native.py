@@ -169,3 +169,17 @@ def test_native_grad_accum_ignores_the_unused_batch_size(tmp_path):
     res = train(tiny_cfg(tmp_path / "acc", **NATIVE, **{"run.steps": 2, "optim.grad_accum": 3,
                                                          "data.batch_size": 32}))
     assert res.step == 2 and len(losses(res.run_dir)) == 2
+
+
+def test_init_interpolate_from_a_sincos_native_checkpoint_is_a_clear_error(tmp_path):
+    """A sin-cos `-native` checkpoint has no table for native_pos=interpolate to resize: run.init says so
+    (it used to load a sin-cos table as if learned and resize it per grid); sincos loads it whole."""
+    cfg = tiny_cfg("unused", **NATIVE).model                                   # native, sin-cos
+    torch.manual_seed(2)
+    save_encoder(AIMv2Encoder(cfg), tmp_path / "native", format="hf")
+    with pytest.raises(ValueError, match="run.init: .*has none"):
+        init_weights(AIMv2Pretrainer(cfg.replace(native_pos="interpolate")), str(tmp_path / "native"),
+                     lambda m: None)
+    model = AIMv2Pretrainer(cfg)
+    init_weights(model, str(tmp_path / "native"), lambda m: None)
+    assert "preprocessor.pos_embed" not in model.encoder.state_dict()

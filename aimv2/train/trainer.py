@@ -193,7 +193,14 @@ def init_weights(model: AIMv2Pretrainer, source: str, log) -> None:
     weights have none, and those parts keep their fresh initialisation. A checkpoint of another size
     raises ValueError naming the mismatched keys."""
     from aimv2.weights import load_encoder
-    enc = load_encoder(source, img_size=model.cfg.img_size).state_dict()
+    # a learned table kept and resized per grid: ask for it as such, so that a sin-cos `-native`
+    # checkpoint (no table to resize) is a clear error, not a sin-cos table resized as if learned
+    keep = {"native": True, "native_pos": "interpolate"} if model.cfg.native and \
+        model.cfg.native_pos == "interpolate" else {}
+    try:
+        enc = load_encoder(source, img_size=model.cfg.img_size, **keep).state_dict()
+    except ValueError as e:
+        raise ValueError(f"run.init: {e}") from None
     own = model.encoder.state_dict()
     if "preprocessor.pos_embed" not in own and enc.pop("preprocessor.pos_embed", None) is not None:
         log("init: the checkpoint's learned position table is dropped for the sin-cos code "
