@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from aimv2.data.synth import COLOURS, KINDS, SIZES, TEXTURES, scene_code
+
 
 def _meta(shards: str) -> dict[int, dict]:
     from aimv2.data.shards import resolve_shards
@@ -39,33 +41,27 @@ def _meta(shards: str) -> dict[int, dict]:
     return out
 
 
-def _relation(a: dict, b: dict) -> int:
-    dx, dy = a["x"] - b["x"], a["y"] - b["y"]
-    if abs(dy) >= abs(dx):
-        return 1 if dy < 0 else 2          # above / below
-    return 3 if dx < 0 else 4              # left of / right of
+def _index(names, key):
+    """fn(meta) -> the main shape's `key` as an index into names."""
+    return lambda d: list(names).index(d["shapes"][0][key])
 
 
-LABELS = {  # name -> (classes, fn(meta) -> int)
+LABELS = {  # name -> (classes, fn(meta) -> int); codes as aimv2.data.synth defines them
     "kind_colour": (48, lambda d: d.get("kind_colour", d["label"])),       # the JSON "label" before v2
-    "kind": (6, lambda d: ["circle", "square", "triangle", "star", "hexagon", "cross"].index(d["shapes"][0]["kind"])),
-    "colour": (8, lambda d: ["red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"].index(
-        d["shapes"][0]["colour"])),
+    "kind": (6, _index(KINDS, "kind")),
+    "colour": (8, _index(COLOURS, "colour")),
     "count": (3, lambda d: d["num_shapes"] - 1),
-    "texture": (3, lambda d: ["solid", "striped", "dotted"].index(d["shapes"][0]["texture"])),
-    "size": (3, lambda d: ["small", "medium", "large"].index(d["shapes"][0]["size"])),
-    "relation": (5, lambda d: 0 if d["num_shapes"] == 1 else _relation(d["shapes"][0], d["shapes"][1])),
+    "texture": (3, _index(TEXTURES, "texture")),
+    "size": (3, _index(SIZES, "size")),
+    "relation": (5, lambda d: scene_code(d["shapes"]) % 5),               # 0 alone, 1 + RELATIONS index
     "quadrant": (4, lambda d: 2 * (d["shapes"][0]["y"] >= 0.5) + (d["shapes"][0]["x"] >= 0.5)),
-    "kind_count": (18, lambda d: 3 * ["circle", "square", "triangle", "star", "hexagon", "cross"].index(
-        d["shapes"][0]["kind"]) + d["num_shapes"] - 1),
+    "kind_count": (18, lambda d: 3 * _index(KINDS, "kind")(d) + d["num_shapes"] - 1),
     # the scene's structure, as the caption states it: how many shapes, the main one's size, where it is
     # relative to the second (19 of the 45 codes occur: one shape has no relation, a main shape among
     # several is never small)
-    "count_size": (9, lambda d: 3 * (d["num_shapes"] - 1) + ["small", "medium", "large"].index(d["shapes"][0]["size"])),
-    "scene": (45, lambda d: 15 * ["small", "medium", "large"].index(d["shapes"][0]["size"])
-              + 5 * (d["num_shapes"] - 1) + (0 if d["num_shapes"] == 1 else _relation(d["shapes"][0], d["shapes"][1]))),
-    "scene_texture": (135, lambda d: 3 * LABELS["scene"][1](d) + ["solid", "striped", "dotted"].index(
-        d["shapes"][0]["texture"])),
+    "count_size": (9, lambda d: 3 * (d["num_shapes"] - 1) + _index(SIZES, "size")(d)),
+    "scene": (45, lambda d: scene_code(d["shapes"])),                       # the synth JSON's `scene`
+    "scene_texture": (135, lambda d: 3 * scene_code(d["shapes"]) + _index(TEXTURES, "texture")(d)),
 }
 
 

@@ -74,3 +74,15 @@ if __name__ == "__main__":
 
     seconds, *argv = sys.argv[1:]
     sys.exit(cmd_train(build_parser().parse_args(argv), callbacks=[SlowSteps(float(seconds))]))
+
+
+def perturb_weights(model, seed: int = 0):
+    """Random weights away from any init (in place; returns model.eval()): 1-D non-bias tensors (norm
+    scales) drawn as 1 + 0.3 N(0, 1), every other tensor moved by 0.05 N(0, 1); seeded."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.3 * noise) if p.dim() == 1 and "bias" not in name else p.add_(0.05 * noise)
+    return model.eval()

@@ -15,6 +15,7 @@ import torch
 import transformers
 from transformers.models.aimv2.modeling_aimv2 import build_2d_sinusoidal_position_embedding
 
+from _train_common import perturb_weights
 from aimv2.config import ModelConfig
 from aimv2.model import AIMv2Encoder
 from aimv2.packing import PackedBatch, pack_images, unpack
@@ -90,13 +91,7 @@ def _hf_native(dim=64, heads=2, layers=2, seed=3):
     cfg = transformers.Aimv2VisionConfig(hidden_size=dim, intermediate_size=256, num_hidden_layers=layers,
                                          num_attention_heads=heads, image_size=56, patch_size=P,
                                          use_head=False, is_native=True)
-    model = transformers.Aimv2VisionModel(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.3 * noise) if p.dim() == 1 and "bias" not in name else p.add_(0.05 * noise)
-    return model.eval()
+    return perturb_weights(transformers.Aimv2VisionModel(cfg), seed)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from _train_common import perturb_weights
 from aimv2.config import ModelConfig
 from aimv2.eval.embed import load_image_native, native_grid
 from aimv2.eval.hub import from_pretrained
@@ -25,13 +26,6 @@ D, P = 64, 14
 ATOL = 2e-5                      # packed Linear vs per-image Conv2d patch embedding (tests/test_native.py)
 
 
-def _perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.3 * noise) if p.dim() == 1 and "bias" not in name else p.add_(0.05 * noise)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def hf_native(tmp_path_factory):
     cfg = transformers.Aimv2VisionConfig(hidden_size=D, intermediate_size=256, num_hidden_layers=2,
                                          num_attention_heads=2, image_size=56, patch_size=P,
                                          use_head=False, is_native=True)
-    model = _perturb(transformers.Aimv2VisionModel(cfg))
+    model = perturb_weights(transformers.Aimv2VisionModel(cfg))
     d = tmp_path_factory.mktemp("hub") / "aimv2-tiny-native"
     model.save_pretrained(d)
     assert "embeddings.position_embedding.weight" not in load_file(str(d / "model.safetensors"))
@@ -102,7 +96,7 @@ def test_native_checkpoint_round_trip_is_readable_by_transformers(hf_native, tmp
 def test_learned_table_checkpoint_switched_to_native(tmp_path, caplog):
     cfg = ModelConfig(name="tiny56", img_size=56, dim=D, depth=1, num_heads=2, mlp_hidden=256)
     torch.manual_seed(1)
-    src = _perturb(AIMv2Encoder(cfg))
+    src = perturb_weights(AIMv2Encoder(cfg))
     save_encoder(src, str(tmp_path / "learned"), format="hf")
     enc = from_pretrained(str(tmp_path / "learned"), native=True, device="cpu")
     assert enc.cfg.native and enc.cfg.native_pos == "interpolate"
