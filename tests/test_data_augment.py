@@ -114,6 +114,14 @@ def test_draw_reads_scale_and_ratio_from_config():
     assert a == random_crop_plan(np.random.default_rng(9), 640, 480, (0.4, 1.0), (3 / 4, 4 / 3))
 
 
+def test_hflip_off_keeps_every_box_and_mirrors_nothing():
+    on, off = DataConfig(shards="x", seed=4), DataConfig(shards="x", seed=4, hflip=False)
+    sizes = [(int(40 + 37 * i % 700), int(30 + 53 * i % 650)) for i in range(300)]
+    a, b = crop_plans(on, 2, range(300), sizes), crop_plans(off, 2, range(300), sizes)
+    assert 100 < sum(p.flip for p in a) < 200 and not any(p.flip for p in b)
+    assert [p.box for p in a] == [p.box for p in b]          # the flip's draw is consumed either way
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("crop_scale", (0.5, 0.2), r"DataConfig\.crop_scale: expected \(lo, hi\) with 0 < lo <= hi <= 1"),
     ("crop_scale", (0.0, 1.0), r"crop_scale"),
@@ -121,6 +129,8 @@ def test_draw_reads_scale_and_ratio_from_config():
     ("crop_ratio", (0.0, 1.0), r"DataConfig\.crop_ratio: expected"),
     ("crop_ratio", (2.0, 1.0), r"crop_ratio"),
     ("crop_ratio", (1.0,), r"crop_ratio"),
+    ("hflip", "no", r"DataConfig\.hflip: expected true or false"),
+    ("hflip", 0, r"hflip"),
 ])
 def test_config_rejects_bad_crop_ranges(field, value, match):
     with pytest.raises(ValueError, match=match):

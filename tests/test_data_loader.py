@@ -229,3 +229,30 @@ def test_held_batches_are_never_overwritten(shards, backend):
     for _ in range(10):
         ptrs.add(next(it)["images"].data_ptr())  # dropped at once: a few buffers serve every batch
     assert len(ptrs) <= 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hflip_off_never_mirrors_a_training_crop(tmp_path, backend):
+    """Images red on the left, blue on the right: with hflip=False every training crop keeps red on the left;
+    with the default some come out mirrored (so the check can fail)."""
+    from aimv2.data.testing import write_shard
+    img = np.zeros((64, 80, 3), np.uint8)
+    img[:, :40, 0], img[:, 40:, 2] = 230, 230
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    samples = [{"__key__": f"{i:04d}", "png": buf.getvalue(), "txt": b"a red left half",
+                "json": json.dumps({"label": 0}).encode()} for i in range(24)]
+    pattern = write_shard(str(tmp_path / "lr.tar"), samples)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1), torch.tensor(IMAGENET_STD).view(3, 1)
+
+    def mirrored(**kw):
+        out = []
+        for b, _ in take(build_loader(cfg_for(pattern, backend, crop_scale=(0.5, 1.0), **kw)), 6):
+            px = b["images"].float() * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)   # back to [0, 1]
+            left, right = px[..., :, :S // 4].mean((2, 3)), px[..., :, -S // 4:].mean((2, 3))  # (B, 3)
+            out += (left[:, 2] > left[:, 0]).tolist()                # blue on the left: mirrored
+            assert ((left[:, 0] - right[:, 0]).abs() > 0.5).all()   # every crop straddles the two halves
+        return out
+
+    assert not any(mirrored(hflip=False))
+    assert 0 < sum(mirrored()) < 48

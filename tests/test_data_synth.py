@@ -54,28 +54,52 @@ def test_captions_labels_and_pixels_agree():
     assert all(len(c) >= 4 for c in colours_per_label.values()), colours_per_label
 
 
+def _caption_body(caption: str) -> str:
+    for prefix in ("a picture of ", "a photo of ", "an image of "):
+        caption = caption.removeprefix(prefix)
+    return caption
+
+
 def test_scene_label_is_what_the_caption_states():
-    """`scene` decoded back = (main size, count, relation word) read off the caption text; 19 codes occur
-    and colour varies within each (the random encoder's shortcut is no use to the probe)."""
-    from aimv2.data.synth import NUM_SCENES, RELATIONS
-    seen, colours = set(), {}
-    for i in range(400):
+    """`scene` decoded back = (count, main size, main texture) read off the caption text; 21 codes occur,
+    textures equally likely, and colour and kind vary within each (the random encoder's colour shortcut is no
+    use to the probe)."""
+    from aimv2.data.synth import NUM_SCENES, SCENES_OCCURRING, TEXTURES
+    seen, colours, kinds, textures = set(), {}, {}, []
+    for i in range(600):
         _, caption, meta = render_sample(i, 32, seed=3)
         code = meta["scene"]
         assert 0 <= code < NUM_SCENES
+        count, size, texture = code // 9 + 1, list(SIZES)[code % 9 // 3], TEXTURES[code % 3]
+        body = _caption_body(caption)
+        assert count == meta["num_shapes"] == (" " + body).count(" a ") - 1, (caption, code)  # minus "on a ... bg"
+        main = body.split(" above ")[0].split(" below ")[0].split(" to the ")[0].split(" on a ")[0]
+        words = main.split()                                  # "a <size> <colour> [<texture>] <kind>"
+        assert words[1] == size and (words[3] if len(words) == 5 else "solid") == texture, (caption, code)
+        seen.add(code)
+        colours.setdefault(code, set()).add(meta["colour"])
+        kinds.setdefault(code, set()).add(meta["kind"])
+        textures.append(texture)
+    assert len(seen) == SCENES_OCCURRING == 21
+    assert all(len(c) >= 4 for c in colours.values()) and all(len(k) >= 4 for k in kinds.values())
+    assert all(150 < textures.count(t) < 250 for t in TEXTURES)          # equally likely: 200 each expected
+
+
+def test_layout_label_is_what_the_caption_states():
+    """`layout` (the demo's target before VERSION 4) decoded back = (main size, count, relation word)."""
+    from aimv2.data.synth import NUM_LAYOUTS, RELATIONS
+    seen = set()
+    for i in range(400):
+        _, caption, meta = render_sample(i, 32, seed=3)
+        code = meta["layout"]
+        assert 0 <= code < NUM_LAYOUTS
         size, count, rel = list(SIZES)[code // 15], code % 15 // 5 + 1, code % 5
-        body = caption
-        for prefix in ("a picture of ", "a photo of ", "an image of "):
-            body = body.removeprefix(prefix)
-        n_shapes = (" " + body).count(" a ") - 1                                  # minus "on a ... background"
-        assert count == meta["num_shapes"] == n_shapes, (caption, code)
-        assert body.startswith(f"a {size} "), (caption, code)
+        body = _caption_body(caption)
+        assert count == meta["num_shapes"] and body.startswith(f"a {size} "), (caption, code)
         words = [r for r in RELATIONS if f" {r} a " in caption]
         assert (rel == 0) == (count == 1) and words == ([] if rel == 0 else [RELATIONS[rel - 1]]), (caption, code)
         seen.add(code)
-        colours.setdefault(code, set()).add(meta["colour"])
     assert len(seen) == 19
-    assert sum(len(c) >= 4 for c in colours.values()) >= 15
 
 
 def test_default_dataset_is_cached_and_atomic(tmp_path, monkeypatch):

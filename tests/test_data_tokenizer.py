@@ -73,7 +73,7 @@ def test_hf_tokenizer_json(tmp_path):
     t.save(path)
     tok = get_tokenizer(path)
     assert tok.pad_id == 0 and tok.eos_id == 2 and tok.vocab_size == t.get_vocab_size()
-    out = tok(CORPUS[:4], text_len=20)
+    out = tok(CORPUS[:4], text_len=32)
     for row, cap in zip(out, CORPUS[:4]):
         assert tok.decode(row) == normalize_caption(cap)
         n = len(cap.split())

@@ -122,7 +122,8 @@ def crop_plans(cfg: DataConfig, epoch: int, sids, sizes) -> list[CropPlan]:
     if len(sizes) == 0:
         return []
     rows = plan_uniforms(cfg.seed, epoch, sids).tolist()  # (n, PLAN_DRAWS) Python floats: cheap scalar math
-    return [random_crop_plan(CounterDraws(row), w, h, cfg.crop_scale, cfg.crop_ratio)
+    flip_p = 0.5 if cfg.hflip else 0.0
+    return [random_crop_plan(CounterDraws(row), w, h, cfg.crop_scale, cfg.crop_ratio, flip_p)
             for row, (w, h) in zip(rows, sizes)]
 
 
@@ -136,9 +137,9 @@ def center_crop_plan(width: int, height: int) -> CropPlan:
     return CropPlan(int(round((width - side) / 2)), int(round((height - side) / 2)), side, side, False)
 
 
-def random_crop_plan(rng, width: int, height: int,
-                     scale: tuple[float, float], ratio: tuple[float, float]) -> CropPlan:
-    """RandomResizedCrop(scale, ratio) box + flip with p = 0.5, drawn from `rng` (a CounterDraws or a numpy
+def random_crop_plan(rng, width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+                     flip_p: float = 0.5) -> CropPlan:
+    """RandomResizedCrop(scale, ratio) box + flip with p = flip_p, drawn from `rng` (a CounterDraws or a numpy
     Generator; see the module docstring).
 
     Draw order (fixed: resume and the golden values in tests/test_data_augment.py depend on it): per try
@@ -155,7 +156,7 @@ def random_crop_plan(rng, width: int, height: int,
         if 0 < w <= width and 0 < h <= height:
             y = int(rng.integers(0, height - h + 1))
             x = int(rng.integers(0, width - w + 1))
-            return CropPlan(x, y, w, h, bool(rng.random() < 0.5))
+            return CropPlan(x, y, w, h, bool(rng.random() < flip_p))
     aspect = width / height  # fallback: centre crop with the aspect ratio clamped to `ratio`
     if aspect < ratio[0]:
         w, h = width, int(round(width / ratio[0]))
@@ -164,7 +165,7 @@ def random_crop_plan(rng, width: int, height: int,
     else:
         w, h = width, height
     w, h = min(w, width), min(h, height)
-    return CropPlan((width - w) // 2, (height - h) // 2, w, h, bool(rng.random() < 0.5))
+    return CropPlan((width - w) // 2, (height - h) // 2, w, h, bool(rng.random() < flip_p))
 
 
 # ---- executors -------------------------------------------------------------------------------------

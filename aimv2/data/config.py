@@ -32,7 +32,7 @@ class DataConfig:
       fastest on each, loader.pick_backend; the choice and its reason are logged).
     num_workers: DALI CPU threads / torch DataLoader worker processes (0 = decode in the main process).
     train: True = random resized crop (area fraction in crop_scale, aspect ratio w / h in crop_ratio,
-      bicubic; aimv2.data.augment) + horizontal flip, shard and buffer shuffle, endless epochs, last
+      bicubic; aimv2.data.augment) + horizontal flip (hflip), shard and buffer shuffle, endless epochs, last
       partial batch dropped. False = resize the shorter side and centre-crop, no flip, no shuffle,
       one pass in shard order, last partial batch kept.
     start_epoch / start_sample: resume position, as returned by Loader.state_dict().
@@ -41,6 +41,9 @@ class DataConfig:
     index_dir: where shard indexes are cached when the shard directory is not writable.
     return_keys: also yield `keys` (list of "<shard path>:<sample key>") for debugging and tests.
     crop_scale / crop_ratio: RandomResizedCrop's area-fraction and aspect-ratio (w / h) ranges.
+    hflip: mirror half of the training crops (p = 0.5). Turn it off when captions name left and right (a
+      mirrored "a circle to the left of a square" is false); the flip's draw is consumed either way, so
+      the crop boxes do not change with it.
     native: native-resolution mode (aimv2.data.native, method.md §8): each crop (train) or whole image
       (eval) is resized to its own patch grid, aspect ratio kept, min_patches <= h * w <= max_patches,
       and samples are packed greedily into batches of at most tokens_per_batch patches; the Loader
@@ -75,6 +78,7 @@ class DataConfig:
     return_keys: bool = _context("caller", False)
     crop_scale: tuple[float, float] = (0.4, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
     native: bool = False
     min_patches: int = 256
     max_patches: int = 1024
@@ -93,6 +97,7 @@ class DataConfig:
         need((self.image_size // self.patch_size) ** 2 >= 2, "image_size", "at least 2 patches")
         need(self.backend in ("dali", "torch", "auto"), "backend", '"dali", "torch" or "auto"')
         need(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", "an int >= 0")
+        need(isinstance(self.hflip, bool), "hflip", "true or false")
         need(isinstance(self.shuffle_buffer, int) and self.shuffle_buffer >= 0, "shuffle_buffer", "an int >= 0")
         need(isinstance(self.rank, int) and 0 <= self.rank < self.world_size, "rank",
              f"0 <= rank < world_size={self.world_size}")

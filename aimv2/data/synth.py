@@ -4,17 +4,19 @@ Sample i (seed s) is a pure function of (s, i): `render_sample(i, size, seed)` d
 np.random.default_rng([seed, i]). A scene is a background (colour in {white, gray, black, beige},
 pattern in {plain, striped, checkered, dotted, gradient}) and 1-3 shapes; each shape has a kind
 (6), a colour (8), a size (small / medium / large = radius 0.12 / 0.19 / 0.28 of the image side), a
-texture (solid / striped / dotted), a position and a rotation. The first shape is the *main* shape:
+texture (solid / striped / dotted, equally likely), a position and a rotation. The first shape is the *main* shape:
 it is always strictly the largest and is named first in the caption.
 
-Labels in the JSON: `scene` = the scene's layout as the caption states it, colour and texture left out:
-15 * main size + 5 * (number of shapes - 1) + the main shape's relation to the second (0 when alone,
-then above / below / left of / right of), 45 codes of which 19 occur (a main shape among several is
-never small); the probe target of `aimv2 demo`. `label` = the main shape's kind (`KINDS.index`,
-NUM_CLASSES = 6 classes), the demo's former target. Its colour, size, texture, position, the other shapes and the background all vary
-within a class, so a classifier must read the outline: the mean colour of the patches, which a randomly
-initialised patch embedding passes through, does not give it away (it did for the former label, kind x
-colour, now `kind_colour` = kind_index * 8 + colour_index, 48 classes).
+Labels in the JSON: `scene` = the scene's structure as the caption states it, colour and kind left out:
+9 * (number of shapes - 1) + 3 * the main shape's size + its texture, 27 codes of which 21 occur (a main
+shape among several is never small); the probe target of `aimv2 demo`. `layout` = 15 * main size +
+5 * (number of shapes - 1) + the main shape's relation to the second (0 when alone, then above / below /
+left of / right of), 45 codes of which 19 occur: the demo's target before VERSION 4 (a one-query attentive
+probe reads where shapes lie only barely, see aimv2/demo.py). `label` = the main shape's kind
+(`KINDS.index`, NUM_CLASSES = 6 classes). Colour, position, the other shapes and the background vary
+within every class of these, so a classifier must read more than the mean colour of the patches, which a
+randomly initialised patch embedding passes through (it did for `kind_colour` = kind_index * 8 +
+colour_index, 48 classes, the first target).
 
 Caption grammar: "[prefix] a <size> <colour> [<texture>] <kind> [<relation> a <size> <colour> ...
 [and a ...]] on a [<pattern>] <bg colour> background", relation in {above, below, to the left of,
@@ -42,7 +44,7 @@ from multiprocessing import get_context
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["KINDS", "COLOURS", "NUM_CLASSES", "NUM_SCENES", "VERSION", "scene_code", "render_sample", "write_synthetic_dataset", "default_dataset",
+__all__ = ["KINDS", "COLOURS", "NUM_CLASSES", "NUM_SCENES", "VERSION", "scene_code", "layout_code", "render_sample", "write_synthetic_dataset", "default_dataset",
            "shard_pattern"]
 
 KINDS = ("circle", "square", "triangle", "star", "hexagon", "cross")
@@ -54,7 +56,8 @@ _COLOUR_NAMES = tuple(COLOURS)
 NUM_CLASSES = len(KINDS)       # classes of `label` (the main shape's kind)
 # Version of what render_sample writes (pixels, captions, JSON): a cached dataset of another version is
 # regenerated. 2: `label` is the main shape's kind (was kind x colour, now `kind_colour`).
-VERSION = 3              # 3: the `scene` label
+VERSION = 4              # 3: the `scene` label; 4: textures equally likely, `scene` = count x size x texture,
+                         # the former `scene` kept as `layout`
 SIZES = {"small": 0.12, "medium": 0.19, "large": 0.28}
 TEXTURES = ("solid", "striped", "dotted")
 BACKGROUNDS = {"white": (235, 235, 235), "gray": (128, 128, 128), "black": (25, 25, 25), "beige": (215, 200, 165)}
@@ -115,8 +118,9 @@ def _pattern(kind: str, size: int, base: np.ndarray, rng: np.random.Generator,
 
 
 RELATIONS = ("above", "below", "to the left of", "to the right of")
-NUM_SCENES = 45          # codes of `scene`
-SCENES_OCCURRING = 19    # of them occur: a main shape among several is never small (tests/test_data_synth.py)
+NUM_SCENES = 27          # codes of `scene`
+SCENES_OCCURRING = 21    # of them occur: a main shape among several is never small (tests/test_data_synth.py)
+NUM_LAYOUTS = 45         # codes of `layout`, 19 of which occur
 
 
 def _relation(a: dict, b: dict) -> str:
@@ -128,7 +132,13 @@ def _relation(a: dict, b: dict) -> str:
 
 
 def scene_code(shapes: list[dict]) -> int:
-    """The `scene` label: 15 * main size + 5 * (count - 1) + relation of the main shape to the second
+    """The `scene` label: 9 * (count - 1) + 3 * SIZES index + TEXTURES index of the main shape."""
+    main = shapes[0]
+    return 9 * (len(shapes) - 1) + 3 * list(SIZES).index(main["size"]) + TEXTURES.index(main["texture"])
+
+
+def layout_code(shapes: list[dict]) -> int:
+    """The `layout` label: 15 * main size + 5 * (count - 1) + relation of the main shape to the second
     (0 alone, 1 + RELATIONS.index otherwise)."""
     rel = 0 if len(shapes) == 1 else 1 + RELATIONS.index(_relation(shapes[0], shapes[1]))
     return 15 * list(SIZES).index(shapes[0]["size"]) + 5 * (len(shapes) - 1) + rel
@@ -152,7 +162,7 @@ def render_sample(index: int, size: int = 224, seed: int = 0) -> tuple[Image.Ima
         r = SIZES[sz] * size
         shape = {
             "kind": str(rng.choice(KINDS)), "colour": str(rng.choice(_COLOUR_NAMES)), "size": sz,
-            "texture": str(rng.choice(TEXTURES, p=[0.6, 0.2, 0.2])),
+            "texture": str(rng.choice(TEXTURES)),
         }
         # Place shapes in distinct thirds of the image so they rarely overlap.
         for _ in range(20):
@@ -194,7 +204,7 @@ def render_sample(index: int, size: int = 224, seed: int = 0) -> tuple[Image.Ima
     meta = {
         "index": int(index), "label": KINDS.index(main["kind"]),
         "kind_colour": KINDS.index(main["kind"]) * len(COLOURS) + _COLOUR_NAMES.index(main["colour"]),
-        "scene": scene_code(shapes),
+        "scene": scene_code(shapes), "layout": layout_code(shapes),
         "kind": main["kind"], "colour": main["colour"], "size": main["size"], "texture": main["texture"],
         "background": bg_name, "background_pattern": bg_pat, "num_shapes": n, "shapes": shapes,
     }
