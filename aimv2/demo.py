@@ -42,8 +42,8 @@ class Recipe:
 RECIPES = {
     # NOTE 56 px (4 x 4 patches of 14) and 32 caption tokens (the captions need <= 29) instead of 112 px and
     # 77: a step of batch 32 at 56 px took 0.45x the time of one at 112 px (both 77 tokens, shared 2-core CPU,
-    # load ~4; benchmarks/results/demo-signal-cpu-2026-11-29.json). 2,000 steps: idle, a step takes ~0.15 s
-    # (2,400 steps trained in 358 s), which leaves the probe and the readout inside 10 minutes. LR 2e-3 is the
+    # load ~4; benchmarks/results/demo-signal-cpu-2026-11-29.json). 2,500 steps: idle, a step takes ~0.15 s and
+    # `make demo` took 8.3 min in all (2,000 steps: 6.0 min, probe 2.1x; 3,000: 9.1 min, 2.6x). LR 2e-3 is the
     # largest that works: at 800 steps 5e-3 and 1e-2 ended at loss 1.00 / 1.25 against 0.84, and batch 64 at
     # 4e-3 (the same images) at 1.00 (benchmarks/results/demo-signal-recipe-cpu-2026-11-30.json). Eager: the
     # compiled step was no faster on the CPU (228 vs 239 img/s after warm-up, 200 steps).

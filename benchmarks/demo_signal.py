@@ -125,7 +125,8 @@ def main() -> None:
     ap.add_argument("--probe-lr", type=float, default=1e-3)
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="a training config override for every recipe, e.g. data.hflip=false (value as JSON)")
+                    help="a training config override for every recipe, parsed as `aimv2 train --set` does (applied "
+                         "last, so it wins over the recipe), e.g. data.crop_scale=[0.8,1.0]")
     args = ap.parse_args()
 
     from aimv2.data.synth import default_dataset
@@ -136,13 +137,6 @@ def main() -> None:
     from aimv2.weights import load_encoder
 
     labels = args.labels.split(",")
-    overrides = {}
-    for kv in args.set:
-        key, _, value = kv.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except ValueError:
-            overrides[key] = value
     rows = []
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     base = {"date": time.strftime("%Y-%m-%d"), "git_sha": sha, "torch": torch.__version__,
@@ -187,8 +181,9 @@ def main() -> None:
             "data.shards": tr, "data.batch_size": batch, "data.num_workers": args.workers,
             "run.out": out, "run.steps": steps, "run.log_every": max(1, steps // 20), "run.ckpt_every": 0,
             "run.progress": False, "run.device": args.device, "run.precision": "fp32", "run.compile": False,
-            "run.kernels": "model", "run.plot": False, "run.tensorboard": False, **overrides,
-            "optim.lr": lr, "optim.warmup_steps": max(1, int(warm * steps))})
+            "run.kernels": "model", "run.plot": False, "run.tensorboard": False,
+            "data.hflip": False,                          # as `aimv2 demo`: the captions name left and right
+            "optim.lr": lr, "optim.warmup_steps": max(1, int(warm * steps))}).set(args.set)   # --set wins
         undo = _mutate(mutation)
         t0 = time.time()
         res = train(cfg)
@@ -201,7 +196,7 @@ def main() -> None:
         ro = run_readout(model, va, num_workers=args.workers)
         undo()
         emit({"what": "trained", "recipe": spec, "mutation": mutation, "size": size, "text_len": text_len, "steps": steps, "batch": batch,
-              "lr": lr, "train_s": t_train, "eval_s": time.time() - t0, "loss": res.loss,
+              "lr": cfg.optim.lr, "set": args.set, "train_s": t_train, "eval_s": time.time() - t0, "loss": res.loss,
               "pixel_loss": res.pixel_loss, "text_loss": res.text_loss,
               "curve": [(r["step"], round(r["loss"], 4)) for r in curve if r.get("loss") is not None],
               "probe": probes, "readout": ro})

@@ -173,6 +173,16 @@ def test_feature_cache_is_keyed_by_weights_and_data(monkeypatch, tmp_path):
     assert len(calls) == 5
     run_probe(encoder=enc, train_shards="t", random_init=True, **kw)
     assert len(calls) == 7
+    # the same pattern over files rewritten in place (a dataset regenerated, e.g. a new synth VERSION)
+    shard = tmp_path / "data" / "00000.tar"
+    shard.parent.mkdir()
+    shard.write_bytes(b"x" * 10)
+    run_probe(encoder=enc, train_shards=str(shard), **kw)
+    run_probe(encoder=enc, train_shards=str(shard), **kw)
+    assert len(calls) == 8                                               # computed once, then cached
+    shard.write_bytes(b"y" * 20)
+    run_probe(encoder=enc, train_shards=str(shard), **kw)
+    assert calls[8:] == [("train", str(shard))]
 
 
 def test_random_encoder_like_same_config_new_weights():

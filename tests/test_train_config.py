@@ -181,3 +181,26 @@ def test_build_data_fills_context_and_keeps_settings(tmp_path):
     assert (got.start_epoch, got.start_sample, got.train, got.drop_last) == (2, 3, True, True)
     assert (got.crop_scale, got.seed, got.backend, got.shards) == ((0.6, 0.9), 4, "torch", str(tmp_path))
     assert cfg.data.batch_size == 16 and cfg.data.rank == 0            # the config itself is unchanged
+
+
+@pytest.mark.parametrize("shards, hflip, expected", [
+    ("given", None, True),     # real shards: the paper's flip
+    (None, None, False),       # the embedded dataset: its captions name left and right
+    ("given", False, False), (None, True, True)])   # a setting is kept as it is
+def test_build_data_resolves_the_flip(tmp_path, monkeypatch, shards, hflip, expected):
+    import torch
+
+    import aimv2.data
+    from aimv2.data.synth import write_synthetic_dataset
+    from aimv2.train.distributed import DistInfo
+    from aimv2.train.trainer import build_data
+
+    write_synthetic_dataset(str(tmp_path), num=8, size=64, seed=0, shard_size=8, progress=False, workers=1)
+    monkeypatch.setattr(aimv2.data, "default_dataset", lambda **kw: str(tmp_path))   # no 2k-image generation
+    over = {"model.img_size": 56, "data.backend": "torch", "data.batch_size": 4,
+            "data.shards": str(tmp_path) if shards else None}
+    cfg = TrainConfig.from_preset("aimv2-tiny", **over)
+    if hflip is not None:
+        cfg = cfg.set([f"data.hflip={str(hflip).lower()}"])
+    loader = build_data(cfg, cfg.model, DistInfo(0, 1, 0, "none", torch.device("cpu")), 4, None)
+    assert loader.cfg.hflip is expected and cfg.data.hflip is hflip

@@ -19,7 +19,8 @@ the bytes and hand the pixels, or the arguments, to these executors.
 
 Draw. train: torchvision's RandomResizedCrop parameters: up to 10 tries of area fraction ~ U(crop_scale)
 and log aspect ratio ~ U(log crop_ratio), the box placed uniformly when it fits, else a centre crop with
-the aspect ratio clamped to crop_ratio; then flip with p = 0.5. eval: the centred min(W, H) square, no
+the aspect ratio clamped to crop_ratio; then flip with p = 0.5 (never when cfg.hflip is false; the draw is
+consumed either way). eval: the centred min(W, H) square, no
 flip (= resize the shorter side to S and centre-crop S).
 
 The uniforms come from a counter-based generator (`plan_uniforms`): uniform j of sample `sid` in

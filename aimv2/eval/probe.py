@@ -260,6 +260,17 @@ def _fingerprint(module: nn.Module) -> str:
     return hashlib.sha1(stats.cpu().numpy().tobytes()).hexdigest()[:16]
 
 
+def _shard_stats(shards) -> list:
+    """(path, size, mtime_ns) of every shard file: a cache never outlives the data either (a dataset
+    regenerated at the same path, e.g. a new synth VERSION, has other files)."""
+    from aimv2.data.shards import resolve_shards
+    try:
+        stats = [(p, os.stat(p)) for p in resolve_shards(shards)]
+    except (OSError, ValueError):
+        return []                   # the loader reports missing shards itself
+    return [(p, st.st_size, st.st_mtime_ns) for p, st in stats]
+
+
 def _cached_features(cache_dir, split, identity: dict, compute):
     """(feats, labels) from cache_dir/<split>-<hash of identity>.safetensors when present (identity checked
     in its metadata), else computed and saved there."""
@@ -360,7 +371,7 @@ def run_probe(checkpoint=None, *, encoder: nn.Module | None = None, train_shards
             return _shard_features(enc, shards, split, label_key, extract_batch_size, num_workers, store,
                                    progress)
         ident = {"encoder": name, "weights": fingerprint, "shards": shards, "label_key": label_key,
-                 "img_size": enc.cfg.img_size}
+                 "img_size": enc.cfg.img_size, "files": _shard_stats(shards) if feature_cache else None}
         try:
             return _cached_features(feature_cache, split, ident, compute)
         except ValueError as e:

@@ -43,7 +43,9 @@ class DataSection(DataConfig):
     the fields DataConfig takes from context (sizes from the model, rank / device from the process
     group, the resume position, the mode) are no keys here: `trainer.build_data` fills them in.
     Meanings that differ from DataConfig: `batch_size` is the GLOBAL batch per optimizer step (all
-    ranks x accumulation); `shards` None is the embedded synthetic dataset; `tokenizer` is a name or path.
+    ranks x accumulation); `shards` None is the embedded synthetic dataset; `tokenizer` is a name or path;
+    `hflip` None (the default) is on (the paper's recipe), except on the embedded synthetic dataset, whose
+    captions name left and right (`trainer.build_data` resolves it; true / false are kept as they are).
     """
     _name = "data"                     # error messages name the YAML / --set key: data.<field>
     shards: str | None = None          # shard pattern / dir; None: the embedded synthetic dataset
@@ -52,14 +54,19 @@ class DataSection(DataConfig):
     source: str = "shards"             # "shards" (aimv2.data loader) | "random" (fixed random batches)
     synthetic_num: int = 2048          # samples of the embedded synthetic dataset when shards is None
     synthetic_size: int | None = None  # its stored image size (None: the data package's default, 224)
+    hflip: bool | None = None          # None: on, off for the embedded synthetic dataset (shards None)
+
+    def resolved_hflip(self) -> bool:
+        """The flip training uses: hflip when set, else on for real shards and off for the embedded data."""
+        return self.hflip if self.hflip is not None else self.shards is not None
 
     def validate(self) -> "DataSection":
         if self.source not in DATA_SOURCES:
             raise ValueError(f"data.source: expected one of {DATA_SOURCES}, got {self.source!r}")
-        if self.shards is None:        # checked as it will be read: build_data resolves the dataset
-            DataConfig.validate(dataclasses.replace(self, shards="<embedded synthetic dataset>"))
-            return self
-        return super().validate()
+        # checked as build_data will read it: the embedded dataset resolved, the flip decided
+        DataConfig.validate(dataclasses.replace(self, shards=self.shards or "<embedded synthetic dataset>",
+                                                hflip=self.resolved_hflip()))
+        return self
 
 
 @dataclass

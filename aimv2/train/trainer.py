@@ -136,7 +136,7 @@ def build_data(cfg: TrainConfig, model_cfg, info: D.DistInfo, micro_bs: int, pos
             shards = default_dataset(**kw)
     # cfg.data is a DataConfig: fill in what comes from context (model, process group, checkpoint)
     return build_loader(dataclasses.replace(
-        cfg.data, shards=str(shards), batch_size=micro_bs,
+        cfg.data, shards=str(shards), batch_size=micro_bs, hflip=cfg.data.resolved_hflip(),
         image_size=model_cfg.img_size, patch_size=model_cfg.patch_size, text_len=model_cfg.text_len,
         rank=info.rank, world_size=info.world_size, device=str(info.device), train=True, drop_last=True,
         start_epoch=int(pos.get("epoch", 0)), start_sample=int(pos.get("sample", 0))))
