@@ -37,12 +37,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(args, timeout=300):
+def _torchrun(args, timeout=600):
+    """2 ranks of `aimv2 train args` (through tests/_torchrun_main.py); both must exit 0 having freed
+    their DDP / FSDP2 modules and destroyed the process group."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "aimv2.cli", *args]
+           "--master-port", str(_free_port()), str(REPO / "tests" / "_torchrun_main.py"), *args]
     p = subprocess.run(cmd, cwd=REPO, env=cli_env(OMP_NUM_THREADS=1), capture_output=True, text=True,
                        timeout=timeout)
     assert p.returncode == 0, p.stderr[-4000:]
+    assert p.stdout.count("after the run: fsdp_modules=0 ddp_modules=0 process_group=destroyed") == 2, \
+        [ln for ln in p.stdout.splitlines() if ln.startswith("after the run")]
     return p
 
 

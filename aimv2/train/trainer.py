@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import random
 import sys
 import threading
@@ -570,7 +571,19 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         if self.owns_pg:
+            if self.info.world_size > 1:
+                self._release_distributed_state()
             D.shutdown(self.info)
+
+    def _release_distributed_state(self) -> None:
+        """Under torchrun, before the process group goes: drop what holds it (the DDP / FSDP2 model,
+        whose device mesh and pending collectives keep the group and its gloo / NCCL work alive, the
+        optimizer with its sharded state, the loader) and collect it now. Left to the interpreter's
+        exit, that work is freed by backend threads while Python is torn down, and the rank aborts
+        ("terminate called without an active exception") after a finished run."""
+        for name in ("model", "optimizer", "scheduler", "params", "loader"):
+            setattr(self, name, None)
+        gc.collect()
 
 
 def _close_iter(it, threads_before: set | None = None) -> None:
