@@ -3,9 +3,11 @@
 #   make test                 create .venv, install torch / triton / the package + test extras, run the suite
 #   make demo                 the main job on the embedded synthetic dataset (train, then probe)
 #   make bench                the GPU benchmarks (writes benchmarks/results/*.json)
-#   make gpu                  every GPU number in one time-boxed call (<= 480 s; benchmarks/gpu_all.sh):
+#   make gpu                  the first prepared GPU call (<= 480 s; benchmarks/gpu_all.sh), most valuable stages first:
 #                             the image's python3 as it is (offline editable install, no venv, no
 #                             registry); files to $$OUT, else benchmarks/results/. Dry mode without CUDA.
+#   make gpu-more             the second call (<= 240 s): the stages `make gpu` does not hold (gpu_all.py --call more)
+#   make gpu-wheels           download benchmarks/gpu_wheels.txt into .gpu-wheels/ (carried to the GPU, installed offline)
 #   make gpu GPU_DEADLINE=300 OUT=/tmp/out GPU_ARGS=--dry
 #   TORCH_SPEC=torch==2.11.0 make test    pick another torch (kept if one is already importable)
 
@@ -21,7 +23,7 @@ OUT ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.aimv2-installed
 
-.PHONY: setup test demo bench gpu clean
+.PHONY: setup test demo bench gpu gpu-more gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -56,7 +58,16 @@ bench: setup
 # no dependency on setup: on the GPU image python3 is used as it is (gpu_all.sh falls back to
 # `make setup` only where torch is not importable)
 gpu:
-	@PYTHON="$(PYTHON)" GPU_DEADLINE="$(GPU_DEADLINE)" GPU_ARGS="$(GPU_ARGS)" OUT="$(OUT)" bash benchmarks/gpu_all.sh
+	@PYTHON="$(PYTHON)" GPU_DEADLINE="$(GPU_DEADLINE)" GPU_ARGS="$(GPU_ARGS)" OUT="$(OUT)" GPU_CALL=gpu bash benchmarks/gpu_all.sh
+
+gpu-more:
+	@PYTHON="$(PYTHON)" GPU_DEADLINE="$(GPU_DEADLINE)" GPU_ARGS="$(GPU_ARGS)" OUT="$(OUT)" GPU_CALL=more bash benchmarks/gpu_all.sh
+
+# the GPU image: CPython 3.12, x86_64 (benchmarks/results/gpu_all-*.log); no dependencies are pulled
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --platform manylinux2014_x86_64 -d .gpu-wheels -r benchmarks/gpu_wheels.txt
+	@ls -l .gpu-wheels
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .gpu-wheels

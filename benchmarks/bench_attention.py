@@ -46,9 +46,11 @@ lengths U{196..1024} (seeded) drawn until the pack holds >= 16k / 64k tokens, pr
 TFLOP/s count the visible pairs of the pack for every provider (the padded one does more work).
 
     python benchmarks/bench_attention.py --packed              # GPU: packed-16k, packed-64k
+    python benchmarks/bench_attention.py --packed --gpu-quick  # the same (`make gpu`'s attention_packed stage)
     python benchmarks/bench_attention.py --packed --quick      # CPU smoke run (a pack of ~100 tokens)
 
-Rows (CONVENTIONS.md schema) go to benchmarks/results/attention-<device>-<date>.json (a temp dir
+Rows (CONVENTIONS.md schema) go to benchmarks/results/attention-<device>-<date>.json, with --packed
+attention_packed-<device>-<date>.json (a temp dir
 with --quick unless --out is given), each appended the moment it is measured; SIGINT stops the run
 with the rows so far kept (exit code 130).
 """
@@ -369,7 +371,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ceilings", default=None, help="a ceilings result file (default: measure them)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; temp dir with --quick)")
     args = ap.parse_args(argv)
-    if args.gpu_quick:
+    if args.gpu_quick and not args.packed:
         args.shapes = args.shapes or GPU_QUICK_SHAPES
         args.providers = GPU_QUICK_PROVIDERS
     elif args.packed and args.providers == ",".join(PROVIDERS):
@@ -388,7 +390,7 @@ def main(argv=None) -> int:
     print(f"ceilings: {ceilings}", flush=True)
     command = " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv)))
     wanted = set(args.providers.split(","))
-    results = result_file("attention", args.out, args.quick, ceilings)
+    results = result_file("attention_packed" if args.packed else "attention", args.out, args.quick, ceilings)
     shapes = args.shapes or ("encoder-256,decoder-334,inference-256" if args.quick else ",".join(SHAPES))
     try:
         if args.packed:

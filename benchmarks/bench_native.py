@@ -181,6 +181,7 @@ def main(argv=None) -> int:
                     help="CPU smoke run: tiny encoder (D 64, 2 blocks), budget 64 patches, B = 10, fp32")
     ap.add_argument("--cpu-rounds", type=int, default=5,
                     help="CPU timing: rounds of the providers run alternately (median reported)")
+    ap.add_argument("--ceilings", default=None, help="a ceilings result file (default: measure them on a GPU)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; temp dir with --quick)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -190,9 +191,9 @@ def main(argv=None) -> int:
         return 2
     if device.type == "cpu" and args.backend == "triton":   # before aimv2.kernels defines its @triton.jit functions
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from _common import finish, measure_ceilings, result_file
+    from _common import finish, load_ceilings, result_file
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    ceilings = measure_ceilings() if device.type == "cuda" else {}
+    ceilings = load_ceilings(args.ceilings) if device.type == "cuda" or args.ceilings else {}
     print(f"ceilings: {ceilings}")
     command = " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv)))
     cfg = _config(args.preset, args.quick)

@@ -189,13 +189,13 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="'all', or T:D:V[,T:D:V...] (default: see above)")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per (shape, provider) process")
+    ap.add_argument("--ceilings", default=None, help="a ceilings result file (default: measure them on a GPU)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; temp with --quick)")
     args = ap.parse_args(argv)
     if args.child:
         p, T, D, V = args.child
         return child_main(p, int(T), int(D), int(V))
-    import tempfile
-    from _common import measure_ceilings, result_row, write_results
+    from _common import finish, load_ceilings, result_file
     cuda = torch.cuda.is_available()
     if args.shapes == "all":
         shapes = SHAPES
@@ -204,11 +204,20 @@ def main(argv=None) -> int:
     else:
         shapes = QUICK_SHAPES if args.quick else (SHAPES if cuda else SHAPES[:1])
     providers = [p for p in args.providers.split(",") if not (args.quick and p == "compile_ref")]
-    ceilings = measure_ceilings() if cuda else {}
+    ceilings = load_ceilings(args.ceilings) if cuda or args.ceilings else {}
     dtype = "bf16" if cuda else "fp32"
     command = " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv)))
-    out_dir = args.out or (tempfile.mkdtemp(prefix="aimv2-bench-") if args.quick else None)
-    rows, path = [], None
+    results = result_file("text_loss", args.out, args.quick, ceilings)
+    try:
+        run_shapes(shapes, providers, cuda, ceilings, dtype, command, args.timeout, emit=results.add)
+    except KeyboardInterrupt:
+        return finish(results, interrupted=True)
+    return finish(results)
+
+
+def run_shapes(shapes, providers, cuda, ceilings, dtype, command, timeout_s, emit) -> None:
+    """Every (shape, provider) in its own process; emit(row) for each of its passes as measured."""
+    from _common import result_row
     for T, D, V in shapes:
         logits_mb = T * V * 4 / 2**20
         avail = _available_mb()
@@ -218,7 +227,7 @@ def main(argv=None) -> int:
                 print(f"T={T} D={D} V={V} {provider}: skipped, needs ~{3.5 * logits_mb:.0f} MB "
                       f"(3.5 x the fp32 logits), {avail:.0f} MB available")
                 continue
-            res = run_one(provider, T, D, V, args.timeout)
+            res = run_one(provider, T, D, V, timeout_s)
             if res is None:
                 continue
             for pass_ in PASSES:
@@ -226,7 +235,7 @@ def main(argv=None) -> int:
                 flops = (2 if pass_ == "fwd" else 4 if pass_ == "bwd" else 6) * T * V * D
                 tflops = flops / (ms * 1e-3) / 1e12
                 pct = 100 * tflops / ceilings["bf16_tflops"] if ceilings.get("bf16_tflops") else None
-                rows.append(result_row(
+                emit(result_row(
                     op="linear_cross_entropy", pass_=pass_, shape=f"T={T}, D={D}, V={V}", dtype=dtype,
                     provider=provider, ms=ms, ms_p20=res.get("ms_p20", {}).get(pass_),
                     ms_p80=res.get("ms_p80", {}).get(pass_), tflops=tflops, pct_of_ceiling=pct,
@@ -235,9 +244,6 @@ def main(argv=None) -> int:
                     interpreter=not cuda and provider == "aimv2"))
                 print(f"T={T:6d} D={D} V={V:6d} {pass_:6s} {provider:12s} {ms:11.1f} ms  "
                       f"peak {res['peak_mem_mb'][pass_]:9.1f} MB  loss {res['loss']:.6f}", flush=True)
-            path = write_results(rows, "text_loss", out_dir, extra={"ceilings": ceilings})  # as measured
-    print(f"wrote {len(rows)} rows to {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,41 +1,38 @@
-"""`make gpu`: every GPU number of this project in one time-boxed call.
+"""`make gpu` and `make gpu-more`: every GPU number of this project in two time-boxed calls.
 
-    make gpu                                      # set-up (benchmarks/gpu_all.sh), then this driver
-    python benchmarks/gpu_all.py                  # GPU: the stages below under one 480 s deadline
+    make gpu                                      # set-up (benchmarks/gpu_all.sh), then this driver, --call gpu
+    make gpu-more                                 # the second call (--call more)
+    python benchmarks/gpu_all.py --plan [--call more]   # the call's stages: order, value, budget, why
     python benchmarks/gpu_all.py --deadline 300   # another overall deadline (make gpu GPU_DEADLINE=300)
     python benchmarks/gpu_all.py --dry            # dry mode (the default without CUDA)
 
-Stages, in order. Each runs as a subprocess in its own process group and is stopped at its time box
-by SIGINT a grace period (15 s) before the box ends (the benchmarks keep every row measured so far,
-pytest writes its junit xml), then SIGTERM at the box's end, then SIGKILL:
+The stages (SPECS: which call, what each writes, the paths it watches) and the README's "Running on
+a GPU" table: ceilings in both calls; attention_packed, native, tests, attention, step in `make gpu`
+(480 s); decode, kernels, text_loss, tune_kernels in `make gpu-more` (240 s).
 
-    stage      GPU box (s)  what
-    tests        150    pytest -n 8 over the GPU-relevant tests (every kernel test incl. the bf16
-                        cases the interpreter skips, compile / opcheck, model triton-vs-sdpa, the
-                        transformers patch, the CUDA train test)              -> tests-*.xml (junit)
-    ceilings      15    copy GB/s (1 GiB device-to-device), bf16 matmul TFLOP/s (8192^3)
-                                                                              -> ceilings-*.json
-    kernels       60    bench_kernels.py --gpu-quick (RMSNorm D=1024 +/- residual, SwiGLU H=2816,
-                        the patch loss; fwd, bwd, fwdbwd; aimv2, eager_ref, compile_ref)
-                                                                              -> kernels-*.json
-    attention    110    bench_attention.py --gpu-quick (encoder N=256 and 1024, decoder N=334; aimv2,
-                        sdpa_dense, sdpa_flash_causal, sdpa_cudnn_causal, compiled flex)
-                                                                              -> attention-*.json
-    step         120    bench_step.py --gpu-quick (aimv2-large, B=128: eager_ref, aimv2, flex only if
-                        time is left): img/s, MFU against the measured ceiling, peak memory
-                                                                              -> step-*.json
-    (before: set-up and the device report, ~15 s; after: the summary, 10 s kept in reserve)
+Order within a call (order_by_value): ceilings (the later stages read them), then stages never run on
+a GPU ("new"), then those whose watched code changed since their last committed run ("changed"), then
+repeats. The last run of a stage is read from the committed driver logs (benchmarks/results/
+gpu_all-<GPU>-<date>.log, gpu_more-...: the `git <sha>` line and `=== stage <name>: <status> in <s> s`),
+else from committed GPU rows of its kind (their git_sha). Its budget is 1.1 x that duration + 5 s
+(1.5 x when a time box cut it), or its estimate. `fit` keeps, in order, each stage whose budget fits
+what the deadline leaves after set-up and the reserve; the others are listed as left out.
 
-The deadline counts from the start of `make gpu` (--started-at). A stage's box is the time left minus
-the budgets of the stages after it and the reserve: a stage that ends early passes its time on, and
-none eats into a later stage's budget. Every file goes to $OUT (or --out), else benchmarks/results/:
-the log gpu_all-*.log, the junit xml, the four result files (one JSON list each, rewritten after every
-row) and summary-*.md: seven files (the device tool returns at most eight). The summary (stage
-status, test counts and failures, every aimv2 row's speed-up over each baseline) ends the output.
+Each stage runs as a subprocess in its own process group (SIGINT and SIGTERM reset to their default
+in it, whatever the driver inherited) and is stopped at its time box by SIGINT a grace period (15 s)
+before the box ends (the benchmarks keep every row measured so far, pytest writes its junit xml), then
+SIGTERM at the box's end, then SIGKILL. A stage's box is the time left minus the budgets of the stages
+after it and the reserve: a stage that ends early passes its time on. A stage whose `needs` (python
+modules, e.g. torchao from benchmarks/gpu_wheels.txt) do not import is skipped with that reason.
 
-Without CUDA the same stages run in dry mode: tiny shapes, the Triton interpreter, a short deadline,
-rows with device "cpu", results in a temp dir unless --out / $OUT is given (tests/test_gpu_all.py).
-It takes 30-90 s on a 2-core machine; its deadline is 180 s.
+Every file goes to $OUT (or --out), else benchmarks/results/: the log, the junit xml (`make gpu`), one
+result file per stage (one JSON list each, rewritten after every row) and the summary (stage status,
+value and seconds, test counts and failures, every row of ours against each baseline), at most eight
+files a call (the device tool returns eight). The summary ends the output.
+
+Without CUDA the same stages run in dry mode: tiny shapes, the Triton interpreter, 300 / 200 s
+deadlines, rows with device "cpu", results in a temp dir unless --out / $OUT is given
+(tests/test_gpu_all.py).
 """
 from __future__ import annotations
 
@@ -60,25 +57,75 @@ sys.path.insert(0, str(HERE))
 
 GPU_TESTS = ["tests/test_rms_norm.py", "tests/test_swiglu.py", "tests/test_patch_l2_loss.py",
              "tests/test_patch_l2_loss_packed.py", "tests/test_model_packed.py::test_packed_step_has_no_host_sync",
-             "tests/test_prefix_attention.py", "tests/test_kernels_inductor.py",
-             "tests/test_kernels_package.py", "tests/test_model_impl_triton.py",
-             "tests/test_model_triton_attention.py", "tests/test_eval_hf_patch.py",
-             "tests/test_train_run.py::test_gpu_defaults_bf16_compiled_triton"]
+             "tests/test_prefix_attention.py", "tests/test_prefix_attention_varlen.py",
+             "tests/test_kernels_inductor.py", "tests/test_kernels_package.py", "tests/test_model_impl_triton.py",
+             "tests/test_model_triton_attention.py", "tests/test_eval_hf_patch.py", "tests/test_eval_hub.py",
+             "tests/test_linear_cross_entropy.py", "tests/test_train_run.py::test_gpu_defaults_bf16_compiled_triton"]
 DRY_TESTS = ["tests/test_swiglu.py", "-k", "matches_fp64 and one-row"]
-# dry mode: the --quick smoke profiles, cut to one case each (plumbing, not numbers)
-DRY_ARGS = {"kernels": ["--ops", "swiglu"], "attention": ["--shapes", "encoder-256", "--providers",
-                                                          "aimv2,sdpa_dense"], "step": []}
+TEXT_LOSS_SHAPES = "9856:1024:32000,19712:1024:32000"        # T = 77 x 128 and 77 x 256 caption tokens
 
-# name -> (GPU budget s, dry budget s); the order is the run order
-# (dry budgets are generous: a loaded 2-core CI machine runs the dry stages in 30-90 s)
-BUDGETS = {"tests": (150, 40), "ceilings": (15, 15), "kernels": (60, 30), "attention": (110, 35),
-           "step": (120, 45)}
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the GPU plan. `call`: which prepared call runs it ("gpu": `make gpu`, "more":
+    `make gpu-more`, "both"); `est_s`: its GPU budget until a committed run has measured it; `dry_s`:
+    its budget in dry mode; `results`: the result kinds it writes; `watches`: the paths whose change
+    since its last committed run makes that run's rows stale; `needs`: python modules without which
+    it is skipped (with that reason), e.g. a wheel that travels with the call (gpu_wheels.txt)."""
+    name: str
+    call: str
+    est_s: float
+    dry_s: float
+    results: tuple[str, ...] = ()
+    watches: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
+    script: str = ""                          # benchmarks/<script>.py
+    gpu_args: tuple[str, ...] = ()
+    dry_args: tuple[str, ...] = ("--quick",)
+
+
+_ATT = ("kernels/prefix_attention.py", "kernels/_utils.py", "benchmarks/bench_attention.py")
+_VARLEN = ("kernels/prefix_attention_varlen.py", "kernels/prefix_attention.py", "kernels/_utils.py",
+           "benchmarks/bench_attention.py")
+_FUSED = ("kernels/rms_norm.py", "kernels/swiglu.py", "kernels/patch_l2_loss.py", "kernels/patch_l2_loss_packed.py",
+          "kernels/_utils.py")
+# The plan, in the order of the stages' worth within one value class (see order_by_value).
+SPECS = (
+    StageSpec("ceilings", "both", 15, 15, ("ceilings",)),
+    StageSpec("tests", "gpu", 150, 40, (), ("kernels", "aimv2", "tests")),
+    StageSpec("attention", "gpu", 110, 35, ("attention",), _ATT, script="bench_attention",
+              gpu_args=("--gpu-quick",),
+              dry_args=("--quick", "--shapes", "encoder-256", "--providers", "aimv2,sdpa_dense")),
+    StageSpec("attention_packed", "gpu", 75, 30, ("attention_packed",), _VARLEN, script="bench_attention",
+              gpu_args=("--packed", "--gpu-quick"), dry_args=("--packed", "--quick")),
+    StageSpec("step", "gpu", 120, 45, ("step",), ("kernels", "aimv2/model.py", "aimv2/attention.py",
+                                                  "benchmarks/bench_step.py"), script="bench_step",
+              gpu_args=("--gpu-quick",)),
+    StageSpec("native", "gpu", 60, 30, ("native",), _VARLEN + ("aimv2/model.py", "aimv2/packing.py",
+                                                               "benchmarks/bench_native.py"),
+              script="bench_native"),
+    StageSpec("kernels", "more", 60, 30, ("kernels",), _FUSED + ("benchmarks/bench_kernels.py",),
+              script="bench_kernels", gpu_args=("--gpu-quick",), dry_args=("--quick", "--ops", "swiglu")),
+    StageSpec("text_loss", "more", 90, 45, ("text_loss",), ("kernels/linear_cross_entropy.py",
+                                                             "benchmarks/bench_text_loss.py"),
+              script="bench_text_loss", gpu_args=("--shapes", TEXT_LOSS_SHAPES)),
+    StageSpec("decode", "more", 45, 30, ("decode",), ("benchmarks/bench_decode.py", "aimv2/data"),
+              script="bench_decode", gpu_args=("--gpu-quick",)),
+    StageSpec("tune_kernels", "more", 90, 35, ("tune_kernels",), _FUSED + ("benchmarks/tune_kernels.py",),
+              script="tune_kernels"),
+)
+CALLS = {"gpu": "make gpu", "more": "make gpu-more"}
+LOG_NAME = {"gpu": "gpu_all", "more": "gpu_more"}             # <name>-<device>-<date>.log
+SUMMARY_NAME = {"gpu": "summary", "more": "summary_more"}
 RESERVE_S = {False: 10.0, True: 5.0}          # kept for the summary (GPU, dry)
-DEADLINE_S = {False: 480.0, True: 180.0}
+SETUP_S = 15.0                                # set-up and the device report, before the first stage
+DEADLINE_S = {("gpu", False): 480.0, ("more", False): 240.0, ("gpu", True): 300.0, ("more", True): 200.0}
 GRACE_S = {False: 15.0, True: 10.0}             # SIGINT -> SIGTERM -> SIGKILL
 BASELINES = {"kernels": ("compile_ref", "eager_ref"),
              "attention": ("flex", "sdpa_dense", "sdpa_flash_causal", "sdpa_cudnn_causal"),
-             "step": ("flex", "eager_ref")}
+             "attention_packed": ("aimv2_padded", "flex"), "native": ("padded",),
+             "text_loss": ("compile_ref", "eager_ref"), "tune_kernels": ("compile_ref",),
+             "decode": ("pil",), "step": ("flex", "eager_ref")}
 
 
 @dataclass
@@ -87,6 +134,9 @@ class Stage:
     argv: list[str]
     budget_s: float
     results: list[str] = field(default_factory=list)        # result kinds ("kernels") it writes
+    needs: list[str] = field(default_factory=list)
+    value: str = "new"                                       # new | changed | repeat (order_by_value)
+    last: str = ""                                           # what the value rests on, for the log
     # filled in by run_stage
     status: str = "not run"
     seconds: float = 0.0
@@ -121,29 +171,150 @@ def say(ctx: Context, line: str) -> None:
         ctx.log.flush()
 
 
-# ------------------------------------------------------------------------------- the stages
-def stage_plan(py: str, out: Path, dry: bool) -> list[Stage]:
-    """The five stages with their commands (see the module docstring)."""
-    col = 1 if dry else 0
-    quick = ["--quick"] if dry else ["--gpu-quick"]
+# ------------------------------------------------------------------------------- the plan
+@dataclass
+class LastRun:
+    """A stage's newest GPU run: from a committed driver log (benchmarks/results/gpu_all-<GPU>-<date>.log,
+    with its duration), else from committed GPU result rows of its kind (their git_sha, no duration)."""
+    sha: str
+    seconds: float | None
+    status: str
+    log: str
+
+
+_STAGE_END = re.compile(r"^=== stage (\S+): (ok|stopped \(.*\)|failed \(.*\)) in ([0-9.]+) s$")
+
+
+def last_runs(results: Path = HERE / "results", specs=SPECS) -> dict[str, LastRun]:
+    """Every stage's newest GPU run: the commit it ran and how long it took. CPU (dry) files do not
+    count. A stage no driver log timed but whose rows were committed (a hand-run benchmark) counts
+    as run at its rows' commit."""
+    runs: dict[str, LastRun] = {}
+    logs = [p for name in LOG_NAME.values() for p in results.glob(f"{name}-*.log") if "-cpu-" not in p.name]
+    for log in sorted(logs, key=lambda p: p.name[-14:]):                              # by date
+        sha = ""
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("git ") and not sha:
+                sha = line.split()[1]
+            m = _STAGE_END.match(line)
+            if m:
+                runs[m.group(1)] = LastRun(sha, float(m.group(3)), m.group(2), log.name)
+    for spec in specs:
+        if spec.name in runs or not spec.results:
+            continue
+        files = sorted((f for k in spec.results for f in results.glob(f"{k}-*.json") if "-cpu-" not in f.name
+                        and re.fullmatch(rf"{re.escape(k)}-.+-\d{{4}}-\d{{2}}-\d{{2}}\.json", f.name)),
+                       key=lambda p: p.name[-15:])
+        if files:
+            rows = _load(files[-1])
+            if rows:
+                runs[spec.name] = LastRun(str(rows[0].get("git_sha") or ""), None, "rows", files[-1].name)
+    return runs
+
+
+def changed_since(sha: str, paths, root: Path = ROOT) -> bool | None:
+    """Whether `paths` differ between commit `sha` and the working tree, new untracked files
+    included (None: git cannot tell, e.g. the commit is not in this clone)."""
+    if not sha or not paths:
+        return None
+    try:
+        r = subprocess.run(["git", "diff", "--quiet", sha, "--", *paths], cwd=root, capture_output=True,
+                           timeout=30)
+        new = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--", *paths], cwd=root,
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode not in (0, 1) or new.returncode != 0:
+        return None
+    return r.returncode == 1 or bool(new.stdout.strip())
+
+
+def gpu_budget(spec: StageSpec, last: LastRun | None) -> float:
+    """The stage's GPU budget from its last measured duration: 1.1 x that plus 5 s when it ended by
+    itself, 1.5 x when a time box cut it (it needed more); its estimate when no committed log timed
+    it. Budgets only choose what fits: a stage that ends early passes its time on to the later ones."""
+    if last is None or last.seconds is None:
+        return spec.est_s
+    factor = 1.5 if last.status.startswith("stopped") else 1.1
+    return round(factor * last.seconds + 5.0)
+
+
+def stage_plan(py: str, out: Path, dry: bool, call: str = "gpu", results: Path = HERE / "results",
+               root: Path = ROOT, specs=SPECS) -> list[Stage]:
+    """The stages of one prepared call with their commands, budgets and value (see order_by_value)."""
+    runs = last_runs(results, specs)
     ceil = ["--ceilings", str(out_path(out, "ceilings"))]
+    plan = []
+    for spec in specs:
+        if spec.call not in (call, "both"):
+            continue
+        last = runs.get(spec.name)
+        changed = None if last is None else changed_since(last.sha, spec.watches, root)
+        value = "always" if spec.name == "ceilings" else \
+            "new" if last is None else "changed" if changed is not False else "repeat"
+        if spec.name == "ceilings":
+            argv = [py, str(HERE / "gpu_all.py"), "--measure-ceilings", "--out", str(out)] + (["--dry"] if dry else [])
+        elif spec.name == "tests":
+            argv = _tests_argv(py, out, dry, kernels_changed=changed_since(last.sha, ["kernels"], root)
+                               if last else None)
+        else:
+            argv = [py, str(HERE / f"{spec.script}.py"), *(spec.dry_args if dry else spec.gpu_args),
+                    "--out", str(out), *ceil]
+        if spec.name == "step":               # it skips its last compiled recipe when its box would cut it
+            argv += ["--time-left", "{limit}"]
+        budget = spec.dry_s if dry else gpu_budget(spec, last)
+        took = "" if last is None or last.seconds is None else f" in {last.seconds:.0f} s"
+        why = "every call measures its own" if value == "always" else "never run on a GPU" if last is None else \
+            f"{last.log}: {last.status}{took} at {last.sha[:10] or '?'}, " + \
+            ("watched code changed since" if changed else "git cannot tell" if changed is None else "nothing watched changed")
+        plan.append(Stage(spec.name, argv, budget, list(spec.results), list(spec.needs), value, why))
+    return order_by_value(plan)
+
+
+def _tests_argv(py: str, out: Path, dry: bool, kernels_changed: bool | None) -> list[str]:
+    """pytest over the GPU-relevant tests; when nothing under kernels/ changed since the last GPU run
+    of the tests, only the tests that skip without a GPU (conftest's --gpu-only)."""
     junit = out_path(out, "tests", "xml")
-    tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rfE",
-             f"--junitxml={junit}"]
-    if not dry:
-        tests += ["--timeout=300"] + (["-n", "8"] if _has("xdist") else [])
-    tests += DRY_TESTS if dry else GPU_TESTS
-    bench = lambda name: [py, str(HERE / f"bench_{name}.py"), *quick, "--out", str(out), *ceil,  # noqa: E731
-                          *(DRY_ARGS[name] if dry else [])]
-    plan = [Stage("tests", tests, BUDGETS["tests"][col]),
-            Stage("ceilings", [py, str(HERE / "gpu_all.py"), "--measure-ceilings", "--out", str(out)]
-                  + (["--dry"] if dry else []), BUDGETS["ceilings"][col], ["ceilings"]),
-            Stage("kernels", bench("kernels"), BUDGETS["kernels"][col], ["kernels"]),
-            Stage("attention", bench("attention"), BUDGETS["attention"][col], ["attention"]),
-            Stage("step", bench("step"), BUDGETS["step"][col], ["step"])]
-    # the step benchmark skips its last compiled recipe itself when its box would cut it short
-    plan[-1].argv += ["--time-left", "{limit}"]
-    return plan
+    argv = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rfE", f"--junitxml={junit}"]
+    if dry:
+        return argv + DRY_TESTS
+    argv += ["--timeout=300"] + (["-n", "8"] if _has("xdist") else [])
+    return argv + ([] if kernels_changed is not False else ["--gpu-only"]) + GPU_TESTS
+
+
+VALUE_ORDER = ("always", "new", "changed", "repeat")
+
+
+def order_by_value(plan: list[Stage]) -> list[Stage]:
+    """Ceilings first (the later stages read them), then the stages never run on a GPU, then those
+    whose watched code changed since their last committed run, then repeats; stable within a class."""
+    head = [s for s in plan if s.name == "ceilings"]
+    rest = [s for s in plan if s.name != "ceilings"]
+    return head + sorted(rest, key=lambda s: VALUE_ORDER.index(s.value))
+
+
+def plan_text(plan: list[Stage], call: str, deadline: float, dry: bool = False) -> str:
+    """The call's stages in run order: value, budget and what the value rests on."""
+    how = "dry" if dry else "1.1 x the last measured run + 5 s, or the estimate when none"
+    lines = [f"=== plan of {CALLS[call]} (deadline {deadline:.0f} s; budgets: {how}):"]
+    for s in plan:
+        needs = f", needs {', '.join(s.needs)}" if s.needs else ""
+        lines.append(f"  {s.name:18s} {s.value:8s} {s.budget_s:5.0f} s  ({s.last}{needs})")
+    return "\n".join(lines)
+
+
+def fit(plan: list[Stage], available_s: float) -> list[Stage]:
+    """The stages that run: in plan order, each whose budget fits in what the ones before it left
+    of available_s (a stage too long for what is left is left out, a shorter later one may still
+    fit). The others get a status saying why they were left out."""
+    chosen, left = [], available_s
+    for s in plan:
+        if s.budget_s <= left:
+            chosen.append(s)
+            left -= s.budget_s
+        else:
+            s.status = f"left out ({s.value}, budget {s.budget_s:.0f} s > {max(left, 0):.0f} s left)"
+    return chosen
 
 
 def _has(module: str) -> bool:
@@ -172,6 +343,15 @@ def _signal_group(p: subprocess.Popen, sig) -> None:
         pass
 
 
+def _default_signals() -> None:
+    """In the stage's child before exec: SIGINT and SIGTERM to their default action. A driver started
+    with SIGINT ignored (a background job of a non-interactive shell, `nohup`, some CI runners)
+    would otherwise pass SIG_IGN on through exec, and its stages would never see the SIGINT that
+    asks them to flush their rows."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def run_stage(stage: Stage, limit_s: float, ctx: Context, env: dict, grace_s: float) -> Stage:
     """Run one stage in its own process group until it exits, the driver is told to stop, or its
     box of limit_s has grace_s left (at most half of it); then SIGINT (let it flush), SIGTERM
@@ -180,7 +360,8 @@ def run_stage(stage: Stage, limit_s: float, ctx: Context, env: dict, grace_s: fl
     say(ctx, f"=== stage {stage.name}: box {limit_s:.0f} s: {' '.join(argv)}")
     t0 = time.monotonic()
     p = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, errors="replace", start_new_session=True)
+                         text=True, errors="replace", start_new_session=True,
+                         preexec_fn=_default_signals)
     reader = threading.Thread(target=_pump, args=(p.stdout, ctx), daemon=True)
     reader.start()
     stopped = None
@@ -215,13 +396,19 @@ def run_stage(stage: Stage, limit_s: float, ctx: Context, env: dict, grace_s: fl
 
 
 def run_all(plan: list[Stage], ctx: Context, env: dict, reserve: float, grace_s: float) -> list[Stage]:
-    """Run the stages in order under ctx.end; a stage with under 1 s left is skipped. A deadline
-    shorter than the budgets' sum scales every budget down alike."""
+    """Run the stages in order under ctx.end; a stage with under 1 s left, or whose `needs` do not
+    import, is skipped (with the reason). A deadline shorter than the budgets' sum scales every
+    budget down alike."""
     total = sum(s.budget_s for s in plan)
     scale = min(1.0, max(0.0, ctx.end - time.monotonic() - reserve) / total) if total else 1.0
     for i, stage in enumerate(plan):
         if ctx.stop:
             stage.status = f"skipped ({ctx.stop})"
+            continue
+        missing = [m for m in stage.needs if not _has(m)]
+        if missing:
+            stage.status = f"skipped ({', '.join(missing)} not installed: see benchmarks/gpu_wheels.txt)"
+            say(ctx, f"=== stage {stage.name}: {stage.status}")
             continue
         limit = stage_limit(plan, i, time.monotonic(), ctx.end, reserve, scale)
         if limit < 1.0:
@@ -261,21 +448,27 @@ def _x(base: float | None, ours: float | None) -> str:
     return f"{base / ours:.2f}x" if base and ours else "-"
 
 
+OURS = {"decode": "nvjpeg", "native": "packed"}                    # default "aimv2"
+RATE = {"kernels": ("gbps", "GB/s"), "decode": ("images_per_s", "img/s"), "native": ("images_per_s", "img/s")}
+SUMMARY_KINDS = ("kernels", "attention", "attention_packed", "native", "text_loss", "decode", "step")
+
+
 def speedup_table(kind: str, rows: list[dict]) -> list[str]:
-    """One line per aimv2 row: its time and rate, and baseline ms / aimv2 ms for each baseline
-    measured in the same run (> 1: aimv2 is faster), with the mask each baseline computed."""
+    """One line per row of ours: its time and rate, and baseline ms / our ms for each baseline
+    measured in the same run (> 1: ours is faster), with the mask each baseline computed."""
     def key(r):
-        return (r.get("op"), r.get("pass"), r.get("shape"), r.get("dtype"), r.get("batch"))
+        return (r.get("op"), r.get("pass"), r.get("shape"), r.get("dtype"), r.get("batch"), r.get("timing"))
     by = {}
     for r in rows:
         by.setdefault(key(r), {})[r.get("provider")] = r
     bases = BASELINES[kind]
+    rate_key, rate_name = RATE.get(kind, ("tflops", "TFLOP/s"))
     if kind == "step":
         head = ["recipe", "shape", "ms/step", "img/s", "MFU %", "peak MB"]
         lines = list(rows)
     else:
-        head = ["op", "pass", "shape", "aimv2 ms", "GB/s" if kind == "kernels" else "TFLOP/s", "% ceiling"]
-        lines = [r for r in rows if r.get("provider") == "aimv2"]
+        head = ["op", "pass", "shape", f"{OURS.get(kind, 'aimv2')} ms", rate_name, "% ceiling"]
+        lines = [r for r in rows if r.get("provider") == OURS.get(kind, "aimv2")]
     head += [f"vs {b}" for b in bases]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in lines:
@@ -285,8 +478,7 @@ def speedup_table(kind: str, rows: list[dict]) -> list[str]:
                      f"{100 * r['mfu']:.1f}" if r.get("mfu") is not None else "-",
                      f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else "-"]
         else:
-            rate = r.get("gbps") if kind == "kernels" else r.get("tflops")
-            pct = r.get("pct_of_ceiling")
+            rate, pct = r.get(rate_key), r.get("pct_of_ceiling")
             cells = [r.get("op"), r.get("pass"), r.get("shape"), f"{r['ms']:.3f}",
                      f"{rate:.1f}" if rate is not None else "-", f"{pct:.1f}" if pct is not None else "-"]
         for b in bases:
@@ -300,18 +492,20 @@ def speedup_table(kind: str, rows: list[dict]) -> list[str]:
     return out
 
 
-def summary(plan: list[Stage], out: Path, dry: bool, total_s: float) -> str:
+def summary(plan: list[Stage], out: Path, dry: bool, total_s: float, call: str = "gpu") -> str:
     dev, date = _tag()
-    lines = [f"# make gpu summary: {dev}, {date}{' (DRY RUN: CPU, interpreter, tiny shapes)' if dry else ''}",
-             "", f"Total {total_s:.0f} s. Speed-ups are baseline ms / aimv2 ms (> 1: aimv2 faster); the "
-             "word after each is the mask the baseline computed.", "",
-             "| stage | status | s | rows |", "|---|---|---:|---:|"]
+    from _common import git_sha
+    lines = [f"# {CALLS[call]} summary: {dev}, {date}{' (DRY RUN: CPU, interpreter, tiny shapes)' if dry else ''}",
+             "", f"Total {total_s:.0f} s at git {git_sha()}. Speed-ups are baseline ms / our ms (> 1: ours "
+             "faster); the word after each is the mask the baseline computed. Value: new (never run on a GPU), "
+             "changed (its code changed since its last committed run), repeat.", "",
+             "| stage | status | s | rows | value |", "|---|---|---:|---:|---|"]
     for s in plan:
         n = sum(len(_load(out_path(out, w))) for w in s.results)
         if s.name == "tests":
             c = junit_counts(out_path(out, "tests", "xml"))
             n = "-" if c is None else c["tests"]
-        lines.append(f"| {s.name} | {s.status} | {s.seconds:.0f} | {n} |")
+        lines.append(f"| {s.name} | {s.status} | {s.seconds:.0f} | {n} | {s.value} |")
     c = junit_counts(out_path(out, "tests", "xml"))
     lines.append("")
     if c is None:
@@ -326,7 +520,7 @@ def summary(plan: list[Stage], out: Path, dry: bool, total_s: float) -> str:
         cc = ceil[0].get("ceilings", {})
         lines.append(f"ceilings: copy {cc.get('copy_gbps') or 0:,.0f} GB/s, bf16 matmul "
                      f"{cc.get('bf16_tflops') or 0:,.1f} TFLOP/s")
-    for kind in ("kernels", "attention", "step"):
+    for kind in SUMMARY_KINDS:
         rows = _load(out_path(out, kind))
         if rows:
             lines += ["", f"## {kind}", ""] + speedup_table(kind, rows)
@@ -389,8 +583,11 @@ def measure_ceilings_stage(out: Path, dry: bool) -> int:
 # ------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--call", choices=tuple(CALLS), default="gpu",
+                    help="which prepared call: gpu (`make gpu`, default) or more (`make gpu-more`)")
     ap.add_argument("--deadline", type=float, default=None,
-                    help="overall seconds (default 480 on a GPU, 180 dry; env GPU_DEADLINE)")
+                    help="overall seconds (default: gpu 480, more 240 on a GPU; 300 / 200 dry; env GPU_DEADLINE)")
+    ap.add_argument("--plan", action="store_true", help="print the call's stages (value, budget, why) and exit")
     ap.add_argument("--out", default=None, help="output folder (default $OUT, else benchmarks/results; "
                     "dry: a temp dir)")
     ap.add_argument("--dry", action="store_true", help="dry mode even with CUDA (tiny, interpreter)")
@@ -413,16 +610,24 @@ def main(argv=None) -> int:
         out_arg = tempfile.mkdtemp(prefix="aimv2-gpu-dry-")
     out = Path(out_arg or HERE / "results").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    deadline = args.deadline or float(os.environ.get("GPU_DEADLINE") or DEADLINE_S[dry])
+    deadline = args.deadline or float(os.environ.get("GPU_DEADLINE") or DEADLINE_S[args.call, dry])
     end = time.monotonic() + deadline - (time.time() - t_wall)
     dev, date = _tag()
-    log_path = out_path(out, "gpu_all", "log")
+    if args.plan:                         # what the GPU would run (dry only with --dry)
+        shown = args.deadline or float(os.environ.get("GPU_DEADLINE") or DEADLINE_S[args.call, args.dry])
+        print(plan_text(stage_plan(sys.executable, out, args.dry, args.call), args.call, shown, args.dry))
+        return 0
+    plan = stage_plan(sys.executable, out, dry, args.call)
+    log_path = out_path(out, LOG_NAME[args.call], "log")
     with open(log_path, "w") as log:
         ctx = Context(out=out, dry=dry, end=end, log=log)
         if args.setup_log and Path(args.setup_log).is_file():
             log.write(Path(args.setup_log).read_text())
-        say(ctx, f"=== make gpu{' (dry mode)' if dry else ''}: deadline {deadline:.0f} s, files in {out}")
+        say(ctx, f"=== {CALLS[args.call]}{' (dry mode)' if dry else ''}: deadline {deadline:.0f} s, files in {out}")
         for line in device_report():
+            say(ctx, line)
+        chosen = fit(plan, end - time.monotonic() - RESERVE_S[dry])
+        for line in plan_text(plan, args.call, deadline, dry).splitlines():
             say(ctx, line)
 
         def on_signal(signum, _frame):             # the caller's limit: stop the stage, then summarise
@@ -435,16 +640,17 @@ def main(argv=None) -> int:
             env["TRITON_INTERPRET"] = "1"
         else:
             env.pop("TRITON_INTERPRET", None)
-        plan = stage_plan(sys.executable, out, dry)
-        run_all(plan, ctx, env, RESERVE_S[dry], GRACE_S[dry])
-        text = summary(plan, out, dry, time.time() - t_wall)
-        out_path(out, "summary", "md").write_text(text)
+        run_all(chosen, ctx, env, RESERVE_S[dry], GRACE_S[dry])
+        text = summary(plan, out, dry, time.time() - t_wall, args.call)
+        out_path(out, SUMMARY_NAME[args.call], "md").write_text(text)
         say(ctx, "")
         say(ctx, text)
         files = sorted(p.name for p in out.iterdir() if p.is_file() and (dev in p.name and date in p.name))
         say(ctx, f"=== files in {out}: {', '.join(files)}")
-    c = junit_counts(out_path(out, "tests", "xml"))
-    failed = any(s.status.startswith("failed") for s in plan) or c is None or c["failures"] or c["errors"]
+    failed = any(s.status.startswith("failed") for s in plan)
+    if any(s.name == "tests" for s in chosen):
+        c = junit_counts(out_path(out, "tests", "xml"))
+        failed = failed or c is None or c["failures"] or c["errors"]
     return 1 if failed or ctx.stop else 0
 
 

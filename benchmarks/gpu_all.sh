@@ -11,7 +11,7 @@
 # checkout's aimv2/ (which has no kernels/ inside; setup.py maps aimv2.kernels to kernels/) is not
 # found first from the working directory.
 #
-#   GPU_DEADLINE=480 OUT=/path GPU_ARGS="--dry" make gpu
+#   GPU_DEADLINE=480 OUT=/path GPU_ARGS="--dry" make gpu        (make gpu-more: GPU_CALL=more)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -63,4 +63,18 @@ else
   fi
 fi
 
-exec "$PY" benchmarks/gpu_all.py --started-at "$T0" --setup-log "$SETUP_LOG" ${GPU_ARGS:-}
+# wheels carried with the call (make gpu-wheels; benchmarks/gpu_wheels.txt), installed offline
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  log "no CUDA device: the carried wheels are not installed here (dry mode)"
+elif [ -d .gpu-wheels ]; then
+  if PIP_NO_INDEX=1 "$PY" -m pip install -q --no-deps --no-index --find-links .gpu-wheels \
+       -r benchmarks/gpu_wheels.txt 2>&1 | tee -a "$SETUP_LOG"; then
+    log "installed from .gpu-wheels: $(ls .gpu-wheels | tr '\n' ' ')"
+  else
+    log "could not install from .gpu-wheels (the stages that need them are skipped)"
+  fi
+else
+  log "no .gpu-wheels/ (make gpu-wheels; carry it): stages needing benchmarks/gpu_wheels.txt are skipped"
+fi
+
+exec "$PY" benchmarks/gpu_all.py --call "${GPU_CALL:-gpu}" --started-at "$T0" --setup-log "$SETUP_LOG" ${GPU_ARGS:-}

@@ -36,3 +36,31 @@ def one_thread():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# ----------------------------------------------------------------------------- --gpu-only
+def pytest_addoption(parser):
+    parser.addoption("--gpu-only", action="store_true",
+                     help="only the tests a CPU skips: those with a skipif mark whose reason names the GPU or "
+                          "CUDA (bf16 and large kernel cases, host-sync checks, the CUDA training defaults); "
+                          "`make gpu` runs them alone when nothing under kernels/ changed since its last run")
+
+
+def _gpu_only(item) -> bool:
+    """A skipif mark that names the GPU or CUDA and skips exactly when there is no CUDA device (the
+    interpreter-only tests, skipped on a GPU, name the GPU too but skip the other way round)."""
+    no_cuda = not torch.cuda.is_available()
+    for mark in item.iter_markers("skipif"):
+        reason = str(mark.kwargs.get("reason", ""))
+        cond = mark.args[0] if mark.args else mark.kwargs.get("condition", False)
+        if ("GPU" in reason or "CUDA" in reason) and not isinstance(cond, str) and bool(cond) == no_cuda:
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--gpu-only"):
+        return
+    keep = [it for it in items if _gpu_only(it)]
+    config.hook.pytest_deselected(items=[it for it in items if not _gpu_only(it)])
+    items[:] = keep

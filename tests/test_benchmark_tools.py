@@ -104,7 +104,8 @@ def test_attention_benchmark_packed_cpu_smoke(tmp_path):
                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "FAILED" not in r.stdout, r.stdout[-2000:]
-    rows = json.loads(next(tmp_path.glob("attention-*.json")).read_text())
+    assert [p.name.split("-")[0] for p in tmp_path.glob("*.json")] == ["attention_packed"]   # not the fixed table
+    rows = json.loads(next(tmp_path.glob("attention_packed-*.json")).read_text())
     got = {(x["provider"], x["pass"]) for x in rows}
     assert got == {(p, s) for p in ("aimv2", "aimv2_padded", "eager_ref") for s in ("fwd", "bwd", "fwdbwd")} | \
         {("flex", "mask_build")}
