@@ -1,8 +1,8 @@
 """Compile the prefix-attention kernels for a GPU architecture without a GPU and print ptxas stats.
 
-For each dtype and head dim, the four kernels (fwd, bwd delta, bwd dk/dv, bwd dq) and the three of the
-packed variable-length op (varlen_fwd, varlen_dkdv, varlen_dq) are compiled with the tile table `_tiles`
-would pick on that architecture, then assembled with Triton's bundled
+For each dtype and head dim, the kernels of the fixed op (fwd, bwd delta, bwd dk/dv, its atomic-dq form,
+bwd dq, the fused one-launch backward) and of the packed variable-length op (varlen_*) are compiled with
+the tiles `_tiles` would pick on that architecture, then assembled with Triton's bundled
 ptxas (-v): shared memory, registers per thread, spill bytes, and whether wgmma (Hopper tensor-core
 MMA) is used. This backs the NOTE in kernels/prefix_attention.py::_tiles; it times nothing.
 
@@ -43,11 +43,18 @@ from triton.compiler import ASTSource  # noqa: E402
 
 PA = importlib.import_module("aimv2.kernels.prefix_attention")
 PV = importlib.import_module("aimv2.kernels.prefix_attention_varlen")
-KERNELS = {"fwd": PA._prefix_attention_fwd_kernel, "dkdv": PA._prefix_attention_bwd_dkdv_kernel,
-           "dq": PA._prefix_attention_bwd_dq_kernel, "delta": PA._prefix_attention_bwd_delta_kernel,
-           "varlen_fwd": PV._prefix_attention_varlen_fwd_kernel,
-           "varlen_dkdv": PV._prefix_attention_varlen_bwd_dkdv_kernel,
-           "varlen_dq": PV._prefix_attention_varlen_bwd_dq_kernel}
+# name -> (kernel, the _AttentionTiles field its launch uses, constexprs beyond the tile's)
+KERNELS = {"fwd": (PA._prefix_attention_fwd_kernel, "fwd", {}),
+           "dkdv": (PA._prefix_attention_bwd_dkdv_kernel, "dkdv", {"ATOMIC_DQ": False}),
+           "dkdv_atomic": (PA._prefix_attention_bwd_dkdv_kernel, "dkdv", {"ATOMIC_DQ": True}),
+           "dq": (PA._prefix_attention_bwd_dq_kernel, "dq", {}),
+           "bwd_fused": (PA._prefix_attention_bwd_kernel, "fused", {}),
+           "delta": (PA._prefix_attention_bwd_delta_kernel, "delta", {"ZERO_DQ": False}),
+           "varlen_fwd": (PV._prefix_attention_varlen_fwd_kernel, "fwd", {}),
+           "varlen_dkdv": (PV._prefix_attention_varlen_bwd_dkdv_kernel, "dkdv", {"ATOMIC_DQ": False}),
+           "varlen_dkdv_atomic": (PV._prefix_attention_varlen_bwd_dkdv_kernel, "dkdv", {"ATOMIC_DQ": True}),
+           "varlen_dq": (PV._prefix_attention_varlen_bwd_dq_kernel, "dq", {}),
+           "varlen_bwd_fused": (PV._prefix_attention_varlen_bwd_kernel, "fused", {})}
 _TY = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _FLOATS = ("qk_scale", "sm_scale")
 
@@ -58,8 +65,12 @@ def launch_ints(name: str, N: int, H: int, D: int) -> int:
         return N
     if name == "T":
         return 64 * N + 1
+    if name in ("N_KEY_TILES", "N_QUERY_TILES"):       # cdiv(N, a 32- to 128-row tile): any count
+        return 3
     qkv = {"b": N * 3 * H * D, "h": D, "n": 3 * H * D}                 # views of (B, N, 3, H, D)
     bnhd = {"b": N * H * D, "h": D, "n": H * D}                       # out, dout, dq, dk, dv
+    # (the fp32 dq accumulator, stride_a*, is (B, H, N, D) / (T, H, D): other values, the same
+    # divisibility by 16, which is all the compiler is told)
     m = re.fullmatch(r"stride_([a-z]+)([bhn])", name)
     if m is None:
         raise ValueError(f"ptxas_attention: no launch value known for integer argument {name!r}")
@@ -72,9 +83,10 @@ def compile_stats(fn, elem: str, consts: dict, num_warps: int, num_stages: int, 
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
-        elif name.isupper() and name not in ("N", "T"):      # tensors: pointers, 16-byte aligned
+        elif name.isupper() and name not in ("N", "T", "N_KEY_TILES", "N_QUERY_TILES"):   # pointers, 16-byte aligned
             plen = "i32" if "CU_SEQLENS" in fn.arg_names else "i64"     # as the public ops pass them
-            sig[name] = "*" + {"LSE": "fp32", "DELTA": "fp32", "PLEN": plen, "CU_SEQLENS": "i32"}.get(name, elem)
+            sig[name] = "*" + {"LSE": "fp32", "DELTA": "fp32", "DQ_ACC": "fp32", "PLEN": plen,
+                               "CU_SEQLENS": "i32"}.get(name, elem)
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOATS:
             sig[name] = "fp32"
@@ -119,11 +131,15 @@ def main(argv=None) -> int:
             cfg = PA._tiles(D, dtype, dev)
             prec = PA._dot_precision(dtype)
             for kern in args.kernels.split(","):
-                fn = KERNELS[kern]
-                t = getattr(cfg, kern.removeprefix("varlen_"))
-                consts = {"HEAD_DIM": D, "BLOCK_M": t.block_m}
-                if kern != "delta":
-                    consts.update(BLOCK_N=t.block_n, DOT_PRECISION=prec)
+                fn, field, extra = KERNELS[kern]
+                t = cfg.dkdv if field == "fused" else getattr(cfg, field)   # one launch: dk/dv's warps
+                if field == "fused":
+                    consts = {"HEAD_DIM": D, "KV_BLOCK_M": t.block_m, "KV_BLOCK_N": t.block_n,
+                              "Q_BLOCK_M": cfg.dq.block_m, "Q_BLOCK_N": cfg.dq.block_n, "DOT_PRECISION": prec}
+                else:
+                    consts = {"HEAD_DIM": D, "BLOCK_M": t.block_m, **extra}
+                    if field != "delta":
+                        consts.update(BLOCK_N=t.block_n, DOT_PRECISION=prec)
                 stats = compile_stats(fn, name, consts, t.num_warps, t.num_stages, args.cap,
                                       args.seq_len, args.heads)
                 tiles = f"{t.block_m:3d}x{t.block_n:<3d} w{t.num_warps} s{t.num_stages}"

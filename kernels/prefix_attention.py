@@ -17,10 +17,17 @@ Flash-style (FA2): one program per (query tile, h, b) runs an online softmax in 
 tensor exists. Per query tile [m, m + BLOCK_M) the visible keys are [0, max(P, m + BLOCK_M)):
 key tiles past that are never loaded; key tiles every query of the tile sees whole (inside the
 prefix, or at or below the tile's first query) run a loop with no per-element mask; only tiles
-crossing the prefix edge, the diagonal or N are masked. Backward: the delta pre-pass, a dk/dv
-kernel (one program per key tile; it visits the query tiles that see it: all queries when the
-tile starts inside the prefix, else queries >= its first key) and a dq kernel (the forward's key
-tiles), with the same split into unmasked and masked loops. fp32 inputs use true fp32 dots.
+crossing the prefix edge, the diagonal or N are masked. Backward: the delta pre-pass, then dk/dv
+programs (one per key tile; it visits the query tiles that see it: all queries when the tile
+starts inside the prefix, else queries >= its first key) and dq programs (the forward's key tiles),
+with the same split into unmasked and masked loops, in one of three forms (`_AttentionTiles.bwd`):
+"split" (a dk/dv launch and a dq launch; the default), "fused" (one launch holding both kinds of
+program, as FlexAttention's backward) or "atomic" (the dk/dv programs also add dS K into an fp32 dq
+buffer that the delta pre-pass zeroes: 5 tile GEMMs instead of 7, no second pass over K and V; not
+bit-reproducible, so torch.use_deterministic_algorithms(True) runs "split" instead). Tiles and the
+form come from a committed table keyed by (compute capability, D, length bucket, dtype) that
+benchmarks/sweep_attention.py writes from GPU rows (kernels/_attention_table.py), else fixed
+defaults. fp32 inputs use true fp32 dots.
 
 Registered as torch.library custom ops aimv2::prefix_attention_fwd / _bwd (fake + autograd), so
 torch.compile(fullgraph=True) traces through with no graph break.
@@ -102,12 +109,11 @@ def _query_tile_start(BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(Q, stride_qn, P, N, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The query tile of a program on a (cdiv(N, BLOCK_M), H, B) grid, heavy (late) tiles first: its
-    row offsets, head-dim offsets, rows < N, q (BLOCK_M, HEAD_DIM) (0 past N), and the bounds of its
-    key tiles: [0, full_end) are seen whole by every query of the tile (no mask), [full_end, hi)
-    need the mask, keys >= hi are seen by none."""
-    start_m = _query_tile_start(BLOCK_M)
+def _query_tile(Q, stride_qn, P, N, start_m, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """The query tile [start_m, start_m + BLOCK_M): its row offsets, head-dim offsets, rows < N,
+    q (BLOCK_M, HEAD_DIM) (0 past N), and the bounds of its key tiles: [0, full_end) are seen whole
+    by every query of the tile (no mask), [full_end, hi) need the mask, keys >= hi are seen by none."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N
@@ -171,7 +177,8 @@ def _fwd_program(Q, K, V, OUT, LSE, P, N, qk_scale, stride_qn, stride_kn, stride
                  DOT_PRECISION: tl.constexpr):
     """Forward of the program's query tile in one sequence of length N (prefix P) and one head:
     Q, K, V, OUT point at the sequence's first row of that head, LSE at its first fp32 stat."""
-    offs_m, offs_d, row_ok, q, full_end, hi = _query_tile(Q, stride_qn, P, N, HEAD_DIM, BLOCK_M, BLOCK_N)
+    offs_m, offs_d, row_ok, q, full_end, hi = _query_tile(Q, stride_qn, P, N, _query_tile_start(BLOCK_M),
+                                                          HEAD_DIM, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -203,9 +210,11 @@ def _prefix_attention_fwd_kernel(
 
 @triton.jit
 def _prefix_attention_bwd_delta_kernel(
-        OUT, DO, DELTA, N, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta[b, h, i] = sum_d dO * O (fp32). Grid (cdiv(N, BLOCK_M), H, B)."""
+        OUT, DO, DELTA, DQ_ACC, N, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
+        stride_ab, stride_ah, stride_an, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+        ZERO_DQ: tl.constexpr):
+    """delta[b, h, i] = sum_d dO * O (fp32); with ZERO_DQ also zeroes the same rows of the fp32 dq
+    accumulator DQ_ACC (the "atomic" backward adds into it). Grid (cdiv(N, BLOCK_M), H, B)."""
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -216,13 +225,18 @@ def _prefix_attention_bwd_delta_kernel(
     do = tl.load(DO + off_b * stride_db + off_h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0).to(tl.float32)
     tl.store(DELTA + (off_b * tl.num_programs(1) + off_h) * N + offs_m, tl.sum(o * do, 1), mask=row_ok)
+    if ZERO_DQ:
+        tl.store(DQ_ACC + off_b * stride_ab + off_h * stride_ah + offs_m[:, None] * stride_an + offs_d[None, :],
+                 tl.zeros([BLOCK_M, HEAD_DIM], tl.float32), mask=row_ok[:, None])
 
 
 @triton.jit
-def _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_don, LSE, DELTA, offs_n, offs_d, P, N,
-                      lo, hi, qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
-    """Accumulate dk, dv of one key tile over query tiles starting at lo, lo + BLOCK_M, ... < hi."""
+def _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_don, LSE, DELTA, DQ_ACC, stride_an, sm_scale,
+                      ATOMIC_DQ: tl.constexpr, offs_n, offs_d, P, N, lo, hi, qk_scale, BLOCK_M: tl.constexpr,
+                      MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dk, dv of one key tile over query tiles starting at lo, lo + BLOCK_M, ... < hi;
+    with ATOMIC_DQ also add each query tile's dq share, scale * dS K (BLOCK_M, D), into the fp32
+    accumulator DQ_ACC (the "atomic" backward: no second pass over K and V for dq)."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qT_ptrs = Q + offs_m[None, :] * stride_qn + offs_d[:, None]           # (D, BLOCK_M)
@@ -247,16 +261,24 @@ def _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_don, LSE, DELTA, of
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)          # (BLOCK_N, BLOCK_M)
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dsT).to(k.dtype), k, input_precision=DOT_PRECISION) * sm_scale  # (BLOCK_M, D)
+            acc_ptrs = DQ_ACC + offs_m[:, None] * stride_an + offs_d[None, :]
+            if MASKED:
+                tl.atomic_add(acc_ptrs, dq, mask=(offs_m < N)[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(acc_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_program(Q, K, V, DO, LSE, DELTA, DK, DV, P, N, start_n, sm_scale, qk_scale,
-                  stride_qn, stride_kn, stride_vn, stride_dn, stride_dkn, stride_dvn,
+def _dkdv_program(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, P, N, start_n, sm_scale, qk_scale,
+                  stride_qn, stride_kn, stride_vn, stride_dn, stride_dkn, stride_dvn, stride_an,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dk, dv of key tile [start_n, start_n + BLOCK_N) in one sequence of length N (prefix P) and one
-    head: every pointer at the sequence's first row of that head (LSE, DELTA: its first fp32 stat)."""
+    head (with ATOMIC_DQ also its share of dq, added into DQ_ACC): every pointer at the sequence's
+    first row of that head (LSE, DELTA: its first fp32 stat)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < N
@@ -266,12 +288,15 @@ def _dkdv_program(Q, K, V, DO, LSE, DELTA, DK, DV, P, N, start_n, sm_scale, qk_s
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     # (Padded keys >= N only produce dk/dv rows that are never stored: no key masking needed.)
     q_lo, full_lo, full_hi = _query_tile_bounds(P, start_n, N, BLOCK_M, BLOCK_N)
-    dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_dn, LSE, DELTA, offs_n, offs_d,
-                               P, N, q_lo, tl.minimum(full_lo, N), qk_scale, BLOCK_M, True, DOT_PRECISION)
-    dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_dn, LSE, DELTA, offs_n, offs_d,
-                               P, N, full_lo, full_hi, qk_scale, BLOCK_M, False, DOT_PRECISION)
-    dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_dn, LSE, DELTA, offs_n, offs_d,
-                               P, N, full_hi, N, qk_scale, BLOCK_M, True, DOT_PRECISION)
+    dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_dn, LSE, DELTA, DQ_ACC, stride_an, sm_scale,
+                               ATOMIC_DQ, offs_n, offs_d, P, N, q_lo, tl.minimum(full_lo, N), qk_scale, BLOCK_M,
+                               True, DOT_PRECISION)
+    dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_dn, LSE, DELTA, DQ_ACC, stride_an, sm_scale,
+                               ATOMIC_DQ, offs_n, offs_d, P, N, full_lo, full_hi, qk_scale, BLOCK_M,
+                               False, DOT_PRECISION)
+    dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q, stride_qn, DO, stride_dn, LSE, DELTA, DQ_ACC, stride_an, sm_scale,
+                               ATOMIC_DQ, offs_n, offs_d, P, N, full_hi, N, qk_scale, BLOCK_M,
+                               True, DOT_PRECISION)
     tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
              mask=key_ok[:, None])
     tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -280,20 +305,21 @@ def _dkdv_program(Q, K, V, DO, LSE, DELTA, DK, DV, P, N, start_n, sm_scale, qk_s
 
 @triton.jit
 def _prefix_attention_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, PLEN, DK, DV, sm_scale, qk_scale, N,
+        Q, K, V, DO, LSE, DELTA, PLEN, DK, DV, DQ_ACC, sm_scale, qk_scale, N,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
-        stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+        stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_ab, stride_ah, stride_an,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
-    """One program = one key tile of one (b, h): dk, dv. Grid (cdiv(N, BLOCK_N), H, B)."""
+        ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program = one key tile of one (b, h): dk, dv (and with ATOMIC_DQ its dq shares).
+    Grid (cdiv(N, BLOCK_N), H, B)."""
     off_b, off_h, P, Q, K, V, stats = _bh_prologue(Q, K, V, PLEN, N, stride_qb, stride_qh,
                                                    stride_kb, stride_kh, stride_vb, stride_vh)
     _dkdv_program(Q, K, V, DO + off_b * stride_db + off_h * stride_dh, LSE + stats, DELTA + stats,
                   DK + off_b * stride_dkb + off_h * stride_dkh, DV + off_b * stride_dvb + off_h * stride_dvh,
-                  P, N, tl.program_id(0) * BLOCK_N, sm_scale, qk_scale,
-                  stride_qn, stride_kn, stride_vn, stride_dn, stride_dkn, stride_dvn,
-                  HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
+                  DQ_ACC + off_b * stride_ab + off_h * stride_ah, P, N, tl.program_id(0) * BLOCK_N, sm_scale,
+                  qk_scale, stride_qn, stride_kn, stride_vn, stride_dn, stride_dkn, stride_dvn, stride_an,
+                  HEAD_DIM, BLOCK_M, BLOCK_N, ATOMIC_DQ, DOT_PRECISION)
 
 
 @triton.jit
@@ -323,13 +349,13 @@ def _dq_key_tiles(dq, q, do, lse, delta, K, stride_kn, V, stride_vn, offs_m, off
 
 
 @triton.jit
-def _dq_program(Q, K, V, DO, LSE, DELTA, DQ, P, N, sm_scale, qk_scale,
+def _dq_program(Q, K, V, DO, LSE, DELTA, DQ, P, N, start_m, sm_scale, qk_scale,
                 stride_qn, stride_kn, stride_vn, stride_dn, stride_dqn,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
-    """dq of the program's query tile in one sequence of length N (prefix P) and one head: every
-    pointer at the sequence's first row of that head (LSE, DELTA: its first fp32 stat)."""
-    offs_m, offs_d, row_ok, q, full_end, hi = _query_tile(Q, stride_qn, P, N, HEAD_DIM, BLOCK_M, BLOCK_N)
+    """dq of query tile [start_m, start_m + BLOCK_M) in one sequence of length N (prefix P) and one
+    head: every pointer at the sequence's first row of that head (LSE, DELTA: its first fp32 stat)."""
+    offs_m, offs_d, row_ok, q, full_end, hi = _query_tile(Q, stride_qn, P, N, start_m, HEAD_DIM, BLOCK_M, BLOCK_N)
     do = tl.load(DO + offs_m[:, None] * stride_dn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
@@ -354,18 +380,51 @@ def _prefix_attention_bwd_dq_kernel(
     off_b, off_h, P, Q, K, V, stats = _bh_prologue(Q, K, V, PLEN, N, stride_qb, stride_qh,
                                                    stride_kb, stride_kh, stride_vb, stride_vh)
     _dq_program(Q, K, V, DO + off_b * stride_db + off_h * stride_dh, LSE + stats, DELTA + stats,
-                DQ + off_b * stride_dqb + off_h * stride_dqh, P, N, sm_scale, qk_scale,
+                DQ + off_b * stride_dqb + off_h * stride_dqh, P, N, _query_tile_start(BLOCK_M), sm_scale, qk_scale,
                 stride_qn, stride_kn, stride_vn, stride_dn, stride_dqn, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
+
+
+@triton.jit
+def _prefix_attention_bwd_kernel(
+        Q, K, V, DO, LSE, DELTA, PLEN, DK, DV, DQ, sm_scale, qk_scale, N, N_KEY_TILES, N_QUERY_TILES,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
+        stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_dqb, stride_dqh, stride_dqn,
+        HEAD_DIM: tl.constexpr, KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr, Q_BLOCK_M: tl.constexpr,
+        Q_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The "fused" backward: one launch whose grid (N_QUERY_TILES + N_KEY_TILES, H, B) holds the dq
+    programs (heavy, late query tiles first) and then the dk/dv programs, each with its own tiles."""
+    off_b, off_h, P, Q, K, V, stats = _bh_prologue(Q, K, V, PLEN, N, stride_qb, stride_qh,
+                                                   stride_kb, stride_kh, stride_vb, stride_vh)
+    pid = tl.program_id(0)
+    DO += off_b * stride_db + off_h * stride_dh
+    if pid < N_QUERY_TILES:
+        _dq_program(Q, K, V, DO, LSE + stats, DELTA + stats, DQ + off_b * stride_dqb + off_h * stride_dqh, P, N,
+                    (N_QUERY_TILES - 1 - pid) * Q_BLOCK_M, sm_scale, qk_scale, stride_qn, stride_kn, stride_vn,
+                    stride_dn, stride_dqn, HEAD_DIM, Q_BLOCK_M, Q_BLOCK_N, DOT_PRECISION)
+    else:
+        _dkdv_program(Q, K, V, DO, LSE + stats, DELTA + stats, DK + off_b * stride_dkb + off_h * stride_dkh,
+                      DV + off_b * stride_dvb + off_h * stride_dvh, DQ, P, N, (pid - N_QUERY_TILES) * KV_BLOCK_N,
+                      sm_scale, qk_scale, stride_qn, stride_kn, stride_vn, stride_dn, stride_dkn, stride_dvn, 0,
+                      HEAD_DIM, KV_BLOCK_M, KV_BLOCK_N, False, DOT_PRECISION)
 
 
 # ----------------------------------------------------------------------------- host launchers
 @dataclass(frozen=True)
 class _AttentionTiles:
-    """The launch shape of each attention kernel (the delta pre-pass uses only block_m)."""
+    """The launch shape of each attention kernel (the delta pre-pass uses only block_m) and the
+    backward's form: "split" (delta pre-pass, a dk/dv launch, a dq launch: deterministic), "fused"
+    (one launch holding the dq and the dk/dv programs, each with its tiles, warps and stages of
+    dkdv), or "atomic" (the dk/dv programs also add dq into an fp32 buffer, zeroed by the delta
+    pre-pass and cast after: 5 GEMMs a tile instead of 7, not bit-reproducible)."""
     fwd: Tiles
     dkdv: Tiles
     dq: Tiles
     delta: Tiles
+    bwd: str = "split"
+
+
+BWD_MODES = ("split", "fused", "atomic")
 
 
 @functools.lru_cache(maxsize=None)
@@ -373,13 +432,34 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _tiles(head_dim: int, dtype: torch.dtype, device: torch.device) -> _AttentionTiles:
-    """Tile shapes per kernel: fixed tables.
+def n_bucket(n: int) -> int:
+    """The sequence-length bucket of the configuration table: 256, 1024, or 0 (longer)."""
+    return 256 if n <= 256 else 1024 if n <= 1024 else 0
+
+
+def _table_config(cap: tuple[int, int], head_dim: int, n: int, dtype: torch.dtype, delta: Tiles,
+                  table: dict | None = None) -> _AttentionTiles | None:
+    """The committed table's configuration for this key (kernels/_attention_table.py), or None."""
+    if table is None:
+        from ._attention_table import TABLE as table
+    entry = table.get((cap[0], cap[1], head_dim, n_bucket(n), str(dtype).removeprefix("torch.")))
+    if entry is None:
+        return None
+    if entry.get("bwd", "split") not in BWD_MODES:
+        raise ValueError(f"kernels/_attention_table.py: bwd {entry['bwd']!r} not one of {BWD_MODES}")
+    return _AttentionTiles(fwd=Tiles(*entry["fwd"]), dkdv=Tiles(*entry["dkdv"]), dq=Tiles(*entry["dq"]),
+                           delta=delta, bwd=entry.get("bwd", "split"))
+
+
+def _tiles(head_dim: int, dtype: torch.dtype, device: torch.device, n: int | None = None) -> _AttentionTiles:
+    """Tile shapes per kernel: the committed table's entry for (compute capability, head dim,
+    sequence-length bucket of n, dtype) (kernels/_attention_table.py, written by
+    benchmarks/sweep_attention.py from its GPU rows), else the fixed defaults below.
 
     Interpreter: the cost is per program x op, so tiles are large, but BLOCK_M != BLOCK_N so the
     diagonal crosses several key tiles and every loop (unmasked, masked, N tail) runs on N ~ 17-97.
-    GPU: FA2-in-Triton shapes (fwd 128x64, dk/dv with 128-key tiles, dq with 128-query tiles;
-    8 warps = one warpgroup per 64 rows of a 128-row wgmma).
+    GPU defaults: FA2-in-Triton shapes (fwd 128x64, dk/dv with 128-key tiles, dq with 128-query
+    tiles; 8 warps = one warpgroup per 64 rows of a 128-row wgmma), backward "split".
     NOTE (a compile-only check, not timed): compiled for sm_90a with triton 3.6 and 3.7.1 and
     specialised as the real launch at AIMv2-L shapes (bf16, D=128, N=256, integer arguments
     divisible by 16; benchmarks/ptxas_attention.py), the forward uses 128 KiB of shared memory and
@@ -388,9 +468,13 @@ def _tiles(head_dim: int, dtype: torch.dtype, device: torch.device) -> _Attentio
     if is_interpreting():
         return _AttentionTiles(fwd=Tiles(32, 16, 4, 1), dkdv=Tiles(16, 32, 4, 1), dq=Tiles(32, 16, 4, 1),
                                delta=Tiles(32, 0, 4, 1))
-    major = _capability(device.index if device.index is not None else torch.cuda.current_device())[0]
+    cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    major = cap[0]
     stages = 3 if major >= 9 else 2
     delta = Tiles(max(16, 4096 // head_dim), 0, 4, 1)       # 64 rows at D=64: no spills
+    chosen = None if n is None else _table_config(cap, head_dim, n, dtype, delta)
+    if chosen is not None:
+        return chosen
     if dtype == torch.float32:
         w = 8 if head_dim > 64 else 4
         return _AttentionTiles(fwd=Tiles(32, 32, w, 2), dkdv=Tiles(16, 32, w, 2), dq=Tiles(32, 32, w, 2),
@@ -405,6 +489,14 @@ def _tiles(head_dim: int, dtype: torch.dtype, device: torch.device) -> _Attentio
                            delta=delta)
 
 
+def _bwd_mode(cfg: _AttentionTiles) -> str:
+    """The configured backward, "split" when torch.use_deterministic_algorithms(True) is on and the
+    configuration adds dq atomically (fp32 additions in no fixed order)."""
+    if cfg.bwd == "atomic" and torch.are_deterministic_algorithms_enabled():
+        return "split"
+    return cfg.bwd
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: true fp32 products (TF32 would be ~1e3x less accurate than fp32 SDPA).
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -416,15 +508,16 @@ def _bhnd_like(t: torch.Tensor, dtype=None) -> torch.Tensor:
     return t.new_empty(B, N, H, D, dtype=dtype).permute(0, 2, 1, 3)      # (B, H, N, D) view
 
 
-def _fwd_launch(q, k, v, plen, scale: float, out=None, lse=None):
+def _fwd_launch(q, k, v, plen, scale: float, out=None, lse=None, cfg: _AttentionTiles | None = None):
     """q, k, v (B, H, N, D) (last dim contiguous), plen int (B,) -> out (B, H, N, D), lse (B, H, N) fp32.
 
-    out / lse may be given (tests poison them); lse must be contiguous.
+    out / lse may be given (tests poison them); lse must be contiguous. cfg: the launch configuration
+    (default: `_tiles`; the sweep passes its candidates).
     """
     B, H, N, D = q.shape
     out = _bhnd_like(q) if out is None else out
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if lse is None else lse
-    t = _tiles(D, q.dtype, q.device).fwd
+    t = (cfg or _tiles(D, q.dtype, q.device, N)).fwd
     grid = (triton.cdiv(N, t.block_m), H, B)
     _prefix_attention_fwd_kernel[grid](
         q, k, v, plen, out, lse, scale * _LOG2E, N,
@@ -434,37 +527,55 @@ def _fwd_launch(q, k, v, plen, scale: float, out=None, lse=None):
     return out, lse
 
 
-def _delta_launch(out, dout, t: Tiles) -> torch.Tensor:
-    """The backward pre-pass: delta = rowsum(dout * out) (B, H, N) fp32 of out, dout (B, H, N, D)."""
+def _delta_launch(out, dout, t: Tiles, dq_acc=None) -> torch.Tensor:
+    """The backward pre-pass: delta = rowsum(dout * out) (B, H, N) fp32 of out, dout (B, H, N, D);
+    dq_acc (B, H, N, D) fp32, when given, is zeroed by the same programs."""
     B, H, N, D = out.shape
     delta = torch.empty(B, H, N, dtype=torch.float32, device=out.device)
+    acc = delta if dq_acc is None else dq_acc
     _prefix_attention_bwd_delta_kernel[(triton.cdiv(N, t.block_m), H, B)](
-        out, dout, delta, N, *out.stride()[:3], *dout.stride()[:3], HEAD_DIM=D, BLOCK_M=t.block_m)
+        out, dout, delta, acc, N, *out.stride()[:3], *dout.stride()[:3],
+        *(acc.stride()[:3] if dq_acc is not None else (0, 0, 0)), HEAD_DIM=D, BLOCK_M=t.block_m,
+        ZERO_DQ=dq_acc is not None)
     return delta
 
 
-def _bwd_launch(dout, q, k, v, out, lse, plen, scale: float, dq=None, dk=None, dv=None):
-    """Gradients (dq, dk, dv), each (B, H, N, D) in q's dtype: delta pre-pass, dk/dv kernel, dq kernel."""
+def _bwd_launch(dout, q, k, v, out, lse, plen, scale: float, dq=None, dk=None, dv=None,
+                cfg: _AttentionTiles | None = None):
+    """Gradients (dq, dk, dv), each (B, H, N, D) in q's dtype: the delta pre-pass, then the
+    configured backward (_AttentionTiles.bwd: split, fused or atomic)."""
     B, H, N, D = q.shape
     dq = _bhnd_like(q) if dq is None else dq
     dk = _bhnd_like(q) if dk is None else dk
     dv = _bhnd_like(q) if dv is None else dv
-    cfg = _tiles(D, q.dtype, q.device)
+    cfg = cfg or _tiles(D, q.dtype, q.device, N)
+    mode = _bwd_mode(cfg)
     prec = _dot_precision(q.dtype)
-    delta = _delta_launch(out, dout, cfg.delta)
+    dq_acc = torch.empty(B, H, N, D, dtype=torch.float32, device=q.device) if mode == "atomic" else None
+    delta = _delta_launch(out, dout, cfg.delta, dq_acc)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    t = cfg.dkdv
-    _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(N, t.block_n), H, B)](
-        q, k, v, dout, lse, delta, plen, dk, dv, scale, scale * _LOG2E, N,
-        *strides, *dk.stride()[:3], *dv.stride()[:3],
-        HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DOT_PRECISION=prec,
-        num_warps=t.num_warps, num_stages=t.num_stages)
-    t = cfg.dq
-    _prefix_attention_bwd_dq_kernel[(triton.cdiv(N, t.block_m), H, B)](
+    kv, qt = cfg.dkdv, cfg.dq
+    if mode == "fused":
+        n_kv, n_q = triton.cdiv(N, kv.block_n), triton.cdiv(N, qt.block_m)
+        _prefix_attention_bwd_kernel[(n_q + n_kv, H, B)](
+            q, k, v, dout, lse, delta, plen, dk, dv, dq, scale, scale * _LOG2E, N, n_kv, n_q,
+            *strides, *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3],
+            HEAD_DIM=D, KV_BLOCK_M=kv.block_m, KV_BLOCK_N=kv.block_n, Q_BLOCK_M=qt.block_m, Q_BLOCK_N=qt.block_n,
+            DOT_PRECISION=prec, num_warps=kv.num_warps, num_stages=kv.num_stages)
+        return dq, dk, dv
+    acc = dq_acc if dq_acc is not None else delta                   # (not read without ATOMIC_DQ)
+    _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(N, kv.block_n), H, B)](
+        q, k, v, dout, lse, delta, plen, dk, dv, acc, scale, scale * _LOG2E, N,
+        *strides, *dk.stride()[:3], *dv.stride()[:3], *(acc.stride()[:3] if dq_acc is not None else (0, 0, 0)),
+        HEAD_DIM=D, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, ATOMIC_DQ=dq_acc is not None, DOT_PRECISION=prec,
+        num_warps=kv.num_warps, num_stages=kv.num_stages)
+    if dq_acc is not None:
+        return dq.copy_(dq_acc), dk, dv
+    _prefix_attention_bwd_dq_kernel[(triton.cdiv(N, qt.block_m), H, B)](
         q, k, v, dout, lse, delta, plen, dq, scale, scale * _LOG2E, N,
         *strides, *dq.stride()[:3],
-        HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DOT_PRECISION=prec,
-        num_warps=t.num_warps, num_stages=t.num_stages)
+        HEAD_DIM=D, BLOCK_M=qt.block_m, BLOCK_N=qt.block_n, DOT_PRECISION=prec,
+        num_warps=qt.num_warps, num_stages=qt.num_stages)
     return dq, dk, dv
 
 

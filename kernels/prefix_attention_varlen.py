@@ -43,8 +43,9 @@ import torch
 
 from ._compat import tl, triton
 from ._utils import check_launchable, check_pack_values, check_same_device, last_dim_contiguous
-from .prefix_attention import (_LOG2E, _check_qkv, _delta_launch, _dkdv_program, _dot_precision, _dq_program,
-                               _fwd_program, _interpreter_needs_fp32, _query_tile_start, _tiles, prefix_attention_ref)
+from .prefix_attention import (_LOG2E, _bwd_mode, _check_qkv, _delta_launch, _dkdv_program, _dot_precision,
+                               _dq_program, _fwd_program, _interpreter_needs_fp32, _query_tile_start, _tiles,
+                               prefix_attention_ref)
 
 
 def _split(t: torch.Tensor, cu: list[int]):
@@ -100,12 +101,13 @@ def _prefix_attention_varlen_fwd_kernel(
 
 @triton.jit
 def _prefix_attention_varlen_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, CU_SEQLENS, PLEN, DK, DV, sm_scale, qk_scale, T,
+        Q, K, V, DO, LSE, DELTA, CU_SEQLENS, PLEN, DK, DV, DQ_ACC, sm_scale, qk_scale, T,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_dn, stride_dh,
-        stride_dkn, stride_dkh, stride_dvn, stride_dvh,
+        stride_dkn, stride_dkh, stride_dvn, stride_dvh, stride_an, stride_ah,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
-    """One program = one key tile of one (image, h): dk, dv. Grid (cdiv(max_seqlen, BLOCK_N), H, S)."""
+        ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program = one key tile of one (image, h): dk, dv (and with ATOMIC_DQ its dq shares).
+    Grid (cdiv(max_seqlen, BLOCK_N), H, S)."""
     off_h, start, N, P, Q, K, V, stats = _image_prologue(Q, K, V, CU_SEQLENS, PLEN, T, stride_qn, stride_qh,
                                                          stride_kn, stride_kh, stride_vn, stride_vh)
     start_n = tl.program_id(0) * BLOCK_N
@@ -113,8 +115,9 @@ def _prefix_attention_varlen_bwd_dkdv_kernel(
         return
     _dkdv_program(Q, K, V, DO + start * stride_dn + off_h * stride_dh, LSE + stats, DELTA + stats,
                   DK + start * stride_dkn + off_h * stride_dkh, DV + start * stride_dvn + off_h * stride_dvh,
-                  P, N, start_n, sm_scale, qk_scale, stride_qn, stride_kn, stride_vn, stride_dn, stride_dkn,
-                  stride_dvn, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
+                  DQ_ACC + start * stride_an + off_h * stride_ah, P, N, start_n, sm_scale, qk_scale,
+                  stride_qn, stride_kn, stride_vn, stride_dn, stride_dkn, stride_dvn, stride_an,
+                  HEAD_DIM, BLOCK_M, BLOCK_N, ATOMIC_DQ, DOT_PRECISION)
 
 
 @triton.jit
@@ -127,15 +130,44 @@ def _prefix_attention_varlen_bwd_dq_kernel(
     """One program = one query tile of one (image, h): dq. Grid (cdiv(max_seqlen, BLOCK_M), H, S)."""
     off_h, start, N, P, Q, K, V, stats = _image_prologue(Q, K, V, CU_SEQLENS, PLEN, T, stride_qn, stride_qh,
                                                          stride_kn, stride_kh, stride_vn, stride_vh)
-    if _query_tile_start(BLOCK_M) >= N:
+    start_m = _query_tile_start(BLOCK_M)
+    if start_m >= N:
         return
     _dq_program(Q, K, V, DO + start * stride_dn + off_h * stride_dh, LSE + stats, DELTA + stats,
-                DQ + start * stride_dqn + off_h * stride_dqh, P, N, sm_scale, qk_scale,
+                DQ + start * stride_dqn + off_h * stride_dqh, P, N, start_m, sm_scale, qk_scale,
                 stride_qn, stride_kn, stride_vn, stride_dn, stride_dqn, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
 
+@triton.jit
+def _prefix_attention_varlen_bwd_kernel(
+        Q, K, V, DO, LSE, DELTA, CU_SEQLENS, PLEN, DK, DV, DQ, sm_scale, qk_scale, T, N_KEY_TILES, N_QUERY_TILES,
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_dn, stride_dh,
+        stride_dkn, stride_dkh, stride_dvn, stride_dvh, stride_dqn, stride_dqh,
+        HEAD_DIM: tl.constexpr, KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr, Q_BLOCK_M: tl.constexpr,
+        Q_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The "fused" backward of a pack: one launch, grid (N_QUERY_TILES + N_KEY_TILES, H, S) over
+    max_seqlen: the dq programs (late query tiles first), then the dk/dv programs."""
+    off_h, start, N, P, Q, K, V, stats = _image_prologue(Q, K, V, CU_SEQLENS, PLEN, T, stride_qn, stride_qh,
+                                                         stride_kn, stride_kh, stride_vn, stride_vh)
+    pid = tl.program_id(0)
+    DO += start * stride_dn + off_h * stride_dh
+    if pid < N_QUERY_TILES:
+        start_m = (N_QUERY_TILES - 1 - pid) * Q_BLOCK_M
+        if start_m < N:
+            _dq_program(Q, K, V, DO, LSE + stats, DELTA + stats, DQ + start * stride_dqn + off_h * stride_dqh, P, N,
+                        start_m, sm_scale, qk_scale, stride_qn, stride_kn, stride_vn, stride_dn, stride_dqn,
+                        HEAD_DIM, Q_BLOCK_M, Q_BLOCK_N, DOT_PRECISION)
+    else:
+        start_n = (pid - N_QUERY_TILES) * KV_BLOCK_N
+        if start_n < N:
+            _dkdv_program(Q, K, V, DO, LSE + stats, DELTA + stats, DK + start * stride_dkn + off_h * stride_dkh,
+                          DV + start * stride_dvn + off_h * stride_dvh, DQ, P, N, start_n, sm_scale, qk_scale,
+                          stride_qn, stride_kn, stride_vn, stride_dn, stride_dkn, stride_dvn, 0,
+                          HEAD_DIM, KV_BLOCK_M, KV_BLOCK_N, False, DOT_PRECISION)
+
+
 # ----------------------------------------------------------------------------- host launchers
-def _varlen_fwd_launch(q, k, v, cu_seqlens, plen, max_seqlen: int, scale: float, out=None, lse=None):
+def _varlen_fwd_launch(q, k, v, cu_seqlens, plen, max_seqlen: int, scale: float, out=None, lse=None, cfg=None):
     """q, k, v (T, H, D) (last dim contiguous) -> out (T, H, D), lse (H, T) fp32 (log2 units).
 
     out / lse may be given (tests poison them); lse must be contiguous.
@@ -144,7 +176,7 @@ def _varlen_fwd_launch(q, k, v, cu_seqlens, plen, max_seqlen: int, scale: float,
     S = cu_seqlens.numel() - 1
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     lse = torch.empty(H, T, dtype=torch.float32, device=q.device) if lse is None else lse
-    t = _tiles(D, q.dtype, q.device).fwd
+    t = (cfg or _tiles(D, q.dtype, q.device, max_seqlen)).fwd
     _prefix_attention_varlen_fwd_kernel[(triton.cdiv(max_seqlen, t.block_m), H, S)](
         q, k, v, cu_seqlens, plen, out, lse, scale * _LOG2E, T,
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
@@ -154,29 +186,42 @@ def _varlen_fwd_launch(q, k, v, cu_seqlens, plen, max_seqlen: int, scale: float,
 
 
 def _varlen_bwd_launch(dout, q, k, v, out, lse, cu_seqlens, plen, max_seqlen: int, scale: float,
-                       dq=None, dk=None, dv=None):
+                       dq=None, dk=None, dv=None, cfg=None):
     """Gradients (dq, dk, dv), each (T, H, D) contiguous in q's dtype: the fixed kernel's delta pre-pass
-    over all T rows (as B = 1), then the varlen dk/dv and dq kernels."""
+    over all T rows (as B = 1), then the configured backward (split, fused or atomic, as the fixed op)."""
     T, H, D = q.shape
     S = cu_seqlens.numel() - 1
     dq, dk, dv = (torch.empty_like(q, memory_format=torch.contiguous_format) if g is None else g
                   for g in (dq, dk, dv))
-    cfg = _tiles(D, q.dtype, q.device)
+    cfg = cfg or _tiles(D, q.dtype, q.device, max_seqlen)
+    mode = _bwd_mode(cfg)
     prec = _dot_precision(q.dtype)
-    delta = _delta_launch(out.transpose(0, 1)[None], dout.transpose(0, 1)[None], cfg.delta)[0]    # (H, T)
+    dq_acc = torch.empty(T, H, D, dtype=torch.float32, device=q.device) if mode == "atomic" else None
+    delta = _delta_launch(out.transpose(0, 1)[None], dout.transpose(0, 1)[None], cfg.delta,
+                          None if dq_acc is None else dq_acc.transpose(0, 1)[None])[0]    # (H, T)
     strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dout.stride()[:2])
-    t = cfg.dkdv
-    _prefix_attention_varlen_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, t.block_n), H, S)](
-        q, k, v, dout, lse, delta, cu_seqlens, plen, dk, dv, scale, scale * _LOG2E, T,
-        *strides, *dk.stride()[:2], *dv.stride()[:2],
-        HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DOT_PRECISION=prec,
-        num_warps=t.num_warps, num_stages=t.num_stages)
-    t = cfg.dq
-    _prefix_attention_varlen_bwd_dq_kernel[(triton.cdiv(max_seqlen, t.block_m), H, S)](
+    kv, qt = cfg.dkdv, cfg.dq
+    if mode == "fused":
+        n_kv, n_q = triton.cdiv(max_seqlen, kv.block_n), triton.cdiv(max_seqlen, qt.block_m)
+        _prefix_attention_varlen_bwd_kernel[(n_q + n_kv, H, S)](
+            q, k, v, dout, lse, delta, cu_seqlens, plen, dk, dv, dq, scale, scale * _LOG2E, T, n_kv, n_q,
+            *strides, *dk.stride()[:2], *dv.stride()[:2], *dq.stride()[:2],
+            HEAD_DIM=D, KV_BLOCK_M=kv.block_m, KV_BLOCK_N=kv.block_n, Q_BLOCK_M=qt.block_m, Q_BLOCK_N=qt.block_n,
+            DOT_PRECISION=prec, num_warps=kv.num_warps, num_stages=kv.num_stages)
+        return dq, dk, dv
+    acc = dq_acc if dq_acc is not None else delta                   # (not read without ATOMIC_DQ)
+    _prefix_attention_varlen_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, kv.block_n), H, S)](
+        q, k, v, dout, lse, delta, cu_seqlens, plen, dk, dv, acc, scale, scale * _LOG2E, T,
+        *strides, *dk.stride()[:2], *dv.stride()[:2], *(acc.stride()[:2] if dq_acc is not None else (0, 0)),
+        HEAD_DIM=D, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, ATOMIC_DQ=dq_acc is not None, DOT_PRECISION=prec,
+        num_warps=kv.num_warps, num_stages=kv.num_stages)
+    if dq_acc is not None:
+        return dq.copy_(dq_acc), dk, dv
+    _prefix_attention_varlen_bwd_dq_kernel[(triton.cdiv(max_seqlen, qt.block_m), H, S)](
         q, k, v, dout, lse, delta, cu_seqlens, plen, dq, scale, scale * _LOG2E, T,
         *strides, *dq.stride()[:2],
-        HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DOT_PRECISION=prec,
-        num_warps=t.num_warps, num_stages=t.num_stages)
+        HEAD_DIM=D, BLOCK_M=qt.block_m, BLOCK_N=qt.block_n, DOT_PRECISION=prec,
+        num_warps=qt.num_warps, num_stages=qt.num_stages)
     return dq, dk, dv
 
 

@@ -209,7 +209,7 @@ def test_tiles_skipped_and_masked_only_where_needed(monkeypatch, N, P):
     D = 16
     fwd = _record_loops(monkeypatch, "_fwd_key_tiles", 8)
     dq = _record_loops(monkeypatch, "_dq_key_tiles", 9)
-    dkdv = _record_loops(monkeypatch, "_dkdv_query_tiles", 10)
+    dkdv = _record_loops(monkeypatch, "_dkdv_query_tiles", 14)
     q, k, v, do = _inputs(1, 1, N, D, torch.float32)
     plen = torch.tensor([P])
     out, lse = PA._fwd_launch(q, k, v, plen, 0.25)
@@ -320,3 +320,87 @@ def test_bad_input_errors(case):
     _, fn, exc, match = case
     with pytest.raises(exc, match=match):
         fn()
+
+
+# ----------------------------------------------------------------------------- backward variants
+def force_bwd(monkeypatch, mode):
+    """Every launch of the fixed and the packed op uses backward `mode` with the default tiles."""
+    import dataclasses
+    real = PA._tiles
+
+    def forced(*a, **kw):
+        return dataclasses.replace(real(*a, **kw), bwd=mode)
+    monkeypatch.setattr(PA, "_tiles", forced)
+    monkeypatch.setattr(importlib.import_module("aimv2.kernels.prefix_attention_varlen"), "_tiles", forced)
+
+
+# N = 17 and 97 (not multiples of the tiles), prefixes 0 / N / 1 / N-1 / random / mid-tile, D 32 and 64
+VARIANT_CASES = [CASES[i] for i in (2, 3, 4, 5, 7)]
+
+
+@pytest.mark.parametrize("mode", ["fused", "atomic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=str)
+def test_backward_variants_match_fp64_reference(case, dtype, mode, monkeypatch):
+    """"fused" (dq and dk/dv programs in one launch) and "atomic" (dq added into an fp32 buffer by
+    the dk/dv programs) under the same error rule as the split backward."""
+    force_bwd(monkeypatch, mode)
+    B, H, N, D, spec = case
+    q, k, v, do = _inputs(B, H, N, D, dtype)
+    plen = _prefix(spec, B, N)
+    _check_against_truth(_run(prefix_attention, q, k, v, do, plen), q, k, v, do, plen)
+
+
+@pytest.mark.parametrize("mode", ["fused", "atomic"])
+def test_backward_variants_write_every_gradient_row(mode):
+    """Poisoned gradients come back finite everywhere (every row of dq, dk, dv written, the atomic
+    buffer zeroed first) and equal to the split backward's within fp32 summation order."""
+    import dataclasses
+    B, H, N, D = 2, 2, 45, 32
+    q, k, v, do = _inputs(B, H, N, D, torch.float32)
+    plen = torch.tensor([0, 30], device=DEV)
+    out, lse = PA._fwd_launch(q, k, v, plen, D ** -0.5)
+    base = PA._tiles(D, q.dtype, q.device, N)
+    split = PA._bwd_launch(do, q, k, v, out, lse, plen, D ** -0.5, cfg=base)
+    poisoned = [torch.full_like(q, float("nan")) for _ in range(3)]
+    got = PA._bwd_launch(do, q, k, v, out, lse, plen, D ** -0.5, *poisoned, cfg=dataclasses.replace(base, bwd=mode))
+    for name, g, s in zip(("dq", "dk", "dv"), got, split):
+        assert torch.isfinite(g).all(), f"{mode}: {name} has unwritten rows"
+        torch.testing.assert_close(g, s, rtol=1e-5, atol=1e-6, msg=f"{mode}: {name}")
+
+
+def test_deterministic_algorithms_keep_the_split_backward():
+    """torch.use_deterministic_algorithms(True) turns a configured "atomic" backward (fp32 adds in
+    no fixed order) into "split"; the other forms are deterministic as they are."""
+    import dataclasses
+    atomic = dataclasses.replace(PA._tiles(32, torch.float32, torch.device(DEV)), bwd="atomic")
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert PA._bwd_mode(atomic) == "split"
+        assert PA._bwd_mode(dataclasses.replace(atomic, bwd="fused")) == "fused"
+        torch.use_deterministic_algorithms(False)
+        assert PA._bwd_mode(atomic) == "atomic"
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_configuration_table_lookup():
+    """The committed table is keyed by (capability, head dim, length bucket, dtype); a missing key
+    falls back (None), a bad backward name is an error naming the file."""
+    from aimv2.kernels._utils import Tiles
+    delta = Tiles(32, 0, 4, 1)
+    table = {(9, 0, 128, 256, "bfloat16"): {"fwd": (64, 64, 4, 3), "dkdv": (64, 128, 8, 3), "dq": (128, 64, 8, 3),
+                                            "bwd": "atomic"}}
+    got = PA._table_config((9, 0), 128, 256, torch.bfloat16, delta, table)
+    assert got.bwd == "atomic" and got.fwd == Tiles(64, 64, 4, 3) and got.dkdv.block_n == 128 and got.delta == delta
+    assert PA._table_config((9, 0), 128, 257, torch.bfloat16, delta, table) is None          # bucket 1024
+    assert PA._table_config((9, 0), 128, 256, torch.float16, delta, table) is None
+    assert [PA.n_bucket(n) for n in (1, 256, 257, 1024, 1025)] == [256, 256, 1024, 1024, 0]
+    with pytest.raises(ValueError, match="_attention_table.py"):
+        PA._table_config((9, 0), 128, 256, torch.bfloat16, delta,
+                         {(9, 0, 128, 256, "bfloat16"): dict(table[(9, 0, 128, 256, "bfloat16")], bwd="magic")})
+    from aimv2.kernels._attention_table import TABLE
+    for key, entry in TABLE.items():                                     # the committed entries are valid
+        assert PA._table_config(key[:2], key[2], 1 if key[3] == 256 else key[3] or 4096,
+                                getattr(torch, key[4]), delta) is not None

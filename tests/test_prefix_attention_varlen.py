@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from aimv2.kernels import prefix_attention, prefix_attention_varlen, prefix_attention_varlen_ref, prefix_mask
-from test_prefix_attention import ON_GPU, assert_within_error_rule, needs_gpu_bf16
+from test_prefix_attention import ON_GPU, assert_within_error_rule, force_bwd, needs_gpu_bf16
 
 PA = importlib.import_module("aimv2.kernels.prefix_attention")
 PV = importlib.import_module("aimv2.kernels.prefix_attention_varlen")
@@ -99,6 +99,21 @@ def _case_id(c):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_matches_per_image_fp64_reference(case, dtype):
+    lens, H, D, spec, extra = case
+    cu, P = _pack(lens, spec)
+    q, k, v, do = _inputs(sum(lens), H, D, dtype)
+    got = _run(_varlen(cu, P, max(lens) + extra), q, k, v, do)
+    _check_against_truth(got, q, k, v, do, cu, P)
+
+
+@pytest.mark.parametrize("mode", ["fused", "atomic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES[2:5], ids=_case_id)
+def test_backward_variants_match_per_image_fp64_reference(case, dtype, mode, monkeypatch):
+    """The packed op's "fused" and "atomic" backward (kernels/prefix_attention.py _AttentionTiles)
+    under the same rule: images of 3-50 tokens, prefixes 0 / 1 / len / random, a grid past the
+    longest image."""
+    force_bwd(monkeypatch, mode)
     lens, H, D, spec, extra = case
     cu, P = _pack(lens, spec)
     q, k, v, do = _inputs(sum(lens), H, D, dtype)
@@ -221,7 +236,7 @@ def test_tiles_stay_inside_images_and_match_the_analytic_count(monkeypatch, lens
     row, elem = H * D, 4
     fwd = _record(monkeypatch, "_fwd_key_tiles", 4, 8, k.data_ptr(), row, elem)
     dq = _record(monkeypatch, "_dq_key_tiles", 5, 9, k.data_ptr(), row, elem)
-    dkdv = _record(monkeypatch, "_dkdv_query_tiles", 4, 10, q.data_ptr(), row, elem)
+    dkdv = _record(monkeypatch, "_dkdv_query_tiles", 4, 14, q.data_ptr(), row, elem)
     out, lse = PV._varlen_fwd_launch(q, k, v, cu, plen, max(lens) + 7, 0.25)
     PV._varlen_bwd_launch(do, q, k, v, out, lse, cu, plen, max(lens) + 7, 0.25)
     mask = _doc_mask(lens, P)                                              # (T, T): [query, key]
@@ -289,20 +304,22 @@ def test_opcheck():
 
 def test_kernels_compile_for_sm90_without_spills():
     """The interpreter never sees what only compiled Triton rejects (here the early `return` of a
-    program whose tile lies past its image): the three varlen kernels compile for sm_90a at bf16 as
-    the launchers specialise them (benchmarks/ptxas_attention.py), with wgmma and no spills."""
+    program whose tile lies past its image): the varlen kernels, and the backward forms "atomic" and
+    "fused" of both ops, compile for sm_90a at bf16 as the launchers specialise them
+    (benchmarks/ptxas_attention.py), with wgmma and no spills."""
     try:
         import triton.backends.nvidia  # noqa: F401
     except ImportError:
         pytest.skip("this Triton build has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "ptxas_attention.py"
-    proc = subprocess.run([sys.executable, str(script), "--kernels", "varlen_fwd,varlen_dkdv,varlen_dq",
+    kernels = "varlen_fwd,varlen_dkdv,varlen_dkdv_atomic,varlen_dq,varlen_bwd_fused,dkdv_atomic,bwd_fused"
+    proc = subprocess.run([sys.executable, str(script), "--kernels", kernels,
                            "--dtypes", "bf16", "--head-dims", "64,128"], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 6, proc.stdout
+    assert len(lines) == 14, proc.stdout
     for line in lines:
         assert "wgmma True" in line and "0 bytes spill stores" in line and "FAILED" not in line, line
 
