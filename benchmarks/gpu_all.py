@@ -8,7 +8,7 @@
 
 The stages (SPECS: which call, what each writes, the paths it watches) and the README's "Running on
 a GPU" table: ceilings in both calls; attention_packed, native, tests, attention, step in `make gpu`
-(480 s); decode, kernels, text_loss, tune_kernels in `make gpu-more` (240 s).
+(480 s); sweep_attention, decode, kernels, text_loss, tune_kernels in `make gpu-more` (240 s).
 
 Order within a call (order_by_value): ceilings (the later stages read them), then stages never run on
 a GPU ("new"), then those whose watched code changed since their last committed run ("changed"), then
@@ -109,6 +109,8 @@ SPECS = (
     StageSpec("text_loss", "more", 90, 45, ("text_loss",), ("kernels/linear_cross_entropy.py",
                                                              "benchmarks/bench_text_loss.py"),
               script="bench_text_loss", gpu_args=("--shapes", TEXT_LOSS_SHAPES)),
+    StageSpec("sweep_attention", "more", 150, 40, ("sweep_attention",), _VARLEN + ("benchmarks/sweep_attention.py",),
+              script="sweep_attention", gpu_args=("--gpu-quick",)),
     StageSpec("decode", "more", 45, 30, ("decode",), ("benchmarks/bench_decode.py", "aimv2/data"),
               script="bench_decode", gpu_args=("--gpu-quick",)),
     StageSpec("tune_kernels", "more", 90, 35, ("tune_kernels",), _FUSED + ("benchmarks/tune_kernels.py",),
@@ -125,7 +127,8 @@ BASELINES = {"kernels": ("compile_ref", "eager_ref"),
              "attention": ("flex", "sdpa_dense", "sdpa_flash_causal", "sdpa_cudnn_causal"),
              "attention_packed": ("aimv2_padded", "flex"), "native": ("padded",),
              "text_loss": ("compile_ref", "eager_ref"), "tune_kernels": ("compile_ref",),
-             "decode": ("pil",), "step": ("flex", "eager_ref")}
+             "decode": ("pil",), "step": ("flex", "eager_ref"),
+             "sweep_attention": ("flex", "sdpa_cudnn_causal", "sdpa_dense")}
 
 
 @dataclass
@@ -450,7 +453,21 @@ def _x(base: float | None, ours: float | None) -> str:
 
 OURS = {"decode": "nvjpeg", "native": "packed"}                    # default "aimv2"
 RATE = {"kernels": ("gbps", "GB/s"), "decode": ("images_per_s", "img/s"), "native": ("images_per_s", "img/s")}
-SUMMARY_KINDS = ("kernels", "attention", "attention_packed", "native", "text_loss", "decode", "step")
+SUMMARY_KINDS = ("kernels", "attention", "attention_packed", "native", "text_loss", "decode", "sweep_attention",
+                 "step")
+
+
+def sweep_winners(rows: list[dict]) -> list[dict]:
+    """The sweep's rows cut to the summary: per (shape, pass, timing) the fastest correct aimv2
+    candidate (its `config` named in the op column) and the baselines."""
+    best = {}
+    for r in rows:
+        if r.get("provider") == "aimv2" and r.get("correct") and r.get("ms"):
+            key = (r.get("shape"), r.get("pass"), r.get("timing"))
+            if key not in best or r["ms"] < best[key]["ms"]:
+                best[key] = r
+    return [r for r in rows if r.get("provider") != "aimv2" or r is best.get((r.get("shape"), r.get("pass"),
+                                                                            r.get("timing")))]
 
 
 def speedup_table(kind: str, rows: list[dict]) -> list[str]:
@@ -479,7 +496,9 @@ def speedup_table(kind: str, rows: list[dict]) -> list[str]:
                      f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else "-"]
         else:
             rate, pct = r.get(rate_key), r.get("pct_of_ceiling")
-            cells = [r.get("op"), r.get("pass"), r.get("shape"), f"{r['ms']:.3f}",
+            op = r.get("op") + (f" [{r['config']}]" if r.get("config") else "")
+            cells = [op, r.get("pass") + (f" ({r['timing']})" if r.get("timing") else ""), r.get("shape"),
+                     f"{r['ms']:.3f}",
                      f"{rate:.1f}" if rate is not None else "-", f"{pct:.1f}" if pct is not None else "-"]
         for b in bases:
             peer = peers.get(b)
@@ -522,6 +541,8 @@ def summary(plan: list[Stage], out: Path, dry: bool, total_s: float, call: str =
                      f"{cc.get('bf16_tflops') or 0:,.1f} TFLOP/s")
     for kind in SUMMARY_KINDS:
         rows = _load(out_path(out, kind))
+        if kind == "sweep_attention":
+            rows = sweep_winners(rows)
         if rows:
             lines += ["", f"## {kind}", ""] + speedup_table(kind, rows)
     return "\n".join(lines) + "\n"

@@ -349,21 +349,25 @@ def test_make_gpu_dry_mode(tmp_path):
 
 
 def test_make_gpu_more_dry_mode(tmp_path):
-    """The second call in dry mode: the fused kernels, the caption loss, the decode backend and the
-    kernel tuning, each with rows, its own log and summary names (both calls' files can sit side by
+    """The second call in dry mode: the attention sweep, the fused kernels, the caption loss, the
+    decode backend and the kernel tuning, each with rows, its own log and summary names (both calls' files can sit side by
     side in benchmarks/results), no junit xml and no failure for its absence."""
     out = tmp_path / "out"
     r, names = _make("gpu-more", out, 600)
     kinds = sorted(n.split("-cpu-")[0] for n in names)
-    assert kinds == ["ceilings", "decode", "gpu_more", "kernels", "summary_more", "text_loss", "tune_kernels"], names
-    rows = _dry_rows(out, ("kernels", "text_loss", "decode", "tune_kernels"))
+    assert kinds == ["ceilings", "decode", "gpu_more", "kernels", "summary_more", "sweep_attention", "text_loss",
+                     "tune_kernels"], names
+    rows = _dry_rows(out, ("kernels", "text_loss", "decode", "tune_kernels", "sweep_attention"))
+    assert {r["bwd_form"] for r in rows["sweep_attention"] if r["provider"] == "aimv2"} == {"split", "fused", "atomic"}
     assert {r["provider"] for r in rows["kernels"]} == {"aimv2", "eager_ref"}
     assert {r["provider"] for r in rows["text_loss"]} == {"aimv2", "eager_ref"}
     assert "pil" in {r["provider"] for r in rows["decode"]}
     summary = gpu_all.out_path(out, "summary_more", "md").read_text()
     assert summary.startswith("# make gpu-more summary")
-    for stage in ("ceilings", "kernels", "text_loss", "decode", "tune_kernels"):
+    for stage in ("ceilings", "sweep_attention", "kernels", "text_loss", "decode", "tune_kernels"):
         assert f"| {stage} | ok |" in summary, summary
+    sweep = [ln for ln in summary.splitlines() if ln.startswith("| prefix_attention [")]
+    assert len(sweep) == 2 and all("x" in ln.split("|")[-2] for ln in sweep), sweep     # winners vs sdpa_dense
     assert "=== stage tune_kernels: ok" in gpu_all.out_path(out, "gpu_more", "log").read_text()
 
 
