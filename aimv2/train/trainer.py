@@ -58,6 +58,7 @@ from . import checkpoint as ck
 from . import distributed as D
 from .callbacks import Callback
 from .config import TrainConfig, validate
+from .lock import RunLock
 from .metrics import MetricsWriter, device_peak_tflops, peak_memory_mb
 from .optim import WarmupCosine, build_optimizer, build_scheduler, restore_schedule
 from .stats import IntervalStats, IntervalTimer, Lap, StepStats
@@ -251,9 +252,14 @@ class Trainer:
         self.info = D.init_distributed(cfg.run.distributed, cfg.run.device)
         self.device = self.info.device
         self.run_dir = Path(cfg.run.out)
+        self.lock = None
         try:
+            if self.info.is_main:                 # one run per output folder (train/lock.py)
+                self.lock = RunLock.acquire(self.run_dir, log=self.log)
             self._setup(loader)
         except BaseException:
+            if self.lock is not None:
+                self.lock.release()
             if self.owns_pg:
                 D.shutdown(self.info)
             raise
@@ -490,6 +496,8 @@ class Trainer:
         then stop on non-finite steps (_check_nonfinite)."""
         stats = self.stats.read(self.info)
         row = self._metrics_row(step, stats, self.timer.lap(step))
+        if self.lock is not None:
+            self.lock.beat()
         for cb in self.callbacks:
             cb.on_log(self, row)
         if self.writer is not None:
@@ -570,6 +578,8 @@ class Trainer:
             self.pbar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.lock is not None:
+            self.lock.release()
         if self.owns_pg:
             if self.info.world_size > 1:
                 self._release_distributed_state()
