@@ -98,6 +98,25 @@ def test_awkward_rows_and_near_constant_patches(device, poison_empty):
         assert_close_to_truth(name, g, t_same, t)
 
 
+def test_pred_and_patches_with_different_row_strides(device, poison_empty):
+    """pred and patches each their own layout (pred: rows of a (T, K + 5) buffer, patches: rows of a
+    (T, 2K + 3) buffer at column 3), so a kernel that read one tensor with the other's row stride, or
+    assumed contiguous rows, is caught; loss and d_pred against fp64."""
+    batch, _ = _pack(GRIDS, "random", device, gen=torch.Generator().manual_seed(3))
+    T, K = batch.patches.shape
+    big_p = torch.randn(T, K + 5, device=device)
+    big_x = torch.randn(T, 2 * K + 3, device=device)
+    big_x[:, 3:3 + K] = batch.patches
+    pred, patches = big_p[:, 5:], big_x[:, 3:3 + K]                  # row strides K + 5 and 2K + 3
+    assert pred.stride(0) != patches.stride(0) != K
+    got, same, truth = (_run(fn, p_, type(batch)(x, batch.cu_seqlens, batch.grids, batch.prefix_len))
+                        for fn, p_, x in ((patch_l2_loss_packed, pred, patches),
+                                          (patch_l2_loss_packed_ref, pred, patches),
+                                          (patch_l2_loss_packed_ref, pred.double(), patches.double())))
+    for name, g, t_same, t in zip(["loss", "dpred"], got, same, truth):
+        assert_close_to_truth(name, g, t_same, t)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_equal_sizes_is_the_fixed_op(device, dtype):
     """A pack of B images of one size is the fixed-size op on the (B, N, K) batch, bit for bit in the

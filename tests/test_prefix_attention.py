@@ -155,6 +155,27 @@ def test_fused_qkv_views_are_not_copied(monkeypatch):
     assert out.transpose(1, 2).is_contiguous()
 
 
+def _own_layouts(B, H, N, D, dtype, wide: int = 24):
+    """q, k, v of shape (B, H, N, D), each its own layout: q contiguous, k the transpose of a
+    (B, N, H, D) buffer, v the last D columns of a (B, H, N, D + wide) buffer (row stride D + wide)."""
+    q = torch.randn(B, H, N, D, device=DEV, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, N, H, D, device=DEV, dtype=torch.float64).to(dtype).transpose(1, 2)
+    v = torch.randn(B, H, N, D + wide, device=DEV, dtype=torch.float64).to(dtype)[..., wide:]
+    assert len({q.stride(), k.stride(), v.stride()}) == 3 and all(t.stride(-1) == 1 for t in (q, k, v))
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_q_k_v_each_with_its_own_layout(dtype):
+    """A kernel or launcher that used one tensor's strides for another (or copied one and not the
+    others wrongly) is caught: output and every gradient against fp64."""
+    B, H, N, D = 2, 3, 41, 32
+    q, k, v = _own_layouts(B, H, N, D, dtype)
+    do = torch.randn(B, H, N, D, device=DEV, dtype=torch.float64).to(dtype)
+    plen = torch.tensor([7, 30], device=DEV)
+    _check_against_truth(_run(prefix_attention, q, k, v, do, plen), q, k, v, do, plen)
+
+
 def test_poisoned_outputs_are_fully_written():
     """Launchers write into NaN-filled buffers (here plain contiguous (B, H, N, D) ones)."""
     B, H, N, D = 2, 1, 97, 64

@@ -169,6 +169,22 @@ def test_fused_qkv_views_are_not_copied(monkeypatch):
     assert out.is_contiguous()                            # (T, H, D): reshape(T, H * D) is free
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_q_k_v_each_with_its_own_layout(dtype):
+    """Packed q, k, v (T, H, D) each their own layout: q contiguous, k the transpose of an (H, T, D)
+    buffer, v the last D columns of a (T, H, D + 24) buffer; output and every gradient against fp64."""
+    lens = [13, 30, 5]
+    cu, P = _pack(lens, [3, 0, "len"])
+    T, H, D = sum(lens), 2, 32
+    q = torch.randn(T, H, D, device=DEV, dtype=torch.float64).to(dtype)
+    k = torch.randn(H, T, D, device=DEV, dtype=torch.float64).to(dtype).transpose(0, 1)
+    v = torch.randn(T, H, D + 24, device=DEV, dtype=torch.float64).to(dtype)[..., 24:]
+    assert len({q.stride(), k.stride(), v.stride()}) == 3
+    do = torch.randn(T, H, D, device=DEV, dtype=torch.float64).to(dtype)
+    got = _run(_varlen(cu, P), q, k, v, do)
+    _check_against_truth(got, q, k, v, do, cu, P)
+
+
 def test_poisoned_outputs_are_fully_written_and_lse():
     """Launchers write into NaN-filled buffers; lse (H, T) is each image's log2-sum-exp."""
     lens, H, D, scale = [20, 1, 37], 2, 64, 0.125
