@@ -38,8 +38,14 @@ Design: the tokens are cut into chunks of C rows; for each chunk, in a fixed ord
   runs the loop without step 3, saves lse (T,) fp32, and the backward op runs it again with
   g = grad_output (x the mean's 1 / count), lse read back. 4 GEMMs.
 
-Chunk size: C = CHUNK_BYTES (128 MiB) / (V x itemsize), rounded down to a multiple of 128 (at least
-128; all of T when smaller): bf16 V = 32000 -> 2048 rows, V = 128000 -> 512; fp32 V = 32000 -> 1024.
+Chunk size: C = T / 4 rounded down to a multiple of 128, at least 128 and at most CHUNK_BYTES (128 MiB)
+/ (V x itemsize) (rounded down to a multiple of 128, at least 128; all of T when smaller): the cap is
+bf16 V = 32000 -> 2048 rows, V = 128000 -> 512; fp32 V = 32000 -> 1024. Sized from T so that small
+batches save memory too: a fixed 128 MiB buffer held 36 % of eager's fwd+bwd peak at T = 1,232 (CPU,
+fp32, D = 256, V = 32,000: 165.7 vs 457.2 MB); with C = T / 4 it is 101.1 MB (22 %), and 85.4 vs
+372.8 MB (23 %) at T = 1,000 (benchmarks/results/text_loss-cpu-2026-12-06.json). From T = 4 x cap up
+(T = 8,192 at bf16 V = 32k) C is the cap as before; the GPU training shape T = 77 x 128 = 9,856 at bf16
+keeps C = 2048, so the large-T speed is unchanged there.
 Why 128 MiB (reasoned from datasheet rates, not measured yet): every GEMM keeps >= 512 rows (M of
 the logits / d_hidden products, K of the d_weight product) up to V = 128k in bf16, enough to fill an
 H100/H200 with 128-row tiles; the fp32 d_weight accumulator's read-modify-write per chunk
@@ -180,12 +186,14 @@ def _tiles(V: int) -> Tiles:
 
 
 def _chunk_rows(T: int, V: int, dtype: torch.dtype) -> int:
-    """Rows C of one chunk (module docstring): CHUNK_ROWS if set, else CHUNK_BYTES / (V x itemsize)
-    rounded down to a multiple of 128 (at least 128); never more than T (nor less than 1)."""
+    """Rows C of one chunk (module docstring): CHUNK_ROWS if set, else T / 4 rounded down to a
+    multiple of 128, at least 128 and at most CHUNK_BYTES / (V x itemsize) (itself a multiple of 128,
+    at least 128); never more than T (nor less than 1)."""
     if CHUNK_ROWS is not None:
         rows = CHUNK_ROWS
     else:
-        rows = max(128, CHUNK_BYTES // (V * dtype.itemsize) // 128 * 128)
+        cap = max(128, CHUNK_BYTES // (V * dtype.itemsize) // 128 * 128)
+        rows = min(cap, max(128, T // 4 // 128 * 128))
     return max(1, min(rows, T))
 
 

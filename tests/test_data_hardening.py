@@ -80,6 +80,59 @@ def test_garbage_recovery_matches_gnu_tar(tmp_path):
         assert sorted(ours) == sorted(out), case
 
 
+def _v7_member(name: str, data: bytes, typeflag: bytes) -> bytes:
+    """A pre-POSIX (Unix v7) tar member: header fields up to linkname only, no "ustar" magic or version
+    (bytes 257-511 are zero), checksum written as tar does ("%06o\\0 "), data padded to 512."""
+    b = bytearray(512)
+    b[0:len(name)] = name.encode()
+    b[100:108], b[108:116], b[116:124] = b"0000644\0", b"0001750\0", b"0001750\0"
+    b[124:136], b[136:148] = f"{len(data):011o}\0".encode(), b"14712345670\0"
+    b[148:156], b[156:157] = b" " * 8, typeflag
+    b[148:156] = f"{sum(b):06o}\0 ".encode()
+    return bytes(b) + data + bytes(-len(data) % 512)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("garbage", [512, 3 * 512, 700, 3 * 512 + 33, 1])
+def test_v7_headers_are_recovered_after_garbage(tmp_path, garbage):
+    """Old-style (v7) headers carry no "ustar" magic, so after garbage of any length, aligned or not, the
+    next header is found by its checksum alone: every member after it is indexed at its true offset, the
+    garbage (ending, when long enough, in a stale header's first 200 bytes, whose checksum field is the first
+    candidate and fails) is one bad_tar_header region of exactly its length, and the bytes read back are
+    the payloads."""
+    import tarfile
+    rng = np.random.default_rng(garbage)
+    payloads = {}
+    for i in range(4):  # odd sizes, so members end mid-block; v7 regular files are typeflag NUL (or "0")
+        payloads[f"v{i}.jpg"] = adv.jpeg(rng, 40 + 8 * i, 30)
+        payloads[f"v{i}.txt"] = f"caption {i} {'x' * (37 * i)}".encode()
+        payloads[f"v{i}.json"] = b'{"label": %d}' % i
+    members = [_v7_member(n, d, b"\0" if k % 2 else b"0") for k, (n, d) in enumerate(payloads.items())]
+    at = list(payloads).index("v1.txt")  # the garbage lands inside sample v1, between its jpg and its txt
+    clean = b"".join(members) + adv.end()
+    junk = rng.bytes(garbage)
+    if garbage > 200:  # it ends in a stale header's first 200 bytes (an interrupted write), whose checksum
+        junk = junk[:-200] + _v7_member("stale.jpg", b"x" * 999, b"0")[:200]  # field sits 200 bytes early
+    data = b"".join(members[:at]) + junk + b"".join(members[at:]) + adv.end()
+
+    # the builder writes real v7 archives: Python's tarfile reads the clean one, finding no ustar magic
+    (tmp_path / "clean.tar").write_bytes(clean)
+    with tarfile.open(tmp_path / "clean.tar") as t:
+        assert [m.name for m in t.getmembers()] == list(payloads) and all(m.isfile() for m in t.getmembers())
+    assert b"ustar" not in clean and index_shard(str(tmp_path / "clean.tar")).damaged == []
+
+    path = tmp_path / "v7.tar"
+    path.write_bytes(data)
+    idx = index_shard(str(path))
+    assert idx.keys == ["v0", "v1", "v2", "v3"] and not idx.truncated and idx.dropped == 0
+    g_off = sum(map(len, members[:at]))
+    assert [d[:3] for d in idx.damaged] == [(g_off, garbage, "bad_tar_header")], idx.damaged
+    for key, comp in zip(idx.keys, idx.components):
+        assert set(comp) == {"jpg", "txt", "json"}, key
+        for ext, (off, size) in comp.items():
+            assert data[off: off + size] == payloads[f"{key}.{ext}"], (key, ext)
+
+
 @pytest.mark.timeout(60)
 def test_random_pax_payloads_and_byte_flips_never_hang_or_raise_bare(tmp_path):
     """Fuzz: random pax payloads, and random damage anywhere in a good shard: indexing returns (or, for

@@ -261,6 +261,22 @@ def test_bad_inputs(device, monkeypatch):
         linear_cross_entropy(h.cpu(), w.cpu(), t.cpu())
 
 
+def test_chunk_rows_scale_with_the_tokens():
+    """C = T / 4 (a multiple of 128, >= 128) up to the 128 MiB cap: small batches get small chunks
+    (their peak memory is a fraction of eager's), large ones the cap (their speed unchanged)."""
+    import torch
+    f = lce._chunk_rows
+    assert f(100, 32000, torch.float32) == 100                      # all of T when smaller than 128
+    assert f(1000, 32000, torch.float32) == 128
+    assert f(1232, 32000, torch.float32) == 256
+    assert f(5000, 32000, torch.float32) == 1024                    # fp32 cap at V = 32k
+    assert f(9856, 32000, torch.bfloat16) == 2048                   # the training shape: the bf16 cap
+    assert f(9856, 128000, torch.bfloat16) == 512
+    for T in (1, 127, 128, 129, 1000, 3333, 100000):
+        C = f(T, 32000, torch.bfloat16)
+        assert 1 <= C <= T and (C == T or C % 128 == 0) and C * 32000 * 2 <= lce.CHUNK_BYTES
+
+
 def test_benchmark_quick_cpu(tmp_path):
     """benchmarks/bench_text_loss.py --quick: one fresh process per provider, rows in the results
     schema with a measured peak memory, and both providers computing the same loss."""

@@ -251,6 +251,44 @@ def test_old_checkpoint_without_record_loads_with_warning_unless_weights_non_fin
         ck.load_checkpoint(path, log=logged.append)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf")], ids=["+inf", "-inf"])
+@pytest.mark.parametrize("name", ["encoder.w", "decoder.b"])
+def test_checkpoint_saved_with_infinite_weights_is_refused_naming_the_tensor(tmp_path, bad, name):
+    """One +-inf element, saved as is (save_checkpoint writes what it is given and records its hash, so
+    the integrity record matches): only the finiteness check stands between it and a resumed run."""
+    g = torch.Generator().manual_seed(3)
+    sd = {"encoder.w": torch.randn(64, 32, generator=g), "decoder.b": torch.randn(100, generator=g)}
+    sd[name].view(-1)[37] = bad
+    path = ck.save_checkpoint(tmp_path, 1, sd, {"name": "x", "dim": 4}, _fake_state(1), "run: {}\n", keep=5)
+    assert ck.verify_integrity(path) is True
+    with pytest.raises(CheckpointError, match=rf"{path.name}'?: model.safetensors is damaged "
+                                              rf"\(tensor '{name}' holds non-finite values\)"):
+        ck.load_checkpoint(path)
+
+
+def test_resume_refuses_checkpoints_with_infinite_weights(tmp_path, capsys):
+    """`aimv2 train --resume`: a checkpoint holding +inf (the newest) and one holding -inf (the one before)
+    are both refused naming the tensor, and the run stops with one error line instead of resuming."""
+    from aimv2.train import train
+    out = tmp_path / "run"
+    train(_tiny(out, **{"run.steps": 4}))                              # checkpoints 2 and 4
+    named = {}
+    for path, bad in zip(ck.list_checkpoints(out), (float("-inf"), float("inf"))):
+        model, mcfg, state = ck.load_checkpoint(path)
+        name = sorted(k for k, v in model.items() if v.is_floating_point() and v.numel() > 1)[len(named)]
+        model[name].view(-1)[1] = bad
+        ck.save_checkpoint(out, state.pop("step"), model, mcfg, state, (path / ck.CONFIG_FILE).read_text(), keep=5)
+        assert ck.verify_integrity(path) is True                        # re-saved whole: only the values are bad
+        named[path.name] = name
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "resumed from" not in err
+    for ckpt, name in named.items():
+        assert f"{ckpt}': model.safetensors is damaged (tensor {name!r} holds non-finite values)" in err
+    assert err.rstrip().splitlines()[-1].startswith("error: --resume: none of the 2 checkpoint(s) under")
+
+
 def test_disk_full_names_path_and_bytes_and_keeps_the_previous(tmp_path, monkeypatch):
     import errno
     import shutil

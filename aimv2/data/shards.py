@@ -10,7 +10,8 @@ A truncated shard (a header or member cut by the end of the file, or no end-of-a
 indexed up to its last complete member; the sample whose member was cut is dropped and counted.
 Damage inside a shard never stops the index and never loops: a header block that fails its checksum
 or holds an unparsable field is skipped by resynchronising at the next checksum-valid header (as
-GNU tar does; 512-byte aligned, or any offset holding a ustar header); a malformed pax extended
+GNU tar does; 512-byte aligned, or any offset holding a ustar header or, for v7 headers without the
+magic, a checksum field written as tar writes it); a malformed pax extended
 header or GNU long name (bad record length, record past the header's end, absurd size) is skipped
 together with the member it describes. Each is recorded in `ShardIndex.damaged` as
 (offset, bytes skipped, reason, detail) and logged naming the shard and offset; the Loader counts
@@ -38,7 +39,8 @@ __all__ = ["expand_braces", "resolve_shards", "ShardIndex", "index_shard", "load
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
-_INDEX_VERSION = 2
+_CHKSUM_DIGITS = re.compile(rb"[ 0-7]{6}")  # the checksum field before its "\0 ": "%06o" (v7: "%6o")
+_INDEX_VERSION = 3          # 3: v7 headers recovered after unaligned garbage (cached v2 indexes are rebuilt)
 _META_MAX = 1 << 20  # a pax header or GNU long name larger than this is damage, not metadata
 _COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 _COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tzst")
@@ -204,7 +206,8 @@ def _resync(f, start: int, fsize: int) -> int | None:
     """Offset of the first valid (checksum-correct) header at or after `start`, else None.
 
     Candidates are 512-byte aligned blocks (GNU tar's recovery) and, for garbage whose length is not a
-    multiple of 512, any offset whose block carries the "ustar" magic."""
+    multiple of 512, any offset whose block carries the "ustar" magic or (v7 headers have no magic) whose
+    checksum field reads as tar writes it, six octal digits or spaces then "\0 " (bytes 148-155)."""
     chunk = 1 << 20
     pos = start
     while pos + 512 <= fsize:
@@ -216,6 +219,11 @@ def _resync(f, start: int, fsize: int) -> int | None:
             if i - 257 + 512 <= len(buf):
                 cands.add(i - 257)
             i = buf.find(b"ustar", i + 1)
+        i = buf.find(b"\0 ", 154)
+        while i >= 0:
+            if i - 154 + 512 <= len(buf) and _CHKSUM_DIGITS.fullmatch(buf, i - 6, i):
+                cands.add(i - 154)
+            i = buf.find(b"\0 ", i + 1)
         for c in sorted(cands):
             block = buf[c: c + 512]
             if block.count(0) == 512:
