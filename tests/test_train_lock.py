@@ -62,7 +62,7 @@ def test_second_cli_run_is_refused_then_a_killed_runs_lock_is_taken_over(tmp_pat
         first.send_signal(signal.SIGKILL)
         first.communicate(timeout=60)
     assert cli_main(_args(tmp_path / "other")) == 0                     # another folder was never locked
-    assert cli_main(_args(out, "--resume")) == 0
+    assert cli_main(_args(out, "--resume", "auto")) == 0
     err = capsys.readouterr().err
     assert f"took over the run lock of {out} from host {socket.gethostname()} pid {first.pid}" in err
     assert f"pid {first.pid} is no longer running" in err
@@ -119,3 +119,20 @@ def test_another_hosts_fresh_lock_refuses_a_stale_one_is_taken(tmp_path, capsys)
     os.utime(lock, (old, old))
     assert cli_main(_args(out)) == 0
     assert "took over the run lock" in capsys.readouterr().err and not lock.exists()
+
+
+def test_resume_needs_a_checkpoint_and_resume_auto_starts_without_one(tmp_path, capsys):
+    """--resume on a folder with no checkpoint is an error naming it (a mistyped --out must not
+    start a new run silently); --resume auto starts there, and continues where one exists: the one
+    command an elastic restart (torchrun --max-restarts) can repeat."""
+    out = tmp_path / "run"
+    assert cli_main(_args(out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "--resume: no checkpoint under" in err and "--resume auto" in err and not (out / "metrics.jsonl").exists()
+    assert cli_main(_args(out, "--resume", "auto", "--ckpt-every", "2")) == 0
+    assert "--resume auto: no checkpoint" in capsys.readouterr().err
+    assert cli_main(_args(out, "--resume", "auto", "--steps", "5")) == 0
+    assert f"resumed from {out / 'checkpoints' / 'step_00000003'}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli_main(_args(out, "--resume", "bogus"))
+    assert e.value.code == 2 and "expected nothing or 'auto'" in capsys.readouterr().err

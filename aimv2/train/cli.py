@@ -18,6 +18,12 @@ FLAG_KEYS = {"steps": "run.steps", "batch_size": "data.batch_size", "lr": "optim
              "tokens_per_batch": "data.tokens_per_batch"}
 
 
+def _resume_value(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"expected nothing or 'auto', got {text!r}")
+    return text
+
+
 def build_config(args):
     from aimv2.errors import ConfigError
 
@@ -37,7 +43,7 @@ def build_config(args):
                           "(or --resume --out RUN_DIR of an existing run)")
     over = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
     if args.resume:
-        over["run.resume"] = True
+        over["run.resume"] = args.resume                   # True or "auto"
     if args.no_progress:
         over["run.progress"] = False
     if args.native:
@@ -85,7 +91,10 @@ def register(subparsers) -> None:
                    help="override any config key, e.g. --set optim.warmup_steps=500 (repeatable)")
     p.add_argument("--data", help="training shards (pattern or dir); default: the embedded synthetic dataset")
     p.add_argument("--out", help="run directory (default runs/aimv2)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest whole checkpoint in --out")
+    p.add_argument("--resume", nargs="?", const=True, default=None, type=_resume_value, metavar="auto",
+                   help="continue from the newest whole checkpoint in --out (an error when there is none); "
+                        "--resume auto: continue if there is one, else start: the one command for torchrun "
+                        "--max-restarts (every restart resumes)")
     p.add_argument("--steps", type=int, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, help="global batch size per optimizer step")
     p.add_argument("--lr", type=float, help="peak learning rate")

@@ -97,7 +97,8 @@ class RunConfig:
     log_every: int = 10
     ckpt_every: int = 500              # <= 0: only the final / interrupt checkpoints
     keep_ckpts: int = 3
-    resume: bool = False
+    resume: bool | str = False         # True: continue from the newest whole checkpoint (an error when there is
+                                       # none); "auto": continue if there is one, else start (elastic restarts)
     seed: int = 0
     device: str = "auto"               # "auto" | "cpu" | "cuda" | "cuda:1" ...
     precision: str = "auto"            # auto: bf16 on a GPU, fp32 on a CPU
@@ -295,6 +296,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ValueError(f"TrainConfig: {msg}")
     cfg.model.validate()
     r, o, d = cfg.run, cfg.optim, cfg.data
+    need(r.resume in (False, True, "auto"), f"run.resume must be false, true or auto, got {r.resume!r}")
     need(r.steps > 0, f"run.steps must be > 0, got {r.steps}")
     need(r.log_every > 0, f"run.log_every must be > 0, got {r.log_every}")
     need(r.keep_ckpts > 0, f"run.keep_ckpts must be > 0, got {r.keep_ckpts}")

@@ -316,7 +316,10 @@ class Trainer:
                                   f"--resume (run.resume=true) to continue it, or choose another --out")
             return none
         if not ckpts:
-            self.log(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}; starting fresh")
+            if self.cfg.run.resume != "auto":
+                raise ConfigError(f"--resume: no checkpoint under {str(self.run_dir / 'checkpoints')!r} to continue "
+                                  f"from (check --out; --resume auto starts the run when there is none)")
+            self.log(f"--resume auto: no checkpoint under {self.run_dir / 'checkpoints'}; starting the run")
             return none
         for path in reversed(ckpts):
             try:
