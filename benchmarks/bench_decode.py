@@ -8,7 +8,7 @@ on the device: the loader's crop plan (augment.crop_plans, train: RandomResizedC
     nvjpeg              the loader's GPU decode path (torch backend on CUDA) in the main process: host read
                         and checks (SampleReader.read, JPEG scan check included, as the loader runs it
                         before an nvJPEG decode), torchvision.io.decode_jpeg(list, device="cuda") of the batch
-                        (loader._torchvision_jpeg_decoder), augment.tensor_crop_resize per image, normalise
+                        (loader.torchvision_jpeg_decoder), augment.tensor_crop_resize per image, normalise
     nvjpeg_decode_only  the same read and decode alone: where the time goes
     pil                 the loader's CPU path in the main process, 1 thread: read (scan check left to the
                         strict decode), loader.decode_pil (libjpeg-turbo + augment.pil_crop_resize) into uint8
@@ -130,8 +130,8 @@ def nvjpeg_batch(recs, plans, decode, size: int = S, decode_only: bool = False):
 def gpu_decoder(device: torch.device):
     """(decode, None) when the nvjpeg providers can run on `device` (the loader's torchvision decoder), else
     (None, the reason)."""
-    from aimv2.data.loader import _torchvision_jpeg_decoder
-    decode, why = _torchvision_jpeg_decoder(device)
+    from aimv2.data.loader import torchvision_jpeg_decoder
+    decode, why = torchvision_jpeg_decoder(device)
     why = "; ".join(w for w in (why, None if device.type == "cuda" else "needs CUDA") if w)
     return (None, why) if why else (decode, None)
 

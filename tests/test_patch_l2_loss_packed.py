@@ -77,6 +77,17 @@ def test_kernel_matches_fp64(device, dtype, prefix, poison_empty):
     assert not got[1][last_rows].any()                           # an image's last row predicts nothing
 
 
+def _check_layouts(batch, pred, patches):
+    """The kernel on pred / patches as given (any row strides) against the same-dtype reference and
+    fp64: loss and d_pred."""
+    got, same, truth = (_run(fn, p_, type(batch)(x, batch.cu_seqlens, batch.grids, batch.prefix_len))
+                        for fn, p_, x in ((patch_l2_loss_packed, pred, patches),
+                                          (patch_l2_loss_packed_ref, pred, patches),
+                                          (patch_l2_loss_packed_ref, pred.double(), patches.double())))
+    for name, g, t_same, t in zip(["loss", "dpred"], got, same, truth):
+        assert_close_to_truth(name, g, t_same, t)
+
+
 def test_awkward_rows_and_near_constant_patches(device, poison_empty):
     """K = 147 (not a power of two), a strided pred and patches (row stride K + 5), a 1x1 image first,
     tile edges inside images, and near-constant / exactly constant target patches (eps dominates)."""
@@ -90,12 +101,7 @@ def test_awkward_rows_and_near_constant_patches(device, poison_empty):
     big_x[:, 5:] = batch.patches
     big_p = torch.randn(T, K + 5, device=device)
     pred, patches = big_p[:, 5:], big_x[:, 5:]                   # row stride K + 5
-    got, same, truth = (_run(fn, p_, type(batch)(x, batch.cu_seqlens, batch.grids, batch.prefix_len))
-                        for fn, p_, x in ((patch_l2_loss_packed, pred, patches),
-                                          (patch_l2_loss_packed_ref, pred, patches),
-                                          (patch_l2_loss_packed_ref, pred.double(), patches.double())))
-    for name, g, t_same, t in zip(["loss", "dpred"], got, same, truth):
-        assert_close_to_truth(name, g, t_same, t)
+    _check_layouts(batch, pred, patches)
 
 
 def test_pred_and_patches_with_different_row_strides(device, poison_empty):
@@ -109,12 +115,7 @@ def test_pred_and_patches_with_different_row_strides(device, poison_empty):
     big_x[:, 3:3 + K] = batch.patches
     pred, patches = big_p[:, 5:], big_x[:, 3:3 + K]                  # row strides K + 5 and 2K + 3
     assert pred.stride(0) != patches.stride(0) != K
-    got, same, truth = (_run(fn, p_, type(batch)(x, batch.cu_seqlens, batch.grids, batch.prefix_len))
-                        for fn, p_, x in ((patch_l2_loss_packed, pred, patches),
-                                          (patch_l2_loss_packed_ref, pred, patches),
-                                          (patch_l2_loss_packed_ref, pred.double(), patches.double())))
-    for name, g, t_same, t in zip(["loss", "dpred"], got, same, truth):
-        assert_close_to_truth(name, g, t_same, t)
+    _check_layouts(batch, pred, patches)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,8 +82,7 @@ def test_write_table_picks_the_fastest_correct_by_device_time(tmp_path):
     assert SW.write_table(str(cpu), table) == 2                     # CPU rows never write the table
 
 
-@pytest.mark.parametrize("quick", [True])
-def test_candidates_include_the_default_and_every_form(quick):
-    got = SW.candidates(32, torch.float32, torch.device("cpu"), quick)
+def test_candidates_include_the_default_and_every_form():
+    got = SW.candidates(32, torch.float32, torch.device("cpu"), True)
     assert ("fwd", "default") in {(p, n) for p, n, _ in got}
     assert {c.bwd for p, _, c in got if p == "bwd"} == {"split", "fused", "atomic"}

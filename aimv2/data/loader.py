@@ -317,7 +317,7 @@ class Loader:
         # torch backend on a GPU: JPEGs decoded by nvJPEG through torchvision when it works, else by PIL
         self._jpeg_decoder = None
         if self.backend == "torch" and self.device.type == "cuda" and not cfg.native:  # native: PIL decodes
-            decode, reason = _torchvision_jpeg_decoder(self.device)
+            decode, reason = torchvision_jpeg_decoder(self.device)
             reason = reason or _check_gpu_decoder(decode)
             if reason is None:
                 self._jpeg_decoder = decode
@@ -558,7 +558,7 @@ class Loader:
         return self._finish(epoch, list(pos), images, list(caps), list(labels), list(keys)), []
 
 
-def _torchvision_jpeg_decoder(device: torch.device):
+def torchvision_jpeg_decoder(device: torch.device):
     """(decode(list[bytes]) -> list of uint8 (3, H, W) on device, None) or (None, reason)."""
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
