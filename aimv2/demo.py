@@ -62,6 +62,50 @@ RECIPES = {
 PROBE_LABEL = "scene"
 
 
+def _train_config(r, train_shards, out: str, num_workers: int, progress: bool, max_minutes):
+    """The TrainConfig of recipe `r` on the embedded dataset's `train_shards`."""
+    from aimv2.train import TrainConfig
+
+    return TrainConfig.from_preset(r.preset, **{
+        "model.img_size": r.img_size, "model.text_len": r.text_len,
+        "data.shards": train_shards, "data.batch_size": r.batch_size, "data.num_workers": num_workers,
+        # the captions say "to the left of" / "to the right of": a mirrored image would make them false
+        "data.hflip": False,
+        "run.out": out, "run.steps": r.steps, "run.log_every": max(1, r.steps // 60),
+        "run.ckpt_every": max(1, r.steps // 3), "run.progress": progress, "run.max_minutes": max_minutes,
+        "optim.lr": r.lr, "optim.warmup_steps": max(1, int(r.warmup_frac * r.steps)),
+    })
+
+
+def _demo_probe(summary: dict, run_dir: str, train_shards, val_shards, out: str, epochs: int, progress: bool,
+                num_workers: int) -> None:
+    """The attentive probe of the trained and of a random-init encoder, into `summary`."""
+    from aimv2.data.synth import SCENES_OCCURRING
+    from aimv2.eval.probe import run_probe
+
+    t1 = time.time()
+    common = dict(train_shards=train_shards, val_shards=val_shards, label_key=PROBE_LABEL,
+                  epochs=epochs, progress=progress, num_workers=num_workers,
+                  feature_cache=str(Path(out) / "probe-cache"))
+    trained = run_probe(run_dir, **common)
+    rand = run_probe(run_dir, random_init=True, **common)
+    summary.update(probe_label="scene: count, main size, main texture", probe_top1=trained["top1"],
+                   probe_top1_random_init=rand["top1"], probe_num_classes=SCENES_OCCURRING,
+                   probe_chance=trained["majority_top1"])
+    summary["seconds"]["probe"] = round(time.time() - t1, 1)
+
+
+def _demo_readout(summary: dict, run_dir: str, val_shards, num_workers: int) -> None:
+    """The decoder's readouts of the trained and of a random-init pre-trainer, into `summary`."""
+    from aimv2.eval.readout import load_pretrainer, random_pretrainer_like, run_readout
+
+    t1 = time.time()
+    model = load_pretrainer(run_dir)
+    summary["readout"] = run_readout(model, val_shards, num_workers=num_workers)
+    summary["readout_random_init"] = run_readout(random_pretrainer_like(model), val_shards, num_workers=num_workers)
+    summary["seconds"]["readout"] = round(time.time() - t1, 1)
+
+
 def run_demo(out: str | None = None, *, preset: str | None = None, batch_size: int | None = None,
              steps: int | None = None, num: int | None = None, val: int | None = None,
              img_size: int | None = None, lr: float | None = None, probe: bool = True,
@@ -70,8 +114,8 @@ def run_demo(out: str | None = None, *, preset: str | None = None, batch_size: i
              num_workers: int = 2) -> dict:
     """Train, probe and read out (see the module docstring); returns the summary dict (also written to
     <out>/demo-summary.json). data_root: where the datasets are cached (default: default_dataset's)."""
-    from aimv2.data.synth import SCENES_OCCURRING, default_dataset
-    from aimv2.train import TrainConfig, train
+    from aimv2.data.synth import default_dataset
+    from aimv2.train import train
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     r = RECIPES[dev]
@@ -92,17 +136,8 @@ def run_demo(out: str | None = None, *, preset: str | None = None, batch_size: i
     t_data = time.time() - t0
     print(f"[demo] data ({t_data:.0f} s): train {train_shards}\n              val   {val_shards}")
 
-    cfg = TrainConfig.from_preset(r.preset, **{
-        "model.img_size": r.img_size, "model.text_len": r.text_len,
-        "data.shards": train_shards, "data.batch_size": r.batch_size, "data.num_workers": num_workers,
-        # the captions say "to the left of" / "to the right of": a mirrored image would make them false
-        "data.hflip": False,
-        "run.out": out, "run.steps": r.steps, "run.log_every": max(1, r.steps // 60),
-        "run.ckpt_every": max(1, r.steps // 3), "run.progress": progress, "run.max_minutes": max_minutes,
-        "optim.lr": r.lr, "optim.warmup_steps": max(1, int(r.warmup_frac * r.steps)),
-    })
     t1 = time.time()
-    res = train(cfg)
+    res = train(_train_config(r, train_shards, out, num_workers, progress, max_minutes))
     t_train = time.time() - t1
     plots = [str(p) for p in res.plots]
     summary = {
@@ -113,25 +148,9 @@ def run_demo(out: str | None = None, *, preset: str | None = None, batch_size: i
         "images_per_s": res.images_per_s, "seconds": {"data": round(t_data, 1), "train": round(t_train, 1)},
     }
     if probe:
-        from aimv2.eval.probe import run_probe
-        t1 = time.time()
-        common = dict(train_shards=train_shards, val_shards=val_shards, label_key=PROBE_LABEL,
-                      epochs=probe_epochs, progress=progress, num_workers=num_workers,
-                      feature_cache=str(Path(out) / "probe-cache"))
-        trained = run_probe(str(res.run_dir), **common)
-        rand = run_probe(str(res.run_dir), random_init=True, **common)
-        summary.update(probe_label="scene: count, main size, main texture", probe_top1=trained["top1"],
-                       probe_top1_random_init=rand["top1"], probe_num_classes=SCENES_OCCURRING,
-                       probe_chance=trained["majority_top1"])
-        summary["seconds"]["probe"] = round(time.time() - t1, 1)
+        _demo_probe(summary, str(res.run_dir), train_shards, val_shards, out, probe_epochs, progress, num_workers)
     if readout:
-        from aimv2.eval.readout import load_pretrainer, random_pretrainer_like, run_readout
-        t1 = time.time()
-        model = load_pretrainer(str(res.run_dir))
-        summary["readout"] = run_readout(model, val_shards, num_workers=num_workers)
-        summary["readout_random_init"] = run_readout(random_pretrainer_like(model), val_shards,
-                                                     num_workers=num_workers)
-        summary["seconds"]["readout"] = round(time.time() - t1, 1)
+        _demo_readout(summary, str(res.run_dir), val_shards, num_workers)
     summary["minutes"] = round((time.time() - t0) / 60, 2)
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "demo-summary.json").write_text(json.dumps(summary, indent=2))

@@ -453,6 +453,42 @@ def _arch(d: dict) -> str:
     return ", ".join(f"{k} {d[k]}" for k in ("dim", "depth", "mlp_hidden", "patch_size") if d.get(k) is not None)
 
 
+def _native_position(sd: dict, cfg: ModelConfig, native: bool, ckpt_img: int, cfg_overrides: dict,
+                     origin: str) -> ModelConfig:
+    """The position code of the model to build, `sd` adjusted to it: a native model (per-image grids,
+    method.md §8) keeps a learned table (resized per grid) unless native_pos="sincos" is asked for, and
+    a sin-cos `-native` checkpoint (`native`) loaded at a fixed size gets its table computed."""
+    if cfg.native:
+        if native and cfg.native_pos == "interpolate":
+            raise ValueError(f"load_encoder({origin}): native_pos='interpolate' resizes a learned table, and "
+                             "this sin-cos `-native` checkpoint has none; use native_pos='sincos' (the default)")
+        if POS in sd and cfg.native_pos == "sincos":
+            if cfg_overrides.get("native_pos") == "sincos":
+                log.warning("load_encoder(%s): native_pos='sincos' drops the checkpoint's learned position "
+                            "table; features change until the model is fine-tuned", origin)
+                del sd[POS]
+            else:                                       # keep the learned table, resized per image grid
+                cfg = cfg.replace(native_pos="interpolate")
+    elif native:
+        sd[POS] = sincos_pos_embed(ckpt_img // cfg.patch_size, cfg.dim)
+    return cfg
+
+
+def _misfit_message(sd: dict, cfg: ModelConfig, preset, fmt: str, prefix: str, origin: str):
+    """what(misshaped) for _check_keys: the first line of load_encoder's error, naming the checkpoint's
+    own size (and the preset of that size) when the shapes do not fit a preset asked for."""
+    def what(misshaped: bool) -> str:
+        msg = (f"load_encoder({origin}): {fmt} checkpoint (key prefix {prefix!r}) does not fit "
+               f"{cfg.name} ({_arch(dataclasses.asdict(cfg))})")
+        if preset is not None and misshaped:
+            s = _shape_summary(sd)
+            other = [n for n, c in PRESETS.items()
+                     if all(getattr(c, a) == s[a] for a in ("dim", "depth", "mlp_hidden", "patch_size"))]
+            msg += f"; the checkpoint is of another size ({_arch(s)}{', preset ' + other[0] if other else ''})"
+        return msg
+    return what
+
+
 def load_encoder(source, preset=None, *, img_size: int | None = None, strict: bool = True,
                  **cfg_overrides):
     """Build an AIMv2Encoder from released or our own weights; eval mode, CPU, fp32.
@@ -486,34 +522,12 @@ def load_encoder(source, preset=None, *, img_size: int | None = None, strict: bo
     target = ckpt_img if img_size is None else img_size
     if not isinstance(target, int) or target <= 0 or target % p:
         raise ValueError(f"img_size: expected a positive multiple of the patch size {p}, got {img_size!r}")
-    if cfg.native:                                      # per-image grids (method.md §8)
-        if native and cfg.native_pos == "interpolate":
-            raise ValueError(f"load_encoder({origin}): native_pos='interpolate' resizes a learned table, and "
-                             "this sin-cos `-native` checkpoint has none; use native_pos='sincos' (the default)")
-        if POS in sd and cfg.native_pos == "sincos":
-            if cfg_overrides.get("native_pos") == "sincos":
-                log.warning("load_encoder(%s): native_pos='sincos' drops the checkpoint's learned position "
-                            "table; features change until the model is fine-tuned", origin)
-                del sd[POS]
-            else:                                       # keep the learned table, resized per image grid
-                cfg = cfg.replace(native_pos="interpolate")
-    elif native:
-        sd[POS] = sincos_pos_embed(ckpt_img // p, cfg.dim)
+    cfg = _native_position(sd, cfg, native, ckpt_img, cfg_overrides, origin)
 
     # ---- key sets and shapes against the model at the checkpoint's own resolution
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in AIMv2Encoder(cfg).state_dict().items()}
-
-    def what(misshaped: bool) -> str:
-        msg = (f"load_encoder({origin}): {fmt} checkpoint (key prefix {prefix!r}) does not fit "
-               f"{cfg.name} ({_arch(dataclasses.asdict(cfg))})")
-        if preset is not None and misshaped:
-            s = _shape_summary(sd)
-            other = [n for n, c in PRESETS.items()
-                     if all(getattr(c, a) == s[a] for a in ("dim", "depth", "mlp_hidden", "patch_size"))]
-            msg += f"; the checkpoint is of another size ({_arch(s)}{', preset ' + other[0] if other else ''})"
-        return msg
-    missing = _check_keys(sd, expected, strict, what)
+    missing = _check_keys(sd, expected, strict, _misfit_message(sd, cfg, preset, fmt, prefix, origin))
 
     # ---- resolution change, fp32, build (on meta + assign: no init, no second copy)
     if target != ckpt_img and POS in sd:

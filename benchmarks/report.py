@@ -1,7 +1,11 @@
-"""Generate the README's performance tables from the result files in benchmarks/results/.
+"""Generate the performance tables of docs/performance.md from the result files in benchmarks/results/.
 
-    python benchmarks/report.py            # rewrite the block between the README markers
+    python benchmarks/report.py            # rewrite the block between the markers of docs/performance.md
     python benchmarks/report.py --print    # print the markdown instead
+    python benchmarks/report.py --check    # exit 1 when docs/performance.md is not what the rows give
+
+The page's prose (how the numbers are measured and how to read them) is written by hand around the
+block; the README's short headline table links into it (`#### <result file>` headings).
 
 One table per result file kind (kernels, attention, data, inference, step): each row is one
 measurement (op, pass, shape, provider) with ms, GB/s or TFLOP/s, % of the measured device ceiling,
@@ -22,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "performance.md"
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 BASELINE = ("flex", "sdpa_dense", "compile_ref", "hf_compile", "eager_ref", "padded")
 
@@ -77,9 +82,10 @@ def render(groups: dict[str, list[dict]]) -> str:
     return "\n\n".join(parts)
 
 
-def update_readme(text: str, block: str) -> str:
+def update_block(text: str, block: str, name: str = "the page") -> str:
+    """`text` (a markdown page) with `block` between its START and END markers."""
     if START not in text or END not in text:
-        raise ValueError(f"README has no {START} ... {END} markers")
+        raise ValueError(f"{name} has no {START} ... {END} markers")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{START}\n{block}\n{END}{tail}"
@@ -87,16 +93,25 @@ def update_readme(text: str, block: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--print", action="store_true")
+    ap.add_argument("--print", action="store_true", help="print the tables instead of writing them")
+    ap.add_argument("--check", action="store_true", help="exit 1 when --doc differs from what the rows give")
     ap.add_argument("--results", default=str(RESULTS))
-    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    ap.add_argument("--doc", default=str(DOC), help="the page whose marked block is rewritten")
     args = ap.parse_args(argv)
     block = render(load_rows(Path(args.results)))
     if args.print:
         print(block)
         return 0
-    p = Path(args.readme)
-    p.write_text(update_readme(p.read_text(), block))
+    p = Path(args.doc)
+    old = p.read_text()
+    new = update_block(old, block, str(p))
+    if args.check:
+        if new != old:
+            print(f"report: {p} is out of date: run python benchmarks/report.py", file=sys.stderr)
+            return 1
+        print(f"report: {p} is up to date")
+        return 0
+    p.write_text(new)
     print(f"report: updated {p}")
     return 0
 

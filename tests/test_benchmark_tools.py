@@ -1,5 +1,5 @@
-"""The benchmark tooling that needs no GPU: the README table generator and the step benchmark's
-CPU smoke path (the GPU numbers themselves are never asserted)."""
+"""The benchmark tooling that needs no GPU: the performance-table generator (docs/performance.md) and the
+step benchmark's CPU smoke path (the GPU numbers themselves are never asserted)."""
 import json
 import subprocess
 import sys
@@ -31,12 +31,26 @@ def test_report_table_and_readme_block(tmp_path):
     assert len(lines) == 3
     assert "2.00x compile_ref" in lines[1] and "3,000.0" in lines[1] and "90.0" in lines[1]
     assert "0.50x compile_ref" in lines[2] and "x compile_ref" not in lines[0]
-    readme = f"intro\n{report.START}\nold\n{report.END}\ntail\n"
-    new = report.update_readme(readme, md)
+    page = f"intro\n{report.START}\nold\n{report.END}\ntail\n"
+    new = report.update_block(page, md)
     assert new.startswith("intro\n") and new.endswith("tail\n") and "old" not in new
-    assert report.update_readme(new, md) == new
+    assert report.update_block(new, md) == new
     with pytest.raises(ValueError, match="markers"):
-        report.update_readme("no markers", md)
+        report.update_block("no markers", md)
+
+
+def test_performance_page_is_generated_from_the_committed_rows(tmp_path, capsys):
+    """docs/performance.md holds exactly the tables benchmarks/results/*.json give (run
+    `python benchmarks/report.py` after adding rows), and --check says so; a stale page fails --check."""
+    text = report.DOC.read_text()
+    assert report.update_block(text, report.render(report.load_rows())) == text, \
+        "docs/performance.md is out of date: run python benchmarks/report.py"
+    assert report.main(["--check"]) == 0
+    stale = tmp_path / "performance.md"
+    stale.write_text(text.replace("| aimv2 |", "| aimv3 |", 1))
+    assert report.main(["--check", "--doc", str(stale)]) == 1
+    assert report.main(["--doc", str(stale)]) == 0 and stale.read_text() == text
+    assert "out of date" in capsys.readouterr().err
 
 
 def test_report_attention_baseline_order_and_masks(tmp_path):

@@ -4,7 +4,7 @@ Pipeline per batch (B <= batch_size samples that passed SampleReader's checks):
   GPU (cfg.device cuda): external_source(jpeg bytes; crop plan as augment.dali_crop_args: anchor (x, y),
      shape (w, h), mirror) -> fn.decoders.image_slice (device "mixed" = nvJPEG, decodes only the crop
      window: ROI decoding)
-  CPU: external_source(uint8 (H, W, 3) decoded by the reader thread: loader.decode_rgb, libjpeg-turbo
+  CPU: external_source(uint8 (H, W, 3) decoded by the reader thread: decode.decode_rgb, libjpeg-turbo
      strict, so the decode is the JPEG scan check; crop window as roi_start / roi_end (y, x), mirror)
   -> fn.resize to (S, S), cubic, antialiased (CPU: of the ROI, read in place)
   -> fn.crop_mirror_normalize (mirror, mean/std * 255, float32, CHW), on the GPU when cfg.device is cuda;
@@ -44,7 +44,7 @@ import torch
 from .config import IMAGENET_MEAN, IMAGENET_STD
 from .augment import CropPlan, crop_plans, dali_crop_args
 from .dataset import Record, SampleReader, epoch_order
-from .loader import decode_rgb
+from .decode import decode_rgb
 from .native import patchify_hwc, plan_grid
 
 _CHUNK = 16  # samples whose crop plans are drawn at once (any value gives the same plans)
@@ -60,7 +60,7 @@ class DaliDecoder:
     (blocking until DALI is done). Up to PREFETCH batches run at once: submit the next batch before
     collecting this one. `decode(items)` = submit + collect. A pipeline that raised is invalid: `reset()`."""
 
-    PREFETCH = 2  # NOTE: 2 = feed i + 1 while DALI decodes i; measured in benchmarks/bench_data.py (README, Data)
+    PREFETCH = 2  # NOTE: 2 = feed i + 1 while DALI decodes i; measured in benchmarks/bench_data.py (docs/data.md)
 
     def __init__(self, batch_size: int, size: int, num_threads: int, device: torch.device, seed: int = 0,
                  grid_of=None, patch_size: int = 14, pool=None):
@@ -239,7 +239,7 @@ def _events(loader, start_epoch: int, start_sample: int):
 
 
 def _decoded(rec: Record | str) -> Record | str:
-    """rec with Record.pixels = its whole image, uint8 (H, W, 3) (loader.decode_rgb: JPEGs strictly, so the
+    """rec with Record.pixels = its whole image, uint8 (H, W, 3) (decode.decode_rgb: JPEGs strictly, so the
     decode is the scan check), or the skip reason.
     NOTE: on the CPU this decode replaces both the 1/8-scale scan check (0.15 ms per synth image) and DALI's
     own decode (0.32 ms in its executor thread), and the resize reads the crop window in place: 2.04-2.11
@@ -310,118 +310,151 @@ def iterate_dali(loader, start_epoch: int, start_sample: int) -> Iterator[dict]:
 
     Units in plan order: ("batch", epoch, cands) fed to DALI as soon as formed, up to PREFETCH in flight,
     and ("end", epoch, lo, leftovers) at each epoch's end; they are handed over strictly in order."""
-    cfg, B = loader.cfg, loader.cfg.batch_size
-    grid_of = (lambda plan: plan_grid(cfg, plan)) if cfg.native else None
-    dec = DaliDecoder(cfg.max_images_per_batch, cfg.image_size, cfg.num_workers, loader.device, cfg.seed,
-                      grid_of, cfg.patch_size, loader._pool)
-    source = iter(_Prefetch(_events(loader, start_epoch, start_sample), depth=2 * cfg.max_images_per_batch))
-    back: list = []      # events taken back after a failure, replayed before the source's
-    cands: list = []     # (pos, record, plan) read, not yet in a unit
-    used = 0             # native: tokens in cands (a unit closes when the next sample would pass the budget)
-    units: list = []     # formed units, oldest first; their batches are in flight in DALI
-    done = False
-    good = batches = 0
+    yield from _DaliUnits(loader, start_epoch, start_sample)
 
-    def form() -> bool:
+
+class _DaliUnits:
+    """iterate_dali's state: the event source, the units formed from it (their batches in flight in DALI)
+    and the events taken back after a DALI failure. One instance per iteration."""
+
+    def __init__(self, loader, start_epoch: int, start_sample: int):
+        cfg = self.cfg = loader.cfg
+        self.good = self.batches = 0  # this epoch's good samples and batches
+        self.loader = loader
+        self.grid_of = (lambda plan: plan_grid(cfg, plan)) if cfg.native else None
+        self.dec = DaliDecoder(cfg.max_images_per_batch, cfg.image_size, cfg.num_workers, loader.device, cfg.seed,
+                               self.grid_of, cfg.patch_size, loader._pool)
+        self.source = iter(_Prefetch(_events(loader, start_epoch, start_sample),
+                                     depth=2 * cfg.max_images_per_batch))
+        self.back: list = []   # events taken back after a failure, replayed before the source's
+        self.cands: list = []  # (pos, record, plan) read, not yet in a unit
+        self.used = 0          # native: tokens in cands (a unit closes when the next sample would pass the budget)
+        self.units: list = []  # formed units, oldest first; their batches are in flight in DALI
+        self.done = False
+
+    def _next_event(self):
+        """The next event (replayed ones first), or None at the stream's end."""
+        if self.back:
+            return self.back.pop(0)
+        try:
+            return next(self.source)
+        except StopIteration:
+            self.done = True
+            return None
+
+    def _submit(self, epoch: int) -> None:
+        """cands become a unit whose batch goes to DALI."""
+        self.units.append(("batch", epoch, self.cands))
+        self.dec.submit([(r, pl) for _, r, pl in self.cands])
+
+    def _add(self, epoch: int, pos: int, payload) -> bool:
+        """A decodable record joins cands; True when that closed a unit."""
+        if self.cfg.native:
+            h, w = self.grid_of(payload[1])
+            full = self.cands and self.used + h * w > self.cfg.tokens_per_batch
+            if full:
+                self._submit(epoch)
+                self.cands, self.used = [], 0
+            self.cands.append((pos, *payload))
+            self.used += h * w
+            return bool(full)
+        self.cands.append((pos, *payload))
+        if len(self.cands) == self.cfg.batch_size:
+            self._submit(epoch)
+            self.cands = []
+            return True
+        return False
+
+    def _end(self, event) -> None:
+        """The end of an epoch's pass (pos = where it started): its partial batch or its leftovers."""
+        kind, epoch, pos, payload = event
+        if self.cands and self.cfg.keep_last:
+            self._submit(epoch)
+            self.back.insert(0, event)  # the end comes after the partial batch
+        else:
+            self.units.append(("end", epoch, pos, self.cands))
+        self.cands, self.used = [], 0
+
+    def form(self) -> bool:
         """Read events until one more unit is formed (and its batch submitted); False at the stream's end."""
-        nonlocal cands, done, used
-        while back or not done:
-            if back:
-                kind, epoch, pos, payload = back.pop(0)
-            else:
-                try:
-                    kind, epoch, pos, payload = next(source)
-                except StopIteration:
-                    done = True
-                    return False
+        while self.back or not self.done:
+            event = self._next_event()
+            if event is None:
+                return False
+            kind, epoch, pos, payload = event
             if kind == "skip":
-                loader._count_skip(payload)
-            elif kind == "rec" and cfg.native:
-                h, w = grid_of(payload[1])
-                full = cands and used + h * w > cfg.tokens_per_batch
-                if full:
-                    units.append(("batch", epoch, cands))
-                    dec.submit([(r, pl) for _, r, pl in cands])
-                    cands, used = [], 0
-                cands.append((pos, *payload))
-                used += h * w
-                if full:
-                    return True
+                self.loader._count_skip(payload)
             elif kind == "rec":
-                cands.append((pos, *payload))
-                if len(cands) == B:
-                    units.append(("batch", epoch, cands))
-                    dec.submit([(r, w) for _, r, w in cands])
-                    cands = []
+                if self._add(epoch, pos, payload):
                     return True
-            else:  # end of the epoch's pass; pos = where it started
-                if cands and cfg.keep_last:
-                    units.append(("batch", epoch, cands))
-                    dec.submit([(r, w) for _, r, w in cands])
-                    back.insert(0, (kind, epoch, pos, payload))  # the end comes after the partial batch
-                else:
-                    units.append(("end", epoch, pos, cands))
-                cands, used = [], 0
+            else:
+                self._end(event)
                 return True
         return False
 
-    def take_back() -> None:
+    def take_back(self) -> None:
         """After DALI failed: find the culprits among the batches in flight, skip them, replay the rest."""
-        nonlocal units, cands, used
         replay, found = [], False
-        for unit in units:
+        for unit in self.units:
             if unit[0] == "batch":
                 items = unit[2]
-                bad = set() if found else set(dec.find_bad([(r, w) for _, r, w in items]))
+                bad = set() if found else set(self.dec.find_bad([(r, w) for _, r, w in items]))
                 found = found or bool(bad)
                 if bad:
-                    loader._count_skip("corrupt_image", len(bad))
+                    self.loader._count_skip("corrupt_image", len(bad))
                 replay += [("rec", unit[1], p, (r, w)) for i, (p, r, w) in enumerate(items) if i not in bad]
             else:
                 replay += [("rec", unit[1], p, (r, w)) for p, r, w in unit[3]] + [("end", unit[1], unit[2], None)]
         if not found:
             raise RuntimeError("DALI failed on batches whose samples decode alone")
         # native: the sample that closed the last unit is read and waits in cands; it comes after that unit
-        replay += [("rec", units[-1][1], p, (r, w)) for p, r, w in cands]
-        cands, used = [], 0
-        back[:0] = replay
-        units = []
-        dec.reset()
+        replay += [("rec", self.units[-1][1], p, (r, w)) for p, r, w in self.cands]
+        self.cands, self.used = [], 0
+        self.back[:0] = replay
+        self.units = []
+        self.dec.reset()
 
-    while True:
-        # read ahead until PREFETCH batches are in flight, past at most one epoch end (an epoch without
-        # any good sample must raise in _end_epoch, not read on forever)
-        while dec.in_flight < DaliDecoder.PREFETCH and sum(u[0] == "end" for u in units) < 2 and form():
-            pass
-        if not units:
-            return
-        unit = units[0]
-        if unit[0] == "batch":
-            _, epoch, items = unit
-            try:
-                images = dec.collect()
-            except RuntimeError:
-                take_back()
-                continue
-            units.pop(0)
-            if cfg.native:
-                batch = loader._finish_packed(epoch, [p for p, _, _ in items], images,
-                                              [grid_of(pl) for _, _, pl in items], [r.caption for _, r, _ in items])
-                good, batches = good + len(items), batches + 1
+    def _batch(self, epoch: int, items: list, images):
+        """The loader's batch (packed in native mode) of the collected `images` of `items`."""
+        pos, caps = [p for p, _, _ in items], [r.caption for _, r, _ in items]
+        if self.cfg.native:
+            return self.loader._finish_packed(epoch, pos, images, [self.grid_of(pl) for _, _, pl in items], caps)
+        return self.loader._finish(epoch, pos, images, caps, [r.label for _, r, _ in items],
+                                   [r.key for _, r, _ in items])
+
+    def _left(self, left: list) -> int:
+        """Good samples among an epoch's leftovers (fewer than B, dropped undecoded: drop_last)."""
+        if not left or self.batches:
+            return len(left)
+        bad = self.dec.find_bad([(r, w) for _, r, w in left])  # no batch this epoch: does anything decode?
+        if bad:
+            self.loader._count_skip("corrupt_image", len(bad))
+        return len(left) - len(bad)
+
+    def __iter__(self) -> Iterator[dict]:
+        self.good = self.batches = 0
+        dec = self.dec
+        while True:
+            # read ahead until PREFETCH batches are in flight, past at most one epoch end (an epoch without
+            # any good sample must raise in _end_epoch, not read on forever)
+            while dec.in_flight < DaliDecoder.PREFETCH and sum(u[0] == "end" for u in self.units) < 2 and self.form():
+                pass
+            if not self.units:
+                return
+            unit = self.units[0]
+            if unit[0] == "batch":
+                _, epoch, items = unit
+                try:
+                    images = dec.collect()
+                except RuntimeError:
+                    self.take_back()
+                    continue
+                self.units.pop(0)
+                batch = self._batch(epoch, items, images)
+                self.good, self.batches = self.good + len(items), self.batches + 1
                 yield batch
-                continue
-            batch = loader._finish(epoch, [p for p, _, _ in items], images, [r.caption for _, r, _ in items],
-                                   [r.label for _, r, _ in items], [r.key for _, r, _ in items])
-            good, batches = good + len(items), batches + 1
-            yield batch
-        else:
-            _, epoch, lo, left = units.pop(0)
-            if left and batches == 0:  # no batch this epoch: learn whether anything decodes, for the error
-                bad = dec.find_bad([(r, w) for _, r, w in left])
-                if bad:
-                    loader._count_skip("corrupt_image", len(bad))
-                good += len(left) - len(bad)
             else:
-                good += len(left)  # fewer than B left: dropped undecoded (drop_last)
-            loader._end_epoch(epoch, good, batches, lo)
-            good = batches = 0
+                _, epoch, lo, left = self.units.pop(0)
+                self.good += self._left(left)
+                self.loader._end_epoch(epoch, self.good, self.batches, lo)
+                self.good = self.batches = 0

@@ -244,6 +244,60 @@ def _describe(raw: bytes) -> str:
     return "bad header at offset 0"
 
 
+def _after_damage(f, idx: ShardIndex, pos: int, fsize: int, block: bytes, err: _BadHeader) -> int | None:
+    """Record the damaged header at `pos` and return the next valid header's offset (None: none left);
+    at offset 0 the file is not a tar: ValueError naming it."""
+    if pos == 0:
+        raise ValueError(f"shards: {idx.path!r} is not a tar archive ({_describe(block)}: {err})") from None
+    nxt = _resync(f, pos + 1, fsize)
+    skipped = (nxt if nxt is not None else fsize) - pos
+    idx.damaged.append((pos, skipped, "bad_tar_header", str(err)))
+    return nxt
+
+
+def _read_meta(f, kind: bytes, data: int, size: int, meta: dict) -> None:
+    """A long-name (L) or pax (x / X) header's payload at `data` into `meta` ("path", "size");
+    _BadHeader when it is malformed."""
+    if size > _META_MAX:
+        raise _BadHeader(f"{size}-byte metadata header (limit {_META_MAX})")
+    f.seek(data)
+    payload = f.read(size)
+    if kind == b"L":
+        meta["path"] = _nts(payload)
+        return
+    rec = _pax_records(payload)
+    if b"path" in rec:
+        meta["path"] = rec[b"path"].decode("utf-8", "surrogateescape")
+    if b"size" in rec:
+        if not rec[b"size"].isdigit():
+            raise _BadHeader(f"pax size {rec[b'size'][:20]!r} is not a decimal number")
+        meta["size"] = int(rec[b"size"])
+
+
+def _add_member(idx: ShardIndex, name: str, kind: bytes, data: int, size: int) -> None:
+    """A regular file's (offset, size) under its sample key and extension; other members are ignored."""
+    if kind not in (b"0", b"\0", b"7"):
+        return  # directories, links, devices
+    split = _split_name(name)
+    if split is None:
+        return
+    key, ext = split
+    if not idx.keys or idx.keys[-1] != key:
+        idx.keys.append(key)
+        idx.components.append({})
+    idx.components[-1].setdefault(ext, (data, size))
+
+
+def _mark_truncated(idx: ShardIndex, ended: bool, cut_key: str | None) -> ShardIndex:
+    idx.truncated = not ended  # cut inside a member or header, garbage, or no end-of-archive blocks
+    if idx.truncated and cut_key is not None:
+        idx.dropped = 1
+        if idx.keys and idx.keys[-1] == cut_key:  # part of that sample is complete: drop it whole
+            idx.keys.pop()
+            idx.components.pop()
+    return idx
+
+
 def index_shard(path: str) -> ShardIndex:
     """Read the headers of tar `path` and group its regular-file members into samples.
 
@@ -262,11 +316,7 @@ def index_shard(path: str) -> ShardIndex:
             try:
                 hdr = _parse_header(block)
             except _BadHeader as e:
-                if pos == 0:
-                    raise ValueError(f"shards: {path!r} is not a tar archive ({_describe(block)}: {e})") from None
-                nxt = _resync(f, pos + 1, fsize)
-                skipped = (nxt if nxt is not None else fsize) - pos
-                idx.damaged.append((pos, skipped, "bad_tar_header", str(e)))
+                nxt = _after_damage(f, idx, pos, fsize, block, e)
                 meta, skip_next = {}, None
                 if nxt is None:
                     break  # nothing readable after the damage: no end-of-archive either
@@ -288,20 +338,7 @@ def index_shard(path: str) -> ShardIndex:
                 if kind in (b"K", b"g"):
                     continue  # link targets and global pax headers name no member we read
                 try:
-                    if size > _META_MAX:
-                        raise _BadHeader(f"{size}-byte metadata header (limit {_META_MAX})")
-                    f.seek(data)
-                    payload = f.read(size)
-                    if kind == b"L":
-                        meta["path"] = _nts(payload)
-                        continue
-                    rec = _pax_records(payload)
-                    if b"path" in rec:
-                        meta["path"] = rec[b"path"].decode("utf-8", "surrogateescape")
-                    if b"size" in rec:
-                        if not rec[b"size"].isdigit():
-                            raise _BadHeader(f"pax size {rec[b'size'][:20]!r} is not a decimal number")
-                        meta["size"] = int(rec[b"size"])
+                    _read_meta(f, kind, data, size, meta)
                 except _BadHeader as e:
                     skip_next = (data - 512, str(e))
                 continue
@@ -311,23 +348,8 @@ def index_shard(path: str) -> ShardIndex:
                 idx.damaged.append((skip_next[0], pos - skip_next[0], "bad_pax_header", f"{skip_next[1]} (member {name!r})"))
                 skip_next = None
                 continue
-            if kind not in (b"0", b"\0", b"7"):
-                continue  # directories, links, devices
-            split = _split_name(name)
-            if split is None:
-                continue
-            key, ext = split
-            if not idx.keys or idx.keys[-1] != key:
-                idx.keys.append(key)
-                idx.components.append({})
-            idx.components[-1].setdefault(ext, (data, size))
-    idx.truncated = not ended  # cut inside a member or header, garbage, or no end-of-archive blocks
-    if idx.truncated and cut_key is not None:
-        idx.dropped = 1
-        if idx.keys and idx.keys[-1] == cut_key:  # part of that sample is complete: drop it whole
-            idx.keys.pop()
-            idx.components.pop()
-    return idx
+            _add_member(idx, name, kind, data, size)
+    return _mark_truncated(idx, ended, cut_key)
 
 
 def _warn_damage(idx: ShardIndex) -> None:

@@ -144,14 +144,8 @@ def layout_code(shapes: list[dict]) -> int:
     return 15 * list(SIZES).index(shapes[0]["size"]) + 5 * (len(shapes) - 1) + rel
 
 
-def render_sample(index: int, size: int = 224, seed: int = 0) -> tuple[Image.Image, str, dict]:
-    """Scene `index` of dataset `seed`: (RGB PIL image of size x size, caption, metadata dict)."""
-    rng = np.random.default_rng([seed, index])
-    bg_name = str(rng.choice(list(BACKGROUNDS)))
-    bg_pat = str(rng.choice(PATTERNS))
-    canvas = _pattern(bg_pat, size, np.array(BACKGROUNDS[bg_name], np.float32), rng)
-    n = int(rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3]))
-    main_size = str(rng.choice(["medium", "large"])) if n > 1 else str(rng.choice(list(SIZES)))
+def _place_shapes(rng: np.random.Generator, n: int, main_size: str, size: int) -> list[dict]:
+    """n shapes (the main one first) with kind, colour, size, texture, centre (x, y in [0, 1]) and rotation."""
     shapes = []
     for k in range(n):
         if k == 0:
@@ -171,7 +165,12 @@ def render_sample(index: int, size: int = 224, seed: int = 0) -> tuple[Image.Ima
                 break
         shape.update(x=round(cx / size, 4), y=round(cy / size, 4), rotation=round(float(rng.uniform(0, 2 * math.pi)), 4))
         shapes.append(shape)
-    # Draw the secondary shapes first so the main shape stays fully visible on top.
+    return shapes
+
+
+def _paint_shapes(canvas: np.ndarray, shapes: list[dict], size: int, rng: np.random.Generator) -> None:
+    """Draw `shapes` into canvas (size, size, 3) float32, the secondary ones first so the main shape stays
+    fully visible on top."""
     for s in shapes[::-1]:
         mask = Image.new("L", (size, size), 0)
         draw = ImageDraw.Draw(mask)
@@ -186,20 +185,35 @@ def render_sample(index: int, size: int = 224, seed: int = 0) -> tuple[Image.Ima
         tex = _pattern(s["texture"].replace("solid", "plain"), size, colour, rng, (y0, y1, x0, x1))
         m = np.asarray(mask, np.float32)[y0:y1, x0:x1, None] / 255.0  # (h, w, 1) coverage
         canvas[y0:y1, x0:x1] = canvas[y0:y1, x0:x1] * (1 - m) + tex * m
-    canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * 4.0  # mild sensor noise
-    image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
 
+
+def _caption(rng: np.random.Generator, shapes: list[dict], bg_pat: str, bg_name: str) -> str:
     def phrase(s):
         tex = "" if s["texture"] == "solid" else s["texture"] + " "
         return f"a {s['size']} {s['colour']} {tex}{s['kind']}"
 
     text = str(rng.choice(_PREFIXES)) + phrase(shapes[0])
-    if n > 1:
+    if len(shapes) > 1:
         text += f" {_relation(shapes[0], shapes[1])} {phrase(shapes[1])}"
-    if n > 2:
+    if len(shapes) > 2:
         text += f" and {phrase(shapes[2])}"
     bg_word = "" if bg_pat == "plain" else bg_pat + " "
-    text += f" on a {bg_word}{bg_name} background"
+    return text + f" on a {bg_word}{bg_name} background"
+
+
+def render_sample(index: int, size: int = 224, seed: int = 0) -> tuple[Image.Image, str, dict]:
+    """Scene `index` of dataset `seed`: (RGB PIL image of size x size, caption, metadata dict)."""
+    rng = np.random.default_rng([seed, index])
+    bg_name = str(rng.choice(list(BACKGROUNDS)))
+    bg_pat = str(rng.choice(PATTERNS))
+    canvas = _pattern(bg_pat, size, np.array(BACKGROUNDS[bg_name], np.float32), rng)
+    n = int(rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3]))
+    main_size = str(rng.choice(["medium", "large"])) if n > 1 else str(rng.choice(list(SIZES)))
+    shapes = _place_shapes(rng, n, main_size, size)
+    _paint_shapes(canvas, shapes, size, rng)
+    canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * 4.0  # mild sensor noise
+    image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
+    text = _caption(rng, shapes, bg_pat, bg_name)
     main = shapes[0]
     meta = {
         "index": int(index), "label": KINDS.index(main["kind"]),

@@ -180,6 +180,107 @@ def _shards_of(data):
     return data
 
 
+def _check_embed_args(checkpoint, encoder, data, pool: str, native: bool, img_size, max_patches) -> None:
+    """embed's argument checks: one line naming the argument and what was expected."""
+    if pool not in POOLS:
+        raise ValueError(f"pool: expected one of {POOLS}, got {pool!r}")
+    if (checkpoint is None) == (encoder is None):
+        raise ValueError("embed: give exactly one of checkpoint or encoder")
+    if native:
+        native_grid(1, 1, max_patches=max_patches)                         # validates max_patches
+        if not (isinstance(data, str) and _is_image_folder(data)):
+            raise ValueError(f"data: native-resolution embedding reads a folder of images; {data!r} is not one "
+                             "(shards are decoded at a fixed size)")
+        if img_size is not None:
+            raise ValueError("img_size: not used with native=True (images keep their own size; see max_patches)")
+
+
+def _embed_encoder(checkpoint, encoder, device, preset, img_size, native: bool):
+    """(encoder in eval mode, source string for the file's metadata)."""
+    if encoder is None:
+        from aimv2.eval.hub import from_pretrained
+        encoder = from_pretrained(checkpoint, device=device, preset=preset, img_size=img_size, native=native)
+        source = str(checkpoint)
+    else:
+        if native and not encoder.cfg.native:
+            raise ValueError(f"encoder: {encoder.cfg.name} is not native; build it with native=True")
+        source = f"encoder:{encoder.cfg.name}"
+    encoder.eval()
+    return encoder, source
+
+
+def _embed_loader(checkpoint, data, cfg, device, native: bool, max_patches: int, batch_size: int,
+                  num_workers: int):
+    """(ImageFolder or None for shards, the loader over `data`, its length or None)."""
+    if isinstance(data, str) and _is_image_folder(data):
+        ds = ImageFolder(data, cfg.img_size, *_norm_stats(checkpoint),
+                         max_patches=max_patches if native else None, patch_size=cfg.patch_size)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
+                                             collate_fn=_collate_list if native else _collate)
+        return ds, loader, len(loader)
+    from aimv2.data import DataConfig, build_loader
+    if _norm_stats(checkpoint) != _norm_stats():
+        log.warning("embed: shards are normalised with the data pipeline's ImageNet statistics, not the "
+                    "checkpoint's preprocessor_config.json ones")
+    loader = build_loader(DataConfig(shards=_shards_of(data), image_size=cfg.img_size,
+                                     patch_size=cfg.patch_size, batch_size=batch_size,
+                                     num_workers=num_workers, train=False, label_key=None,
+                                     return_keys=True, device=str(device)))
+    return None, loader, None
+
+
+class _Features:
+    """The features of the batches seen so far, on the CPU in `dtype`, as `pool` asks."""
+
+    def __init__(self, pool: str, dtype):
+        self.pool, self.dtype = pool, dtype
+        self.names, self.skipped, self.pooled, self.patches, self.grids = [], [], [], [], []
+        self.seen = 0
+
+    def add_packed(self, encoder, images, p) -> None:
+        """Native resolution: `images` (3, H_i, W_i) run as one packed sequence."""
+        ps = encoder.cfg.patch_size
+        self.seen += len(images)
+        feats = encoder.forward_packed([im.to(p.device, p.dtype, non_blocking=True) for im in images])
+        self.grids += [(im.shape[1] // ps, im.shape[2] // ps) for im in images]
+        if self.pool in ("mean", "both"):
+            self.pooled.append(torch.stack([f.float().mean(0) for f in feats]).to("cpu", self.dtype))  # (B, D)
+        if self.pool in ("none", "both"):
+            self.patches += [f.to("cpu", self.dtype) for f in feats]          # (N_i, D) each
+
+    def add(self, encoder, images, p) -> None:
+        """Fixed size: `images` (B, 3, S, S)."""
+        self.seen += images.shape[0]
+        x = encoder(images.to(p.device, p.dtype, non_blocking=True))       # (B, N, D)
+        if self.pool in ("mean", "both"):
+            self.pooled.append(x.float().mean(1).to("cpu", self.dtype))     # (B, D)
+        if self.pool in ("none", "both"):
+            self.patches.append(x.to("cpu", self.dtype))                    # (B, N, D)
+
+    def tensors(self, native: bool) -> dict:
+        out = {}
+        if self.pooled:
+            out["pooled"] = torch.cat(self.pooled).contiguous()             # (M, D)
+        if self.patches:
+            out["patch"] = torch.cat(self.patches).contiguous()             # (M, N, D); native (sum N_i, D)
+        if native and self.patches:
+            lengths = torch.tensor([h * w for h, w in self.grids], dtype=torch.int64)
+            out["grids"] = torch.tensor(self.grids, dtype=torch.int64).reshape(-1, 2)          # (M, 2)
+            out["offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])  # (M + 1,)
+        return out
+
+
+def _embed_meta(feats: _Features, cfg, source: str, native: bool, max_patches: int) -> dict:
+    """The safetensors metadata: names, skipped files, source, sizes, pool."""
+    meta = {"names": json.dumps(feats.names), "skipped": json.dumps(feats.skipped),
+            "num_skipped": str(len(feats.skipped)), "source": source, "img_size": str(cfg.img_size),
+            "dim": str(cfg.dim), "num_patches": str(cfg.num_patches), "pool": feats.pool}
+    if native:
+        meta.update(native="1", max_patches=str(max_patches), img_size="native",
+                    num_patches=str(sum(h * w for h, w in feats.grids)))
+    return meta
+
+
 @torch.no_grad()
 def embed(checkpoint=None, *, encoder=None, data, out: str, pool: str = "mean", batch_size: int = 32,
           num_workers: int = 0, device=None, dtype=torch.float32, preset: str | None = None,
@@ -195,96 +296,33 @@ def embed(checkpoint=None, *, encoder=None, data, out: str, pool: str = "mean", 
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    if pool not in POOLS:
-        raise ValueError(f"pool: expected one of {POOLS}, got {pool!r}")
-    if (checkpoint is None) == (encoder is None):
-        raise ValueError("embed: give exactly one of checkpoint or encoder")
-    if native:
-        native_grid(1, 1, max_patches=max_patches)                         # validates max_patches
-        if not (isinstance(data, str) and _is_image_folder(data)):
-            raise ValueError(f"data: native-resolution embedding reads a folder of images; {data!r} is not one "
-                             "(shards are decoded at a fixed size)")
-        if img_size is not None:
-            raise ValueError("img_size: not used with native=True (images keep their own size; see max_patches)")
-    if encoder is None:
-        from aimv2.eval.hub import from_pretrained
-        encoder = from_pretrained(checkpoint, device=device, preset=preset, img_size=img_size, native=native)
-        source = str(checkpoint)
-    else:
-        if native and not encoder.cfg.native:
-            raise ValueError(f"encoder: {encoder.cfg.name} is not native; build it with native=True")
-        source = f"encoder:{encoder.cfg.name}"
-    encoder.eval()
+    _check_embed_args(checkpoint, encoder, data, pool, native, img_size, max_patches)
+    encoder, source = _embed_encoder(checkpoint, encoder, device, preset, img_size, native)
     p = next(encoder.parameters())
     cfg = encoder.cfg
-    names, skipped, pooled, patches = [], [], [], []
-
-    grids = []
-    if isinstance(data, str) and _is_image_folder(data):
-        ds = ImageFolder(data, cfg.img_size, *_norm_stats(checkpoint),
-                         max_patches=max_patches if native else None, patch_size=cfg.patch_size)
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
-                                             collate_fn=_collate_list if native else _collate)
-        total = len(loader)
-    else:
-        from aimv2.data import DataConfig, build_loader
-        if _norm_stats(checkpoint) != _norm_stats():
-            log.warning("embed: shards are normalised with the data pipeline's ImageNet statistics, not the "
-                        "checkpoint's preprocessor_config.json ones")
-        ds = None
-        loader = build_loader(DataConfig(shards=_shards_of(data), image_size=cfg.img_size,
-                                         patch_size=cfg.patch_size, batch_size=batch_size,
-                                         num_workers=num_workers, train=False, label_key=None,
-                                         return_keys=True, device=str(p.device)))
-        total = None
-    seen = 0
+    ds, loader, total = _embed_loader(checkpoint, data, cfg, p.device, native, max_patches, batch_size, num_workers)
+    feats = _Features(pool, dtype)
     for batch in tqdm(loader, desc="embed", unit="batch", total=total, disable=not progress):
         if ds is not None:
-            names += [ds.names[i] for i in batch["index"]]
-            skipped += [ds.names[i] for i in batch["bad"]]
+            feats.names += [ds.names[i] for i in batch["index"]]
+            feats.skipped += [ds.names[i] for i in batch["bad"]]
         images = batch["images"]
         if images is None:
             continue
         if native:                                                           # one packed sequence
-            seen += len(images)
-            feats = encoder.forward_packed([im.to(p.device, p.dtype, non_blocking=True) for im in images])
-            grids += [(im.shape[1] // cfg.patch_size, im.shape[2] // cfg.patch_size) for im in images]
-            if pool in ("mean", "both"):
-                pooled.append(torch.stack([f.float().mean(0) for f in feats]).to("cpu", dtype))  # (B, D)
-            if pool in ("none", "both"):
-                patches += [f.to("cpu", dtype) for f in feats]               # (N_i, D) each
+            feats.add_packed(encoder, images, p)
             continue
-        B = images.shape[0]
         if ds is None:
-            names += [str(k) for k in batch["keys"]]                         # "<shard path>:<key>"
-        seen += B
-        x = encoder(images.to(p.device, p.dtype, non_blocking=True))       # (B, N, D)
-        if pool in ("mean", "both"):
-            pooled.append(x.float().mean(1).to("cpu", dtype))                # (B, D)
-        if pool in ("none", "both"):
-            patches.append(x.to("cpu", dtype))                               # (B, N, D)
+            feats.names += [str(k) for k in batch["keys"]]                   # "<shard path>:<key>"
+        feats.add(encoder, images, p)
     if ds is not None and not ds.names:
         raise ValueError(f"data: no images in {data!r}")
-    if seen == 0:
-        raise ValueError(f"data: none of the images in {data!r} could be read ({len(skipped)} skipped)")
-    tensors = {}
-    if pooled:
-        tensors["pooled"] = torch.cat(pooled).contiguous()                  # (M, D)
-    if patches:
-        tensors["patch"] = torch.cat(patches).contiguous()                  # (M, N, D); native (sum N_i, D)
-    meta = {"names": json.dumps(names), "skipped": json.dumps(skipped), "num_skipped": str(len(skipped)),
-            "source": source, "img_size": str(cfg.img_size), "dim": str(cfg.dim),
-            "num_patches": str(cfg.num_patches), "pool": pool}
-    if native:
-        lengths = torch.tensor([h * w for h, w in grids], dtype=torch.int64)
-        if patches:
-            tensors["grids"] = torch.tensor(grids, dtype=torch.int64).reshape(-1, 2)          # (M, 2)
-            tensors["offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])  # (M + 1,)
-        meta.update(native="1", max_patches=str(max_patches), img_size="native",
-                    num_patches=str(int(lengths.sum())))
+    if feats.seen == 0:
+        raise ValueError(f"data: none of the images in {data!r} could be read ({len(feats.skipped)} skipped)")
+    tensors = feats.tensors(native)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_file(tensors, out, metadata=meta)
-    if skipped:
-        log.warning("embed: skipped %d unreadable image(s): %s", len(skipped), ", ".join(skipped[:5]))
-    return {"out": out, "num_images": seen, "num_skipped": len(skipped), "skipped": skipped,
-            "names": names, "keys": sorted(tensors)}
+    save_file(tensors, out, metadata=_embed_meta(feats, cfg, source, native, max_patches))
+    if feats.skipped:
+        log.warning("embed: skipped %d unreadable image(s): %s", len(feats.skipped), ", ".join(feats.skipped[:5]))
+    return {"out": out, "num_images": feats.seen, "num_skipped": len(feats.skipped), "skipped": feats.skipped,
+            "names": feats.names, "keys": sorted(tensors)}

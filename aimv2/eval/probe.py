@@ -102,6 +102,22 @@ def _batches(index: torch.Tensor, batch_size: int, generator: torch.Generator | 
         yield index[i:i + batch_size]
 
 
+def _probe_optimizer(probes: nn.ModuleList, lrs: Sequence[float], weight_decay: float, warmup_frac: float,
+                     total: int):
+    """(AdamW over every probe, each at its own rate; its warm-up + cosine schedule over `total` steps)."""
+    groups = []
+    for probe, lr in zip(probes, lrs):
+        decay = [p for n, p in probe.named_parameters() if p.dim() >= 2 and n != "query"]
+        other = [p for n, p in probe.named_parameters() if not (p.dim() >= 2 and n != "query")]
+        groups += [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+                   {"params": other, "lr": lr, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+    warmup = max(1, int(warmup_frac * total))
+    # factor (s + 1) / W for s < W, then cosine to 0 at s = total
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(1.0, 0.0, 0.0, warmup, total, warmup_offset=1))
+    return opt, sched
+
+
 def train_probes(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, lrs: Sequence[float], *,
                  epochs: int = 30, batch_size: int = 128, weight_decay: float = 0.05,
                  warmup_frac: float = 0.05, device=None, seed: int = 0, index: torch.Tensor | None = None,
@@ -131,18 +147,8 @@ def train_probes(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, lr
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         probes = nn.ModuleList(AttentiveProbe(D, num_classes) for _ in lrs).to(device)
-    groups = []
-    for probe, lr in zip(probes, lrs):
-        decay = [p for n, p in probe.named_parameters() if p.dim() >= 2 and n != "query"]
-        other = [p for n, p in probe.named_parameters() if not (p.dim() >= 2 and n != "query")]
-        groups += [{"params": decay, "lr": lr, "weight_decay": weight_decay},
-                   {"params": other, "lr": lr, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
-    steps_per_epoch = math.ceil(M / batch_size)
-    total = epochs * steps_per_epoch
-    warmup = max(1, int(warmup_frac * total))
-    # factor (s + 1) / W for s < W, then cosine to 0 at s = total
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(1.0, 0.0, 0.0, warmup, total, warmup_offset=1))
+    total = epochs * math.ceil(M / batch_size)
+    opt, sched = _probe_optimizer(probes, lrs, weight_decay, warmup_frac, total)
     probes.train()
     bar = tqdm(total=total, desc="train probe", unit="step", disable=not progress, leave=False)
     for _ in range(epochs):
@@ -339,6 +345,54 @@ def _to_inference(encoder, device):
     return encoder.to(device, dtype).eval()
 
 
+def _split_features(enc, name: str, fingerprint, split: str, shards, label_key: str, feature_cache,
+                    extract_batch_size: int, num_workers: int, store, progress: bool):
+    """(feats, labels) of one split, from the feature cache when it holds them for these weights and data."""
+    def compute():
+        return _shard_features(enc, shards, split, label_key, extract_batch_size, num_workers, store, progress)
+    ident = {"encoder": name, "weights": fingerprint, "shards": shards, "label_key": label_key,
+             "img_size": enc.cfg.img_size, "files": _shard_stats(shards) if feature_cache else None}
+    try:
+        return _cached_features(feature_cache, split, ident, compute)
+    except ValueError as e:
+        raise ValueError(f"{split} shards {shards!r}: {e}") from e
+
+
+def _num_classes(tr_y: torch.Tensor, va_y: torch.Tensor, label_key: str) -> int:
+    """max label + 1 over both splits; ValueError for < 2 train classes or a negative label."""
+    classes = torch.unique(tr_y)
+    if classes.numel() < 2:
+        raise ValueError(f"train shards: a probe needs >= 2 classes under {label_key!r}, "
+                         f"found {classes.tolist()}")
+    lo = min(int(tr_y.min()), int(va_y.min()))
+    if lo < 0:
+        raise ValueError(f"{label_key!r}: class labels must be integers >= 0, got {lo}")
+    return max(int(tr_y.max()), int(va_y.max())) + 1
+
+
+def _holdout_split(tr_y: torch.Tensor, n_lrs: int, holdout: float, seed: int):
+    """(fit_idx, hold_idx, n_hold): part of train held out to pick the learning rate (seeded, independent
+    of the training shuffle); none with one rate, and never a fit set of a single class."""
+    M = tr_y.shape[0]
+    n_hold = 0
+    if n_lrs > 1 and holdout > 0:
+        n_hold = min(M - 2, max(1, round(holdout * M))) if M >= 4 else 0
+    perm = torch.randperm(M, generator=torch.Generator().manual_seed(seed + 1))
+    fit_idx, hold_idx = perm[n_hold:].sort().values, perm[:n_hold].sort().values
+    if torch.unique(tr_y[fit_idx]).numel() < 2:        # tiny sets: never fit on a single class
+        fit_idx, hold_idx, n_hold = perm.sort().values, perm[:0], 0
+    return fit_idx, hold_idx, n_hold
+
+
+def _selection_top1(probes, tr_x, tr_y, fit_idx, hold_idx, n_hold: int, n_lrs: int):
+    """(top-1 per rate on the split the rate is picked on, that split's name)."""
+    if n_hold:
+        return [top1(p, tr_y[hold_idx]) for p in predict(probes, tr_x, index=hold_idx)], "holdout"
+    if n_lrs > 1:
+        return [top1(p, tr_y[fit_idx]) for p in predict(probes, tr_x, index=fit_idx)], "train"
+    return [float("nan")], "only"
+
+
 # ----------------------------------------------------------------------------- the protocol
 def run_probe(checkpoint=None, *, encoder: nn.Module | None = None, train_shards, val_shards,
               label_key: str = "label", random_init: bool = False, preset: str | None = None,
@@ -363,52 +417,18 @@ def run_probe(checkpoint=None, *, encoder: nn.Module | None = None, train_shards
     enc, name = _probe_encoder(checkpoint, encoder, preset, random_init, device, seed)
     dev = next(enc.parameters()).device
     store = torch.device("cpu")     # fp16 on the host: M * N * D * 2 bytes; batches move to `dev` to train
-
     fingerprint = _fingerprint(enc) if feature_cache is not None else None
-
-    def split_features(split, shards):
-        def compute():
-            return _shard_features(enc, shards, split, label_key, extract_batch_size, num_workers, store,
-                                   progress)
-        ident = {"encoder": name, "weights": fingerprint, "shards": shards, "label_key": label_key,
-                 "img_size": enc.cfg.img_size, "files": _shard_stats(shards) if feature_cache else None}
-        try:
-            return _cached_features(feature_cache, split, ident, compute)
-        except ValueError as e:
-            raise ValueError(f"{split} shards {shards!r}: {e}") from e
-
-    tr_x, tr_y = split_features("train", train_shards)
-    va_x, va_y = split_features("val", val_shards)
-    classes = torch.unique(tr_y)
-    if classes.numel() < 2:
-        raise ValueError(f"train shards: a probe needs >= 2 classes under {label_key!r}, "
-                         f"found {classes.tolist()}")
-    lo = min(int(tr_y.min()), int(va_y.min()))
-    if lo < 0:
-        raise ValueError(f"{label_key!r}: class labels must be integers >= 0, got {lo}")
-    num_classes = max(int(tr_y.max()), int(va_y.max())) + 1
-
-    # hold out part of train to pick the learning rate (seeded, independent of the training shuffle)
-    M = tr_x.shape[0]
-    n_hold = 0
-    if len(lrs) > 1 and holdout > 0:
-        n_hold = min(M - 2, max(1, round(holdout * M))) if M >= 4 else 0
-    perm = torch.randperm(M, generator=torch.Generator().manual_seed(seed + 1))
-    fit_idx, hold_idx = perm[n_hold:].sort().values, perm[:n_hold].sort().values
-    if torch.unique(tr_y[fit_idx]).numel() < 2:        # tiny sets: never fit on a single class
-        fit_idx, hold_idx, n_hold = perm.sort().values, perm[:0], 0
-
+    def features(split, shards):
+        return _split_features(enc, name, fingerprint, split, shards, label_key, feature_cache,
+                               extract_batch_size, num_workers, store, progress)
+    tr_x, tr_y = features("train", train_shards)
+    va_x, va_y = features("val", val_shards)
+    num_classes = _num_classes(tr_y, va_y, label_key)
+    fit_idx, hold_idx, n_hold = _holdout_split(tr_y, len(lrs), holdout, seed)
     probes = train_probes(tr_x, tr_y, num_classes, lrs, epochs=epochs, batch_size=batch_size,
                           weight_decay=weight_decay, device=dev, seed=seed, index=fit_idx, progress=progress)
-    val_pred = predict(probes, va_x)                                        # (L, M_val)
-    val_acc = [top1(p, va_y) for p in val_pred]
-    if n_hold:
-        sel_pred = predict(probes, tr_x, index=hold_idx)
-        sel_acc, selected_on = [top1(p, tr_y[hold_idx]) for p in sel_pred], "holdout"
-    elif len(lrs) > 1:
-        sel_acc, selected_on = [top1(p, tr_y[fit_idx]) for p in predict(probes, tr_x, index=fit_idx)], "train"
-    else:
-        sel_acc, selected_on = [float("nan")], "only"
+    val_acc = [top1(p, va_y) for p in predict(probes, va_x)]               # predictions (L, M_val)
+    sel_acc, selected_on = _selection_top1(probes, tr_x, tr_y, fit_idx, hold_idx, n_hold, len(lrs))
     best = max(range(len(lrs)), key=lambda i: (sel_acc[i] if not math.isnan(sel_acc[i]) else -1.0, -i))
     return {
         "top1": val_acc[best],
