@@ -25,7 +25,10 @@ add up to Dynamo's recompile limit (FailOnRecompileLimitHit, every row lost).
 
 Rows (CONVENTIONS.md schema) go to benchmarks/results/step-<device>-<date>.json, each appended as its
 recipe is measured (SIGINT stops the run with them kept, exit code 130); `pass` = "step", with
-`images_per_s`, `mfu`, `mfu_datasheet`, `peak_mem_mb`, `profile_share`.
+`images_per_s`, `mfu`, `mfu_datasheet`, `peak_mem_mb`, `profile_share`, and `top_kernels`: the 25
+most expensive GPU kernels of the profiled steps (name, category, calls and ms per step, share of GPU
+time; for memory-bound ones an estimate of the bytes they move and the GB/s they reach; `kernel_table`).
+`--trace DIR` also writes the profiler trace of each recipe (gzipped Chrome / Perfetto JSON).
 """
 from __future__ import annotations
 
@@ -127,24 +130,108 @@ def time_steps(step, batch, device, warmup, iters):
     return q(0.5), q(0.2), q(0.8)
 
 
-def profile_share(step, batch, device, iters=3) -> dict:
+MEMORY_BOUND = ("norms_activations", "losses", "optimizer", "other")
+TOP_KERNELS = 25
+VIEW_OPS = {f"aten::{n}" for n in ("select", "slice", "view", "_unsafe_view", "detach", "t", "transpose", "expand",
+                                   "as_strided", "unsqueeze", "squeeze", "permute", "reshape", "alias", "unbind",
+                                   "split", "split_with_sizes", "chunk", "narrow", "empty", "empty_like",
+                                   "empty_strided", "resolve_conj", "resolve_neg")}
+
+
+def _input_bytes(shapes, types) -> int:
+    """Bytes of an op's tensor inputs (profiler record_shapes: shapes and dtype names)."""
+    size = {"float": 4, "c10::Half": 2, "c10::BFloat16": 2, "double": 8, "long int": 8, "int": 4,
+            "bool": 1, "unsigned char": 1, "signed char": 1, "c10::Float8_e4m3fn": 1, "c10::Float8_e5m2": 1}
+    total = 0
+    for shp, ty in zip(shapes or (), types or ()):
+        if isinstance(shp, (list, tuple)) and shp and all(isinstance(d, int) for d in shp) and ty in size:
+            n = 1
+            for d in shp:
+                n *= d
+            total += n * size[ty]
+    return total
+
+
+def kernel_table(kernels, steps: int, top: int = TOP_KERNELS) -> tuple[dict, list[dict]]:
+    """(share of time per category, the `top` most expensive kernels) from `kernels`, an iterable of
+    (kernel name, total us over `steps` steps, calls over `steps` steps, bytes moved per call or None).
+
+    Rows: name, category, calls (per step), ms (per step), share (of all kernel time), and for the
+    memory-bound categories with a byte count: bytes (per step, an estimate: the launching op's
+    inputs read once plus one output as large as its largest input; a lower bound for ops with
+    several outputs) and gbps (bytes / kernel time). Equivalent to sorting the profiler's kernel
+    averages by device time."""
+    agg: dict[str, list] = {}
+    for name, us, calls, nbytes in kernels:
+        a = agg.setdefault(name, [0.0, 0, 0, True])
+        a[0] += us
+        a[1] += calls
+        if nbytes is None:
+            a[3] = False
+        else:
+            a[2] += nbytes * calls
+    total = sum(a[0] for a in agg.values()) or 1.0
+    share: dict[str, float] = {}
+    for name, a in agg.items():
+        c = categorize(name)
+        share[c] = share.get(c, 0.0) + a[0] / total
+    rows = []
+    for name, (us, calls, nbytes, known) in sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]:
+        cat = categorize(name)
+        row = {"name": name[:120], "category": cat, "calls": round(calls / steps, 2),
+               "ms": round(us / 1e3 / steps, 4), "share": round(us / total, 4)}
+        if cat in MEMORY_BOUND and known and nbytes and us > 0:
+            row.update(bytes=int(nbytes / steps), gbps=round(nbytes / (us * 1e-6) / 1e9, 1))
+        rows.append(row)
+    return {k: round(v, 4) for k, v in sorted(share.items(), key=lambda kv: -kv[1])}, rows
+
+
+def _profiled_kernels(prof, cuda: bool):
+    """(name, us, calls, bytes per call or None) per kernel (CUDA) or CPU op (self time) of a trace.
+    Kernel times come from the profiler's averages (device events only); bytes from the CPU op that
+    launched each kernel (`FunctionEvent.kernels`, input shapes recorded), None where not found."""
+    def op_bytes(ev) -> int:
+        shapes, types = getattr(ev, "input_shapes", None) or (), getattr(ev, "input_dtypes", None) or ()
+        return _input_bytes(shapes, types) + max((_input_bytes([s], [t]) for s, t in zip(shapes, types)), default=0)
+
+    if not cuda:                                    # CPU ops by self time; views move no bytes
+        for ev in prof.events():
+            if ev.self_cpu_time_total > 0:
+                yield ev.name, ev.self_cpu_time_total, 1, None if ev.name in VIEW_OPS else op_bytes(ev) or None
+        return
+    per_call: dict[str, list] = {}
+    for ev in prof.events():                        # CPU ops, each with the kernels it launched
+        for k in getattr(ev, "kernels", None) or ():
+            per_call.setdefault(k.name, []).append(op_bytes(ev))
+    for ev in prof.key_averages():
+        if getattr(ev, "device_type", None) is not None and "CUDA" not in str(ev.device_type):
+            continue
+        if ev.device_time_total <= 0:
+            continue
+        b = per_call.get(ev.key)
+        yield ev.key, ev.device_time_total, ev.count, (sum(b) / len(b) if b and all(b) else None)
+
+
+def profile_step(step, batch, device, iters=3, trace_dir=None, tag="") -> tuple[dict, list[dict]]:
+    """Profile `iters` steps: (share of GPU time per category, the top kernels table; kernel_table),
+    and with `trace_dir` the Chrome / Perfetto trace, gzipped (`<trace_dir>/step-<tag>.json.gz`)."""
     from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
-    with profile(activities=acts) as prof:
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CUDA, ProfilerActivity.CPU] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=acts, record_shapes=True) as prof:
         for _ in range(iters):
             step(*batch)
         sync(device)
-    tot: dict[str, float] = {}
-    for ev in prof.key_averages():
-        t = ev.device_time_total if device.type == "cuda" else ev.self_cpu_time_total
-        if device.type == "cuda" and getattr(ev, "device_type", None) is not None and "CUDA" not in str(ev.device_type):
-            continue
-        if t <= 0:
-            continue
-        c = categorize(ev.key)
-        tot[c] = tot.get(c, 0.0) + t
-    s = sum(tot.values()) or 1.0
-    return {k: round(v / s, 4) for k, v in sorted(tot.items(), key=lambda kv: -kv[1])}
+    if trace_dir is not None:
+        import gzip
+        import tempfile
+        Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(raw))
+            with open(raw, "rb") as src, gzip.open(Path(trace_dir) / f"step-{tag}.json.gz", "wb") as dst:
+                dst.write(src.read())
+    return kernel_table(_profiled_kernels(prof, cuda), iters)
 
 
 def is_oom(e: BaseException) -> bool:
@@ -183,7 +270,8 @@ def run_recipe(recipe, B, args, device, ceilings, common):
     ips = B / (ms / 1e3)
     tflops = flops_per_sample(cfg) * ips / 1e12
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    share = profile_share(step, batch, device) if args.profile else {}
+    share, top = (profile_step(step, batch, device, trace_dir=args.trace, tag=f"{recipe}-B{B}")
+                  if args.profile else ({}, []))
     row = result_row(op="train_step", pass_="step", shape=f"B={B},S={cfg.img_size},N={cfg.num_patches}",
                      dtype="bf16" if device.type == "cuda" else "fp32", provider=recipe, ms=ms,
                      ms_p20=p20, ms_p80=p80, tflops=tflops,
@@ -192,7 +280,7 @@ def run_recipe(recipe, B, args, device, ceilings, common):
     row.update(images_per_s=ips, preset=args.preset, batch=B,
                mfu=tflops / ceilings["bf16_tflops"] if ceilings.get("bf16_tflops") else None,
                mfu_datasheet=tflops / ceilings["datasheet_bf16_tflops"] if ceilings.get("datasheet_bf16_tflops") else None,
-               profile_share=share)
+               profile_share=share, top_kernels=top)
     print(f"{recipe:>10}  B={B:<4} {ms:9.1f} ms/step  {ips:9.1f} img/s  {tflops:7.1f} TFLOP/s  "
           f"MFU {100 * (row['mfu'] or 0):5.1f}%  peak {peak or 0:8.0f} MB  {share}")
     return row
@@ -240,6 +328,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--trace", default=None, metavar="DIR",
+                    help="also write each recipe's profiler trace (3 steps, Chrome / Perfetto JSON, gzipped) to DIR")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 2 steps")
     ap.add_argument("--gpu-quick", action="store_true",
                     help="the short GPU profile of `make gpu`: 3 warm-up and 10 timed steps per recipe")

@@ -68,6 +68,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def kernels_table(row: dict) -> str:
+    """A step row's `top_kernels` (benchmarks/bench_step.py kernel_table) as markdown."""
+    out = [f"Top GPU kernels of `{row.get('provider')}` at {row.get('shape')} (per step):", "",
+           "| kernel | category | calls | ms | share | GB/s (est.) |", "|---|---|---:|---:|---:|---:|"]
+    for k in row["top_kernels"]:
+        name = k["name"] if len(k["name"]) <= 70 else k["name"][:67] + "..."
+        out.append(f"| `{name}` | {k['category']} | {_fmt(k.get('calls'), 0)} | {_fmt(k.get('ms'), 3)} | "
+                   f"{_fmt(100 * k['share'])} % | {_fmt(k.get('gbps'))} |")
+    return "\n".join(out)
+
+
 def render(groups: dict[str, list[dict]]) -> str:
     if not groups:
         return ("No GPU results committed yet: run `make bench` on a GPU, then "
@@ -79,6 +90,7 @@ def render(groups: dict[str, list[dict]]) -> str:
         c = ", ".join(f"{k} {v:,.0f}" for k, v in ceil.items() if isinstance(v, (int, float)))
         parts.append(f"#### {name}\n\n{dev}, {date}" + (f" (measured ceilings: {c})" if c else "")
                      + "\n\n" + table(rows))
+        parts += [kernels_table(r) for r in rows if r.get("top_kernels")]
     return "\n\n".join(parts)
 
 

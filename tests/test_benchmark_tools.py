@@ -1,5 +1,6 @@
 """The benchmark tooling that needs no GPU: the performance-table generator (docs/performance.md) and the
 step benchmark's CPU smoke path (the GPU numbers themselves are never asserted)."""
+import gzip
 import json
 import subprocess
 import sys
@@ -74,15 +75,44 @@ def test_step_benchmark_cpu_smoke(tmp_path):
     # eager_ref only: on a GPU machine --quick would otherwise compile the flex and aimv2 recipes
     # (minutes of Inductor) under this test's timeout
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick", "--recipes",
-                        "eager_ref", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                        "eager_ref", "--out", str(tmp_path), "--trace", str(tmp_path / "traces")],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     (f,) = tmp_path.glob("step-*.json")
     rows = json.loads(f.read_text())
     assert rows[0]["pass"] == "step" and rows[0]["provider"] == "eager_ref"
     assert rows[0]["images_per_s"] > 0 and rows[0]["ms"] > 0
     assert abs(sum(rows[0]["profile_share"].values()) - 1.0) < 1e-2
+    top = rows[0]["top_kernels"]                 # CPU ops stand in for kernels here
+    assert 5 <= len(top) <= 25 and [k["ms"] for k in top] == sorted((k["ms"] for k in top), reverse=True)
+    assert any(k["name"] == "aten::mm" and k["category"] == "gemm" for k in top)
+    assert any("gbps" in k for k in top) and not any("gbps" in k for k in top if k["category"] == "gemm")
+    (trace,) = (tmp_path / "traces").glob("step-eager_ref-B2.json.gz")
+    with gzip.open(trace) as t:
+        assert json.load(t)["traceEvents"]
+    assert "Top GPU kernels of `eager_ref`" in report.kernels_table(rows[0])
     for key in ("device", "date", "git_sha", "torch", "triton", "command", "op", "shape", "dtype"):
         assert key in rows[0]
+
+
+def test_step_kernel_table_arithmetic():
+    """bench_step.kernel_table: kernels aggregated by name, per-step calls / ms, shares, estimated
+    bytes and GB/s only for memory-bound kernels whose every launch has a byte count."""
+    import bench_step
+    kernels = [("sm90_xmma_gemm_bf16", 3000.0, 3, None),              # 3 steps: 1 ms a step
+               ("triton_red_fused_rms_norm_0", 600.0, 6, 1_000_000),  # 2 calls a step, 1 MB each
+               ("triton_red_fused_rms_norm_0", 300.0, 3, 1_000_000),
+               ("triton_poi_fused_mul_1", 90.0, 3, None),             # no byte count: no GB/s
+               ("triton_poi_fused_mul_1", 10.0, 1, 4)]
+    share, rows = bench_step.kernel_table(kernels, steps=3, top=2)
+    assert share == {"gemm": 0.75, "norms_activations": 0.25}
+    assert [r["name"] for r in rows] == ["sm90_xmma_gemm_bf16", "triton_red_fused_rms_norm_0"]
+    gemm, norm = rows
+    assert gemm == {"name": "sm90_xmma_gemm_bf16", "category": "gemm", "calls": 1.0, "ms": 1.0, "share": 0.75}
+    assert norm["calls"] == 3.0 and norm["ms"] == 0.3 and norm["share"] == 0.225
+    assert norm["bytes"] == 3_000_000 and norm["gbps"] == 10.0         # 9 MB in 900 us
+    _, rows = bench_step.kernel_table(kernels, steps=3)
+    assert "gbps" not in rows[-1]
 
 
 def test_report_compares_only_rows_timed_alike(tmp_path):
