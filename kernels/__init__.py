@@ -3,6 +3,7 @@
 Ops (each with a plain-PyTorch `<op>_ref`):
 - rms_norm(x, weight, eps, residual=None)     fused RMSNorm (+ residual add)
 - swiglu(gate, up)                            silu(gate) * up
+- swiglu_packed(h)                            the same on h = [gate | up] (one fc1/fc3 GEMM's output)
 - patch_l2_loss(pred, images, prefix_len, p)  AIMv2 patch-normalised l2 pixel loss
 - patch_l2_loss_packed(pred, patches, cu_seqlens, prefix_len)
                                               the same over images of different sizes packed in one sequence
@@ -25,7 +26,7 @@ if __name__ == "aimv2.kernels":
     from .prefix_attention import ATTENTION_HEAD_DIMS, prefix_attention, prefix_attention_ref, prefix_mask
     from .prefix_attention_varlen import prefix_attention_varlen, prefix_attention_varlen_ref
     from .rms_norm import rms_norm, rms_norm_ref
-    from .swiglu import swiglu, swiglu_ref
+    from .swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref
 else:
     # This folder was imported as a top-level `kernels` package because a checkout's root is on
     # sys.path (e.g. transformers probes for the Hugging Face `kernels` library by importing that

@@ -12,6 +12,12 @@ With sig = sigmoid(gate) and d = d_out:
 All arithmetic in fp32; the backward recomputes sig from gate (nothing is stored but the inputs).
 gate and up must share one dtype; out, d_gate, d_up come back in it (d_gate, d_up contiguous).
 Equivalent PyTorch: `swiglu_ref` below.
+
+`swiglu_packed(h)`: the same on h (..., 2H) = [gate | up], the output of ONE (D -> 2H) projection
+(fc1 and fc3 as one GEMM). Its backward writes d_h (..., 2H) in place of the two halves, so the
+projection's backward is one GEMM too and nothing is concatenated or zero-filled (slicing h and
+calling `swiglu` would make autograd scatter each half's gradient into a zeroed (..., 2H) buffer).
+Equivalent PyTorch: `swiglu_packed_ref(h) = swiglu_ref(*h.chunk(2, -1))`.
 """
 from __future__ import annotations
 
@@ -28,6 +34,12 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g = gate.float() if gate.dtype != torch.float64 else gate
     u = up.to(g.dtype)
     return (F.silu(g) * u).to(gate.dtype)
+
+
+def swiglu_packed_ref(h: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch specification of `swiglu_packed`: h (..., 2H) = [gate | up] -> (..., H)."""
+    gate, up = h.chunk(2, dim=-1)
+    return swiglu_ref(gate, up)
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,10 +109,12 @@ def _fwd_launch(gate, up):
     return out
 
 
-def _bwd_launch(dout, gate, up):
+def _bwd_launch(dout, gate, up, dg=None, du=None):
+    """d_gate, d_up (M, H) into `dg`, `du` when given (views with unit column stride, e.g. the halves
+    of one (M, 2H) gradient), else into new contiguous tensors."""
     M, H = gate.shape
-    dg = torch.empty((M, H), dtype=gate.dtype, device=gate.device)
-    du = torch.empty((M, H), dtype=up.dtype, device=up.device)
+    dg = torch.empty((M, H), dtype=gate.dtype, device=gate.device) if dg is None else dg
+    du = torch.empty((M, H), dtype=up.dtype, device=up.device) if du is None else du
     if M == 0 or H == 0:
         return dg, du
     t = _tiles(H)
@@ -149,6 +163,42 @@ def _backward(ctx, dout):
 _swiglu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("aimv2::swiglu_packed_fwd", mutates_args=())
+def _swiglu_packed_fwd_op(h: torch.Tensor) -> torch.Tensor:
+    """h (M, 2H) = [gate | up] with unit column stride -> out (M, H) contiguous."""
+    h = last_dim_contiguous(h)
+    H = h.shape[1] // 2
+    return _fwd_launch(h[:, :H], h[:, H:])
+
+
+@_swiglu_packed_fwd_op.register_fake
+def _(h):
+    return h.new_empty((h.shape[0], h.shape[1] // 2))
+
+
+@torch.library.custom_op("aimv2::swiglu_packed_bwd", mutates_args=())
+def _swiglu_packed_bwd_op(dout: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """dout (M, H), h (M, 2H) -> d_h (M, 2H) contiguous = [d_gate | d_up]."""
+    h = last_dim_contiguous(h)
+    H = h.shape[1] // 2
+    dh = torch.empty((h.shape[0], 2 * H), dtype=h.dtype, device=h.device)    # (M, 2H), both halves written
+    _bwd_launch(last_dim_contiguous(dout), h[:, :H], h[:, H:], dh[:, :H], dh[:, H:])
+    return dh
+
+
+@_swiglu_packed_bwd_op.register_fake
+def _(dout, h):
+    return h.new_empty(h.shape)
+
+
+def _packed_backward(ctx, dout):
+    (h,) = ctx.saved_tensors
+    return _swiglu_packed_bwd_op(dout, h)
+
+
+_swiglu_packed_fwd_op.register_autograd(_packed_backward, setup_context=_setup_context)
+
+
 # --------------------------------------------------------------------------------------------
 # Public op
 # --------------------------------------------------------------------------------------------
@@ -175,3 +225,19 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return swiglu_ref(gate, up)
     out = _swiglu_fwd_op(_rows(gate), _rows(up))                    # (M, H)
     return out.view(gate.shape)                                                  # (..., H)
+
+
+def swiglu_packed(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for h (..., 2H) = [gate | up] (one fused fc1/fc3 projection's output); returns
+    a contiguous (..., H) tensor, and d_h as one (..., 2H) tensor in the backward.
+
+    Equivalent PyTorch: `swiglu_packed_ref(h)` (= swiglu_ref(*h.chunk(2, -1))).
+    """
+    check_float("h", h)
+    if h.dim() < 1 or h.shape[-1] % 2:
+        raise ValueError(f"h: expected (..., 2H) with an even last dim, got {tuple(h.shape)}")
+    check_launchable(h)
+    if h.shape[-1] == 0:
+        return swiglu_packed_ref(h)
+    out = _swiglu_packed_fwd_op(_rows(h))                           # (M, H)
+    return out.view(*h.shape[:-1], h.shape[-1] // 2)                 # (..., H)

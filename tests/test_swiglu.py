@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from _kernel_numerics import assert_close_to_truth, poison_empty  # noqa: F401 (fixture)
-from aimv2.kernels import swiglu, swiglu_ref
+from aimv2.kernels import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -81,3 +81,53 @@ def test_bad_inputs(device, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="need a CUDA tensor"):
         swiglu(g.cpu(), g.cpu())
+
+
+def _run_packed(fn, h, dout):
+    h = h.detach().requires_grad_()
+    out = fn(h)
+    (out.double() * dout.double()).sum().backward()
+    return out, h.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2 * 5), (3, 7, 2 * 300), (17, 2 * 1025)],
+                         ids=["one-row", "3d-300", "past-tile-1025"])
+def test_packed_matches_fp64(device, dtype, shape, poison_empty):
+    """swiglu_packed(h), h = [gate | up] (one fc1/fc3 GEMM's output): output and d_h (both halves,
+    one tensor) vs the fp64 reference; gate spans the saturated sigmoid."""
+    h = torch.randn(shape, device=device)
+    h[..., : shape[-1] // 2] *= 4
+    h = h.to(dtype)
+    dout = torch.randn(*shape[:-1], shape[-1] // 2, device=device).to(dtype)
+    got = _run_packed(swiglu_packed, h, dout)
+    same = _run_packed(swiglu_packed_ref, h, dout)
+    truth = _run_packed(swiglu_packed_ref, h.double(), dout)
+    for name, g, t_same, t in zip(["out", "dh"], got, same, truth):
+        assert_close_to_truth(name, g, t_same, t)
+    assert got[1].shape == h.shape and got[1].is_contiguous()
+
+
+def test_packed_equals_swiglu_on_halves_and_reads_a_strided_h(device):
+    """Bit-equal to swiglu on the two halves (same kernels), also when h is a row-strided view."""
+    wide = torch.randn(6, 5, 2 * 48 + 8, device=device)
+    h = wide[..., 4:4 + 2 * 48]                                   # row stride 104, unit last stride
+    dout = torch.randn(6, 5, 48, device=device)
+    out, dh = _run_packed(swiglu_packed, h, dout)
+    g, u = h.detach()[..., :48].requires_grad_(), h.detach()[..., 48:].requires_grad_()
+    ref = swiglu(g, u)
+    (ref.double() * dout.double()).sum().backward()
+    assert torch.equal(out, ref) and torch.equal(dh, torch.cat([g.grad, u.grad], -1))
+
+
+def test_packed_compile_and_opcheck(device):
+    h = torch.randn(2, 5, 2 * 40, device=device, dtype=torch.bfloat16, requires_grad=True)
+    fn = lambda h: (swiglu_packed(h).float() * 1.5).sum()        # noqa: E731
+    got, = torch.autograd.grad(torch.compile(fn, fullgraph=True, backend="aot_eager")(h), h)
+    want, = torch.autograd.grad(fn(h), h)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    h2 = torch.randn(7, 2 * 33, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.aimv2.swiglu_packed_fwd.default, (h2,))
+    torch.library.opcheck(torch.ops.aimv2.swiglu_packed_bwd.default, (torch.randn(7, 33, device=device), h2.detach()))
+    with pytest.raises(ValueError, match="even last dim"):
+        swiglu_packed(torch.randn(3, 7, device=device))
