@@ -20,7 +20,9 @@ class ModelConfig:
     """AIMv2 encoder + multimodal decoder (method.md §1, §3, §4).
 
     `attn_backend` picks the attention kernel ("sdpa" | "flex" | "triton"); `impl` picks the
-    norm / SwiGLU / pixel-loss implementation ("torch" references or fused "triton" kernels).
+    norm / SwiGLU / pixel-loss implementation ("torch" references or fused "triton" kernels);
+    `fused_fc13` computes the MLP's fc1 and fc3 as one GEMM (model.py SwiGLUFFN). None of the three
+    changes the parameters: a checkpoint resumes or loads under any of them.
 
     `native` (method.md §8): images at their own size (H, W any multiples of patch_size, not only
     img_size x img_size), each with the position embedding of its own (H/p, W/p) patch grid, and
@@ -56,6 +58,7 @@ class ModelConfig:
     # backends
     attn_backend: str = "sdpa"
     impl: str = "torch"
+    fused_fc13: bool = False    # SwiGLU's fc1 and fc3 as one (D -> 2H) GEMM (same weights and state dict)
     # native resolution (method.md §8)
     native: bool = False
     native_pos: str = "sincos"
@@ -107,6 +110,7 @@ class ModelConfig:
         need(self.attn_backend in ATTN_BACKENDS,
              f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
         need(self.impl in IMPLS, f"impl must be one of {IMPLS}, got {self.impl!r}")
+        need(isinstance(self.fused_fc13, bool), f"fused_fc13 must be true or false, got {self.fused_fc13!r}")
         need(self.norm_eps > 0 and self.patch_norm_eps > 0, "eps values must be > 0")
         need(isinstance(self.native, bool), f"native must be a bool, got {self.native!r}")
         need(self.native_pos in NATIVE_POS, f"native_pos must be one of {NATIVE_POS}, got {self.native_pos!r}")

@@ -6,6 +6,8 @@ bf16 autocast) on data already on the GPU, for three recipes side by side in one
     eager_ref   eager PyTorch, SDPA with the dense (B, 1, N, N) prefix mask (the reference frameworks)
     flex        torch.compile per block + FlexAttention with the prefix BlockMask
     aimv2       torch.compile per block + our Triton kernels (attention, RMSNorm+residual, SwiGLU, loss)
+    aimv2_fc13  aimv2 with the MLP's fc1 and fc3 as one GEMM (model.fused_fc13; `--gpu-quick` runs it
+                last, when its --time-left allows)
 
 For each: images/s, achieved TFLOP/s and MFU (FLOPs from `aimv2.model.flops_per_sample`, against the
 bf16 matmul ceiling measured in the same run and against the datasheet peak), peak memory, and the
@@ -42,10 +44,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RECIPES = {  # name -> (attn_backend, impl, compile)
-    "eager_ref": ("sdpa", "torch", False),
-    "flex": ("flex", "torch", True),
-    "aimv2": ("triton", "triton", True),
+RECIPES = {  # name -> (attn_backend, impl, compile, other ModelConfig fields)
+    "eager_ref": ("sdpa", "torch", False, {}),
+    "flex": ("flex", "torch", True, {}),
+    "aimv2": ("triton", "triton", True, {}),
+    "aimv2_fc13": ("triton", "triton", True, {"fused_fc13": True}),     # fc1 + fc3 as one GEMM (model.py)
 }
 
 # NOTE (an estimate, not measured yet): a compiled recipe of aimv2-large needs about a minute on an
@@ -85,9 +88,9 @@ def build(recipe, preset, img_size, device):
     from aimv2.model import AIMv2Pretrainer
     from aimv2.presets import get_preset
     from aimv2.train.trainer import compile_blocks
-    attn, impl, comp = RECIPES[recipe]
+    attn, impl, comp, extra = RECIPES[recipe]
     torch._dynamo.reset()             # one recipe's compiled blocks never count against the next's
-    cfg = get_preset(preset, img_size=img_size, attn_backend=attn, impl=impl)
+    cfg = get_preset(preset, img_size=img_size, attn_backend=attn, impl=impl, **extra)
     model = AIMv2Pretrainer(cfg).to(device)
     if comp:
         compile_blocks(model)
@@ -321,7 +324,7 @@ def main(argv=None) -> int:
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--recipes", default=None,
-                    help="comma-separated (default eager_ref,flex,aimv2; --gpu-quick: eager_ref,aimv2,flex)")
+                    help="comma-separated (default eager_ref,flex,aimv2; --gpu-quick: eager_ref,aimv2,flex,aimv2_fc13)")
     ap.add_argument("--max-batch", action="store_true", help="also each recipe at its largest batch")
     ap.add_argument("--real-data", default=None, help="shards for the decode-pipeline run")
     ap.add_argument("--workers", type=int, default=8)
@@ -348,7 +351,7 @@ def main(argv=None) -> int:
     if device.type == "cpu" and not args.quick:
         print("bench_step: no CUDA device; use --quick for a CPU smoke run", file=sys.stderr)
         return 2
-    recipes = (args.recipes or ("eager_ref,aimv2,flex" if args.gpu_quick else "eager_ref,flex,aimv2")).split(",")
+    recipes = (args.recipes or ("eager_ref,aimv2,flex,aimv2_fc13" if args.gpu_quick else "eager_ref,flex,aimv2")).split(",")
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         ap.error(f"--recipes: unknown {unknown}; expected names from {list(RECIPES)}")

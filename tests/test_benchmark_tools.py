@@ -184,3 +184,13 @@ def test_report_skips_files_that_are_not_benchmark_rows(tmp_path):
     (tmp_path / "demo-signal-cpu-2026-11-29.json").write_text(json.dumps([{"op": "demo", "wall_s": 3.0}]))
     (tmp_path / "kernels-H100-2026-11-25.json").write_text(json.dumps([_row("aimv2", 0.1)]))
     assert list(report.load_rows(tmp_path)) == ["kernels-H100-2026-11-25"]
+
+
+def test_step_recipes_build_their_model_configs():
+    """Every bench_step recipe builds (compilation is lazy: nothing runs here) with its backends and
+    extra model fields, e.g. aimv2_fc13's fused fc1/fc3."""
+    import bench_step
+    for name, (attn, impl, _, extra) in bench_step.RECIPES.items():
+        cfg, model, _ = bench_step.build(name, "aimv2-tiny", 56, torch.device("cpu"))
+        assert (cfg.attn_backend, cfg.impl) == (attn, impl)
+        assert cfg.fused_fc13 == extra.get("fused_fc13", False) == model.encoder.trunk.blocks[0].mlp.fused_fc13

@@ -167,3 +167,35 @@ def test_old_checkpoints_text_head_key_loads():
     other = AIMv2Pretrainer(_cfg("torch"))
     other.load_state_dict(sd)
     torch.testing.assert_close(other.text_head.weight, model.text_head.weight + 1.0)
+
+
+def test_fused_fc13_same_parameters_outputs_and_gradients(device):
+    """model.fused_fc13 (fc1 and fc3 as one GEMM, swiglu_packed): the same state dict, and for both
+    impls the loss and every gradient of the split model, to fp64 roundoff (torch impl in fp64) and
+    within the kernel rule vs fp64 (triton impl in fp32). A swapped fc1 / fc3 or a lost half of d_h
+    moves them by O(1)."""
+    split = AIMv2Pretrainer(_cfg("torch")).to(device)
+    images, text, plen = _batches(split.cfg, device)[0]
+
+    def run(model, dtype):
+        model = model.to(dtype)
+        model.zero_grad(set_to_none=True)
+        loss = model(images.to(dtype), text, plen)["loss"]
+        loss.backward()
+        return loss.detach().double(), {n: p.grad.detach().double() for n, p in model.named_parameters()}
+
+    truth = run(copy.deepcopy(split), torch.float64)
+    f32 = run(copy.deepcopy(split), torch.float32)
+    for impl, dtype in (("torch", torch.float64), ("triton", torch.float32)):
+        fused = AIMv2Pretrainer(_cfg(impl).replace(fused_fc13=True)).to(device)
+        assert fused.state_dict().keys() == split.state_dict().keys()
+        fused.load_state_dict(split.state_dict())
+        loss, grads = run(fused, dtype)
+        if dtype == torch.float64:
+            torch.testing.assert_close(loss, truth[0], rtol=1e-12, atol=0)
+            for n, g in grads.items():
+                torch.testing.assert_close(g, truth[1][n], rtol=1e-9, atol=1e-12, msg=n)
+        else:
+            _within("loss", loss, f32[0], truth[0])
+            for n, g in grads.items():
+                _within(n, g, f32[1][n], truth[1][n])

@@ -232,7 +232,7 @@ def init_weights(model: AIMv2Pretrainer, source: str, log) -> None:
 
 def check_same_model(saved: dict, model_cfg, ckpt: Path) -> None:
     """--resume needs the checkpoint's architecture (kernels, backends and loss weights may change)."""
-    ignore = ("impl", "attn_backend", "pixel_loss_weight", "text_loss_weight", "name")
+    ignore = ("impl", "attn_backend", "fused_fc13", "pixel_loss_weight", "text_loss_weight", "name")
     diff = {k: (v, getattr(model_cfg, k)) for k, v in saved.items()
             if k not in ignore and getattr(model_cfg, k, None) != v}
     if diff:
