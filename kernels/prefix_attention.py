@@ -38,6 +38,7 @@ are computed in fp32 (the interpreter's bf16 tl.dot is broken) and stored as bf1
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ from ._utils import Tiles, check_float, check_launchable, check_same_device, is_
     last_dim_contiguous
 
 _LOG2E = 1.4426950408889634
+_log = logging.getLogger(__name__)
 
 
 def prefix_mask(prefix_len, B: int, N: int, device=None) -> torch.Tensor:
@@ -110,14 +112,18 @@ def _query_tile_start(BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _query_tile(Q, stride_qn, P, N, start_m, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False):
     """The query tile [start_m, start_m + BLOCK_M): its row offsets, head-dim offsets, rows < N,
     q (BLOCK_M, HEAD_DIM) (0 past N), and the bounds of its key tiles: [0, full_end) are seen whole
-    by every query of the tile (no mask), [full_end, hi) need the mask, keys >= hi are seen by none."""
+    by every query of the tile (no mask), [full_end, hi) need the mask, keys >= hi are seen by none.
+    USE_TMA: Q is a tensor descriptor of the sequence's (N, HEAD_DIM) rows (`_row_descriptor`)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N
-    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if USE_TMA:
+        q = Q.load([start_m, 0])                                              # rows >= N read as 0
+    else:
+        q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     # A key tile [n, n + BLOCK_N) is seen whole by every query of the tile iff n + BLOCK_N <= P
     # (all in the prefix) or n + BLOCK_N <= start_m + 1 (all at or below the first query).
     full_end = (tl.maximum(P, start_m + 1) // BLOCK_N) * BLOCK_N
@@ -144,19 +150,25 @@ def _query_tile_bounds(P, start_n, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 @triton.jit
 def _fwd_key_tiles(acc, l_i, m_i, q, K, stride_kn, V, stride_vn, offs_m, offs_d, P, N, lo, hi,
-                   qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax update of one query tile over key tiles [lo, hi) (lo a multiple of BLOCK_N)."""
+                   qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   USE_TMA: tl.constexpr = False):
+    """Online-softmax update of one query tile over key tiles [lo, hi) (lo a multiple of BLOCK_N).
+    USE_TMA: K, V are tensor descriptors of the sequence's (N, HEAD_DIM) rows (`_row_descriptor`),
+    whose loads give 0 for rows >= N as the masked pointer loads do."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None]           # (D, BLOCK_N)
-        v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]            # (BLOCK_N, D)
-        if MASKED:
+        if USE_TMA:
+            kT = tl.trans(K.load([start_n, 0]))                               # (D, BLOCK_N)
+            v = V.load([start_n, 0])                                          # (BLOCK_N, D)
+        elif MASKED:
+            kT_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None]       # (D, BLOCK_N)
+            v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]        # (BLOCK_N, D)
             kT = tl.load(kT_ptrs, mask=offs_n[None, :] < N, other=0.0)
             v = tl.load(v_ptrs, mask=offs_n[:, None] < N, other=0.0)
         else:
-            kT = tl.load(kT_ptrs)
-            v = tl.load(v_ptrs)
+            kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None])
+            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :])
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale            # (BLOCK_M, BLOCK_N)
         if MASKED:
             visible = _visible(offs_m[:, None], offs_n[None, :], P) & (offs_n[None, :] < N)
@@ -172,21 +184,36 @@ def _fwd_key_tiles(acc, l_i, m_i, q, K, stride_kn, V, stride_vn, offs_m, offs_d,
 
 
 @triton.jit
+def _row_descriptor(X, N, stride_xn, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """A tensor descriptor (TMA on Hopper) of one sequence's rows of one head: X points at row 0,
+    shape (N, HEAD_DIM), row stride stride_xn, loads of (BLOCK, HEAD_DIM) tiles; rows >= N read as 0.
+    Needs X and stride_xn 16-byte aligned (the host's `_tma_unusable` checks)."""
+    return tl.make_tensor_descriptor(X, shape=[N, HEAD_DIM], strides=[stride_xn, 1], block_shape=[BLOCK, HEAD_DIM])
+
+
+@triton.jit
 def _fwd_program(Q, K, V, OUT, LSE, P, N, qk_scale, stride_qn, stride_kn, stride_vn, stride_on,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Forward of the program's query tile in one sequence of length N (prefix P) and one head:
-    Q, K, V, OUT point at the sequence's first row of that head, LSE at its first fp32 stat."""
-    offs_m, offs_d, row_ok, q, full_end, hi = _query_tile(Q, stride_qn, P, N, _query_tile_start(BLOCK_M),
-                                                          HEAD_DIM, BLOCK_M, BLOCK_N)
+    Q, K, V, OUT point at the sequence's first row of that head, LSE at its first fp32 stat.
+    USE_TMA: q, k, v tiles are loaded through tensor descriptors (TMA) instead of pointer tiles."""
+    if USE_TMA:
+        q_src = _row_descriptor(Q, N, stride_qn, HEAD_DIM, BLOCK_M)
+        k_src = _row_descriptor(K, N, stride_kn, HEAD_DIM, BLOCK_N)
+        v_src = _row_descriptor(V, N, stride_vn, HEAD_DIM, BLOCK_N)
+    else:
+        q_src, k_src, v_src = Q, K, V
+    offs_m, offs_d, row_ok, q, full_end, hi = _query_tile(q_src, stride_qn, P, N, _query_tile_start(BLOCK_M),
+                                                          HEAD_DIM, BLOCK_M, BLOCK_N, USE_TMA=USE_TMA)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, K, stride_kn, V, stride_vn, offs_m, offs_d, P, N,
-                                   0, full_end, qk_scale, BLOCK_N, False, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, K, stride_kn, V, stride_vn, offs_m, offs_d, P, N,
-                                   full_end, hi, qk_scale, BLOCK_N, True, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, k_src, stride_kn, v_src, stride_vn, offs_m, offs_d, P, N,
+                                   0, full_end, qk_scale, BLOCK_N, False, DOT_PRECISION, USE_TMA=USE_TMA)
+    acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, k_src, stride_kn, v_src, stride_vn, offs_m, offs_d, P, N,
+                                   full_end, hi, qk_scale, BLOCK_N, True, DOT_PRECISION, USE_TMA=USE_TMA)
 
     out = acc / l_i[:, None]
     tl.store(OUT + offs_m[:, None] * stride_on + offs_d[None, :], out.to(OUT.dtype.element_ty),
@@ -200,12 +227,12 @@ def _prefix_attention_fwd_kernel(
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """One program = one query tile of one (b, h). Grid (cdiv(N, BLOCK_M), H, B)."""
     off_b, off_h, P, Q, K, V, stats = _bh_prologue(Q, K, V, PLEN, N, stride_qb, stride_qh,
                                                    stride_kb, stride_kh, stride_vb, stride_vh)
     _fwd_program(Q, K, V, OUT + off_b * stride_ob + off_h * stride_oh, LSE + stats, P, N, qk_scale,
-                 stride_qn, stride_kn, stride_vn, stride_on, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
+                 stride_qn, stride_kn, stride_vn, stride_on, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, USE_TMA)
 
 
 @triton.jit
@@ -416,12 +443,15 @@ class _AttentionTiles:
     backward's form: "split" (delta pre-pass, a dk/dv launch, a dq launch: deterministic), "fused"
     (one launch holding the dq and the dk/dv programs, each with its tiles, warps and stages of
     dkdv), or "atomic" (the dk/dv programs also add dq into an fp32 buffer, zeroed by the delta
-    pre-pass and cast after: 5 GEMMs a tile instead of 7, not bit-reproducible)."""
+    pre-pass and cast after: 5 GEMMs a tile instead of 7, not bit-reproducible). fwd_tma: the
+    forward reads its q, k, v tiles through tensor descriptors (`tl.make_tensor_descriptor`: TMA
+    copies on Hopper) instead of pointer tiles, where the inputs allow it (`_tma_unusable`)."""
     fwd: Tiles
     dkdv: Tiles
     dq: Tiles
     delta: Tiles
     bwd: str = "split"
+    fwd_tma: bool = False       # the forward loads q, k, v tiles by tensor descriptors (TMA on Hopper)
 
 
 BWD_MODES = ("split", "fused", "atomic")
@@ -448,7 +478,7 @@ def _table_config(cap: tuple[int, int], head_dim: int, n: int, dtype: torch.dtyp
     if entry.get("bwd", "split") not in BWD_MODES:
         raise ValueError(f"kernels/_attention_table.py: bwd {entry['bwd']!r} not one of {BWD_MODES}")
     return _AttentionTiles(fwd=Tiles(*entry["fwd"]), dkdv=Tiles(*entry["dkdv"]), dq=Tiles(*entry["dq"]),
-                           delta=delta, bwd=entry.get("bwd", "split"))
+                           delta=delta, bwd=entry.get("bwd", "split"), fwd_tma=bool(entry.get("fwd_tma", False)))
 
 
 def _tiles(head_dim: int, dtype: torch.dtype, device: torch.device, n: int | None = None) -> _AttentionTiles:
@@ -517,14 +547,59 @@ def _fwd_launch(q, k, v, plen, scale: float, out=None, lse=None, cfg: _Attention
     B, H, N, D = q.shape
     out = _bhnd_like(q) if out is None else out
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if lse is None else lse
-    t = (cfg or _tiles(D, q.dtype, q.device, N)).fwd
+    cfg = cfg or _tiles(D, q.dtype, q.device, N)
+    t = cfg.fwd
     grid = (triton.cdiv(N, t.block_m), H, B)
     _prefix_attention_fwd_kernel[grid](
         q, k, v, plen, out, lse, scale * _LOG2E, N,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=t.num_warps, num_stages=t.num_stages)
+        USE_TMA=_use_tma(cfg, q, k, v), num_warps=t.num_warps, num_stages=t.num_stages)
     return out, lse
+
+
+def _tma_unusable(q, k, v) -> str | None:
+    """None when the forward can read q, k, v through tensor descriptors, else the reason: a TMA
+    descriptor needs a 16-byte aligned base and 16-byte multiples for every stride but the last
+    (the kernels move the base by whole batch / head / row strides), and a GPU of capability >= 9.0
+    (the interpreter emulates descriptors on the CPU)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        size = t.element_size()
+        if t.data_ptr() % 16:
+            return f"{name}: data pointer not 16-byte aligned"
+        for dim, stride in enumerate(t.stride()[:-1]):
+            if stride * size % 16:
+                return f"{name}: stride {stride} of dim {dim} is not a multiple of 16 bytes"
+    if q.device.type == "cuda" and _capability(q.device.index if q.device.index is not None
+                                               else torch.cuda.current_device())[0] < 9:
+        return "TMA needs compute capability >= 9.0"
+    return None
+
+
+_TMA_REASONS_LOGGED: set = set()
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    """Triton's runtime allocator: the global scratch its device-side tensor descriptors live in."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _use_tma(cfg: _AttentionTiles, *qkv) -> bool:
+    """cfg asks for TMA loads in the forward and the inputs allow them (else a logged fallback to
+    pointer loads). On CUDA a Triton runtime allocator is set (torch memory) when none is."""
+    if not cfg.fwd_tma:
+        return False
+    reason = _tma_unusable(*qkv)
+    if reason is not None:
+        if reason not in _TMA_REASONS_LOGGED:
+            _TMA_REASONS_LOGGED.add(reason)
+            _log.info("prefix attention: forward without TMA loads: %s", reason)
+        return False
+    if qkv[0].device.type == "cuda":
+        from triton.runtime import _allocation
+        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            triton.set_allocator(_torch_scratch)
+    return True
 
 
 def _delta_launch(out, dout, t: Tiles, dq_acc=None) -> torch.Tensor:

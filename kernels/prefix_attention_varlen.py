@@ -44,7 +44,7 @@ import torch
 from ._compat import tl, triton
 from ._utils import check_launchable, check_pack_values, check_same_device, last_dim_contiguous
 from .prefix_attention import (_LOG2E, _bwd_mode, _check_qkv, _delta_launch, _dkdv_program, _dot_precision,
-                               _dq_program, _fwd_program, _interpreter_needs_fp32, _query_tile_start, _tiles,
+                               _dq_program, _fwd_program, _interpreter_needs_fp32, _query_tile_start, _tiles, _use_tma,
                                prefix_attention_ref)
 
 
@@ -89,14 +89,15 @@ def _prefix_attention_varlen_fwd_kernel(
         Q, K, V, CU_SEQLENS, PLEN, OUT, LSE, qk_scale, T,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
-    """One program = one query tile of one (image, h). Grid (cdiv(max_seqlen, BLOCK_M), H, S)."""
+        DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """One program = one query tile of one (image, h). Grid (cdiv(max_seqlen, BLOCK_M), H, S).
+    USE_TMA: tensor descriptors of the image's own rows (rows past its end read as 0)."""
     off_h, start, N, P, Q, K, V, stats = _image_prologue(Q, K, V, CU_SEQLENS, PLEN, T, stride_qn, stride_qh,
                                                          stride_kn, stride_kh, stride_vn, stride_vh)
     if _query_tile_start(BLOCK_M) >= N:
         return
     _fwd_program(Q, K, V, OUT + start * stride_on + off_h * stride_oh, LSE + stats, P, N, qk_scale,
-                 stride_qn, stride_kn, stride_vn, stride_on, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
+                 stride_qn, stride_kn, stride_vn, stride_on, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, USE_TMA)
 
 
 @triton.jit
@@ -176,12 +177,13 @@ def _varlen_fwd_launch(q, k, v, cu_seqlens, plen, max_seqlen: int, scale: float,
     S = cu_seqlens.numel() - 1
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     lse = torch.empty(H, T, dtype=torch.float32, device=q.device) if lse is None else lse
-    t = (cfg or _tiles(D, q.dtype, q.device, max_seqlen)).fwd
+    cfg = cfg or _tiles(D, q.dtype, q.device, max_seqlen)
+    t = cfg.fwd
     _prefix_attention_varlen_fwd_kernel[(triton.cdiv(max_seqlen, t.block_m), H, S)](
         q, k, v, cu_seqlens, plen, out, lse, scale * _LOG2E, T,
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
         HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=t.num_warps, num_stages=t.num_stages)
+        USE_TMA=_use_tma(cfg, q, k, v), num_warps=t.num_warps, num_stages=t.num_stages)
     return out, lse
 
 
