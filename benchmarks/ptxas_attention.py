@@ -5,7 +5,8 @@ bwd dk/dv, its atomic-dq form,
 bwd dq, the fused one-launch backward) and of the packed variable-length op (varlen_*) are compiled with
 the tiles `_tiles` would pick on that architecture, then assembled with Triton's bundled
 ptxas (-v): shared memory, registers per thread, spill bytes, and whether wgmma (Hopper tensor-core
-MMA) and TMA copies (cp.async.bulk.tensor) are used. This backs the NOTE in kernels/prefix_attention.py::_tiles; it times nothing.
+MMA) and TMA copies (cp.async.bulk.tensor) are used. This backs the NOTE in
+kernels/prefix_attention.py::_tiles; it times nothing.
 
 The kernels are specialised as a real launch at one shape specialises them: Triton's launcher marks
 every pointer and every integer argument divisible by 16 with tt.divisibility=16 and turns an integer
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, of {', '.join(KERNELS)}")
     args = ap.parse_args(argv)
     PA.is_interpreting = lambda: False                         # the GPU tables, on this CPU
-    PA._capability = lambda index: (args.cap // 10, args.cap % 10)
+    PA._capability = lambda device: (args.cap // 10, args.cap % 10)
     dev = torch.device("cuda", 0)
     for name in args.dtypes.split(","):
         dtype = _TY[name]

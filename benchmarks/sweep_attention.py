@@ -169,7 +169,8 @@ def sweep_shape(spec, device, dtype, quick: bool, ceilings: dict, command: str, 
             print(f"  {name} {pass_} {cname}: FAILED to run: {type(e).__name__}: {str(e)[:200]}", flush=True)
             ratio = float("inf")
         info = dict(config=cname, default=cname == "default", correct=ratio <= 1.0, err_ratio=ratio,
-                    bwd_form=cfg.bwd, fwd_tma=cfg.fwd_tma, tiles={k_: dataclasses.astuple(getattr(cfg, k_)) for k_ in ("fwd", "dkdv", "dq")})
+                    bwd_form=cfg.bwd, fwd_tma=cfg.fwd_tma,
+                    tiles={k_: dataclasses.astuple(getattr(cfg, k_)) for k_ in ("fwd", "dkdv", "dq")})
         if ratio > 1.0:
             print(f"  {name} {pass_} {cname}: INCORRECT (error {ratio:.2f} x the bound): not timed", flush=True)
             emit(result_row(op="prefix_attention", pass_=pass_, provider="aimv2", ms=None, timing=None, **base,

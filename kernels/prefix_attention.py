@@ -46,7 +46,7 @@ import torch
 
 from ._compat import tl, triton
 from ._utils import Tiles, check_float, check_launchable, check_same_device, is_interpreting, \
-    last_dim_contiguous
+    last_dim_contiguous, use_registered_op
 
 _LOG2E = 1.4426950408889634
 _log = logging.getLogger(__name__)
@@ -458,8 +458,9 @@ BWD_MODES = ("split", "fused", "atomic")
 
 
 @functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device (a tensor's device always names its index)."""
+    return torch.cuda.get_device_capability(device)
 
 
 def n_bucket(n: int) -> int:
@@ -482,6 +483,13 @@ def _table_config(cap: tuple[int, int], head_dim: int, n: int, dtype: torch.dtyp
 
 
 def _tiles(head_dim: int, dtype: torch.dtype, device: torch.device, n: int | None = None) -> _AttentionTiles:
+    """`_tiles_for` (the configuration of every launch), cached: a lookup is a dict hit per call."""
+    return _tiles_for(head_dim, dtype, device, n, is_interpreting())
+
+
+@functools.lru_cache(maxsize=4096)
+def _tiles_for(head_dim: int, dtype: torch.dtype, device: torch.device, n: int | None,
+               interpreting: bool) -> _AttentionTiles:
     """Tile shapes per kernel: the committed table's entry for (compute capability, head dim,
     sequence-length bucket of n, dtype) (kernels/_attention_table.py, written by
     benchmarks/sweep_attention.py from its GPU rows), else the fixed defaults below.
@@ -495,10 +503,10 @@ def _tiles(head_dim: int, dtype: torch.dtype, device: torch.device, n: int | Non
     divisible by 16; benchmarks/ptxas_attention.py), the forward uses 128 KiB of shared memory and
     the backward dk/dv and dq kernels 96 KiB, with 0 spill bytes and wgmma on every dot.
     """
-    if is_interpreting():
+    if interpreting:
         return _AttentionTiles(fwd=Tiles(32, 16, 4, 1), dkdv=Tiles(16, 32, 4, 1), dq=Tiles(32, 16, 4, 1),
                                delta=Tiles(32, 0, 4, 1))
-    cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    cap = _capability(device)
     major = cap[0]
     stages = 3 if major >= 9 else 2
     delta = Tiles(max(16, 4096 // head_dim), 0, 4, 1)       # 64 rows at D=64: no spills
@@ -532,10 +540,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _cdiv(a: int, b: int) -> int:
+    # (triton.cdiv is a constexpr function: a few microseconds of host time per call)
+    return -(-a // b)
+
+
 def _bhnd_like(t: torch.Tensor, dtype=None) -> torch.Tensor:
     """Empty (B, H, N, D) tensor stored as (B, N, H, D): `.transpose(1, 2).reshape(B, N, H * D)` is free."""
     B, H, N, D = t.shape
-    return t.new_empty(B, N, H, D, dtype=dtype).permute(0, 2, 1, 3)      # (B, H, N, D) view
+    return torch.empty_strided((B, H, N, D), (N * H * D, D, H * D, 1), dtype=dtype or t.dtype,   # (B, H, N, D)
+                               device=t.device)
 
 
 def _fwd_launch(q, k, v, plen, scale: float, out=None, lse=None, cfg: _AttentionTiles | None = None):
@@ -549,7 +563,7 @@ def _fwd_launch(q, k, v, plen, scale: float, out=None, lse=None, cfg: _Attention
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if lse is None else lse
     cfg = cfg or _tiles(D, q.dtype, q.device, N)
     t = cfg.fwd
-    grid = (triton.cdiv(N, t.block_m), H, B)
+    grid = (_cdiv(N, t.block_m), H, B)
     _prefix_attention_fwd_kernel[grid](
         q, k, v, plen, out, lse, scale * _LOG2E, N,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
@@ -570,8 +584,7 @@ def _tma_unusable(q, k, v) -> str | None:
         for dim, stride in enumerate(t.stride()[:-1]):
             if stride * size % 16:
                 return f"{name}: stride {stride} of dim {dim} is not a multiple of 16 bytes"
-    if q.device.type == "cuda" and _capability(q.device.index if q.device.index is not None
-                                               else torch.cuda.current_device())[0] < 9:
+    if q.device.type == "cuda" and _capability(q.device)[0] < 9:
         return "TMA needs compute capability >= 9.0"
     return None
 
@@ -608,7 +621,7 @@ def _delta_launch(out, dout, t: Tiles, dq_acc=None) -> torch.Tensor:
     B, H, N, D = out.shape
     delta = torch.empty(B, H, N, dtype=torch.float32, device=out.device)
     acc = delta if dq_acc is None else dq_acc
-    _prefix_attention_bwd_delta_kernel[(triton.cdiv(N, t.block_m), H, B)](
+    _prefix_attention_bwd_delta_kernel[(_cdiv(N, t.block_m), H, B)](
         out, dout, delta, acc, N, *out.stride()[:3], *dout.stride()[:3],
         *(acc.stride()[:3] if dq_acc is not None else (0, 0, 0)), HEAD_DIM=D, BLOCK_M=t.block_m,
         ZERO_DQ=dq_acc is not None)
@@ -631,7 +644,7 @@ def _bwd_launch(dout, q, k, v, out, lse, plen, scale: float, dq=None, dk=None, d
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     kv, qt = cfg.dkdv, cfg.dq
     if mode == "fused":
-        n_kv, n_q = triton.cdiv(N, kv.block_n), triton.cdiv(N, qt.block_m)
+        n_kv, n_q = _cdiv(N, kv.block_n), _cdiv(N, qt.block_m)
         _prefix_attention_bwd_kernel[(n_q + n_kv, H, B)](
             q, k, v, dout, lse, delta, plen, dk, dv, dq, scale, scale * _LOG2E, N, n_kv, n_q,
             *strides, *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3],
@@ -639,14 +652,14 @@ def _bwd_launch(dout, q, k, v, out, lse, plen, scale: float, dq=None, dk=None, d
             DOT_PRECISION=prec, num_warps=kv.num_warps, num_stages=kv.num_stages)
         return dq, dk, dv
     acc = dq_acc if dq_acc is not None else delta                   # (not read without ATOMIC_DQ)
-    _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(N, kv.block_n), H, B)](
+    _prefix_attention_bwd_dkdv_kernel[(_cdiv(N, kv.block_n), H, B)](
         q, k, v, dout, lse, delta, plen, dk, dv, acc, scale, scale * _LOG2E, N,
         *strides, *dk.stride()[:3], *dv.stride()[:3], *(acc.stride()[:3] if dq_acc is not None else (0, 0, 0)),
         HEAD_DIM=D, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, ATOMIC_DQ=dq_acc is not None, DOT_PRECISION=prec,
         num_warps=kv.num_warps, num_stages=kv.num_stages)
     if dq_acc is not None:
         return dq.copy_(dq_acc), dk, dv
-    _prefix_attention_bwd_dq_kernel[(triton.cdiv(N, qt.block_m), H, B)](
+    _prefix_attention_bwd_dq_kernel[(_cdiv(N, qt.block_m), H, B)](
         q, k, v, dout, lse, delta, plen, dq, scale, scale * _LOG2E, N,
         *strides, *dq.stride()[:3],
         HEAD_DIM=D, BLOCK_M=qt.block_m, BLOCK_N=qt.block_n, DOT_PRECISION=prec,
@@ -668,9 +681,11 @@ def _interpreter_needs_fp32(t: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------- registered ops
-@torch.library.custom_op("aimv2::prefix_attention_fwd", mutates_args=())
-def _prefix_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: torch.Tensor,
-                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+# Each op is a torch.library custom op (what torch.compile traces, with its fake implementation) and,
+# for eager calls, an autograd.Function with the same implementation and autograd rule that skips the
+# library's dispatch (`use_registered_op`); the public function picks.
+def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: torch.Tensor,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out (B, H, N, D) stored as (B, N, H, D), lse (B, H, N) fp32 in log2 units (scaled scores)."""
     B, H, N, D = q.shape
     _check_prefix_values(prefix_len, N)
@@ -682,16 +697,9 @@ def _prefix_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return _fwd_launch(q, k, v, prefix_len, scale)
 
 
-@_prefix_attention_fwd_op.register_fake
-def _(q, k, v, prefix_len, scale):
-    B, H, N, D = q.shape
-    return _bhnd_like(q), q.new_empty(B, H, N, dtype=torch.float32)
-
-
-@torch.library.custom_op("aimv2::prefix_attention_bwd", mutates_args=())
-def _prefix_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             out: torch.Tensor, lse: torch.Tensor, prefix_len: torch.Tensor,
-                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, prefix_len: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
     """-> dq, dk, dv, each (B, H, N, D) stored as (B, N, H, D)."""
     if q.numel() == 0:
         return _bhnd_like(q).zero_(), _bhnd_like(q).zero_(), _bhnd_like(q).zero_()
@@ -700,6 +708,16 @@ def _prefix_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
         grads = _bwd_launch(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, prefix_len, scale)
         return tuple(_bhnd_like(q).copy_(g) for g in grads)
     return _bwd_launch(dout, q, k, v, out, lse, prefix_len, scale)
+
+
+_prefix_attention_fwd_op = torch.library.custom_op("aimv2::prefix_attention_fwd", _fwd_impl, mutates_args=())
+_prefix_attention_bwd_op = torch.library.custom_op("aimv2::prefix_attention_bwd", _bwd_impl, mutates_args=())
+
+
+@_prefix_attention_fwd_op.register_fake
+def _(q, k, v, prefix_len, scale):
+    B, H, N, D = q.shape
+    return _bhnd_like(q), q.new_empty(B, H, N, dtype=torch.float32)
 
 
 @_prefix_attention_bwd_op.register_fake
@@ -715,14 +733,29 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _backward(ctx, dout, dlse):
-    # lse is an internal output (the public op returns only `out`): its gradient is never used.
-    q, k, v, prefix_len, out, lse = ctx.saved_tensors
-    dq, dk, dv = _prefix_attention_bwd_op(dout, q, k, v, out, lse, prefix_len, ctx.scale)
-    return dq, dk, dv, None, None
+def _backward_by(bwd):
+    """The autograd rule, with the backward called through `bwd` (the registered op or its impl)."""
+    def backward(ctx, dout, dlse):
+        # lse is an internal output (the public op returns only `out`): its gradient is never used.
+        q, k, v, prefix_len, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, prefix_len, ctx.scale)
+        return dq, dk, dv, None, None
+    return backward
 
 
-_prefix_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_prefix_attention_fwd_op.register_autograd(_backward_by(_prefix_attention_bwd_op), setup_context=_setup_context)
+
+
+class _PrefixAttentionEager(torch.autograd.Function):
+    """The registered op's eager twin: same impl, same saved tensors and backward, no library dispatch.
+    (forward takes ctx: a separate setup_context would make every apply() inspect the signature.)"""
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_len, scale):
+        out = _fwd_impl(q, k, v, prefix_len, scale)
+        _setup_context(ctx, (q, k, v, prefix_len, scale), out)
+        return out
+
+    backward = staticmethod(_backward_by(_bwd_impl))
 
 
 # ----------------------------------------------------------------------------- public op
@@ -787,5 +820,6 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_l
     else:
         plen = prefix_len.contiguous()
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    out, _ = _prefix_attention_fwd_op(q, k, v, plen, float(scale))
+    op = _prefix_attention_fwd_op if use_registered_op() else _PrefixAttentionEager.apply
+    out, _ = op(q, k, v, plen, float(scale))
     return out

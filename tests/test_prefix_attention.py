@@ -285,6 +285,26 @@ def test_opcheck():
     torch.library.opcheck(PA._prefix_attention_bwd_op, (do, q.detach(), k.detach(), v.detach(), out, lse, plen, 0.2))
 
 
+def test_eager_calls_skip_the_library_dispatch_and_tracing_uses_it(monkeypatch):
+    """Eager calls run the autograd.Function twin of the registered op (same impl and autograd rule,
+    no torch.library dispatch: the host-cost cut), bit-identical to the op; under a dispatch mode (fake
+    tensors, as torch.compile and make_fx trace) the registered op and its fake implementation run."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    B, H, N, D = 1, 1, 20, 16
+    q, k, v, do = _inputs(B, H, N, D, torch.float32)
+    plen = torch.tensor([5], device=DEV, dtype=torch.int32)
+    registered = _run(lambda *a: PA._prefix_attention_fwd_op(*a, D ** -0.5)[0], q, k, v, do, plen)
+    calls, real = [], PA._prefix_attention_fwd_op
+    monkeypatch.setattr(PA, "_prefix_attention_fwd_op", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    eager = _run(prefix_attention, q, k, v, do, plen)
+    assert calls == []
+    for name, e, r in zip(["out", "dq", "dk", "dv"], eager, registered):
+        torch.testing.assert_close(e, r, rtol=0, atol=0, msg=name)
+    with FakeTensorMode() as mode:
+        out = prefix_attention(*(mode.from_tensor(t) for t in (q, k, v)), mode.from_tensor(plen))
+    assert calls == [q.shape] and out.shape == q.shape
+
+
 # ----------------------------------------------------------------------------- dtypes, edges, errors
 @pytest.mark.skipif(ON_GPU, reason="tests the interpreter's bf16 path (fp32 compute, bf16 storage)")
 def test_bf16_in_interpreter_computes_in_fp32():

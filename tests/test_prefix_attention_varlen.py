@@ -327,15 +327,17 @@ def test_opcheck():
 def test_kernels_compile_for_sm90_without_spills():
     """The interpreter never sees what only compiled Triton rejects (here the early `return` of a
     program whose tile lies past its image): the varlen kernels (the forward with pointer and with TMA
-    loads: cp.async.bulk.tensor in its PTX), and the backward forms "atomic" and "fused" of both ops, compile for sm_90a at bf16 as the launchers specialise them
-    (benchmarks/ptxas_attention.py), with wgmma and no spills."""
+    loads: cp.async.bulk.tensor in its PTX), and the backward forms "atomic" and "fused" of both ops,
+    compile for sm_90a at bf16 as the launchers specialise them (benchmarks/ptxas_attention.py), with
+    wgmma and no spills."""
     try:
         import triton.backends.nvidia  # noqa: F401
     except ImportError:
         pytest.skip("this Triton build has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "ptxas_attention.py"
-    kernels = "varlen_fwd,varlen_fwd_tma,varlen_dkdv,varlen_dkdv_atomic,varlen_dq,varlen_bwd_fused,dkdv_atomic,bwd_fused"
+    kernels = ("varlen_fwd,varlen_fwd_tma,varlen_dkdv,varlen_dkdv_atomic,varlen_dq,varlen_bwd_fused,"
+               "dkdv_atomic,bwd_fused")
     proc = subprocess.run([sys.executable, str(script), "--kernels", kernels,
                            "--dtypes", "bf16", "--head-dims", "64,128"], env=env, capture_output=True, text=True,
                           timeout=600)

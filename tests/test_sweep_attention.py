@@ -89,3 +89,20 @@ def test_candidates_include_the_default_and_every_form():
     got = SW.candidates(32, torch.float32, torch.device("cpu"), True)
     assert ("fwd", "default") in {(p, n) for p, n, _ in got}
     assert {c.bwd for p, _, c in got if p == "bwd"} == {"split", "fused", "atomic"}
+
+
+def test_host_cost_mode_counts_launches_and_restores_the_kernels():
+    """bench_attention --host-cost: every (op, provider, pass) timed with the Triton launches stubbed
+    and counted (split backward: delta, dk/dv, dq), the real kernels back in place afterwards."""
+    import bench_attention as BA
+    PV = importlib.import_module("aimv2.kernels.prefix_attention_varlen")
+    before = (PA._prefix_attention_fwd_kernel, PV._prefix_attention_varlen_bwd_dq_kernel, PA.is_interpreting,
+              PA.use_registered_op)
+    rows = []
+    BA.host_cost(torch.device("cpu"), "test", rows.append, calls=2, repeats=1, log=lambda *a: None)
+    assert {(r["op"], r["provider"], r["pass"]) for r in rows} == {
+        (op, prov, p) for op in ("prefix_attention_host", "prefix_attention_varlen_host")
+        for prov in ("aimv2", "aimv2_registered") for p in ("fwd", "bwd", "fwdbwd")}
+    assert all(r["launches"] == {"fwd": 1, "bwd": 3, "fwdbwd": 4}[r["pass"]] and r["ms"] > 0 for r in rows)
+    assert (PA._prefix_attention_fwd_kernel, PV._prefix_attention_varlen_bwd_dq_kernel, PA.is_interpreting,
+            PA.use_registered_op) == before
