@@ -21,7 +21,8 @@ D=128, H=8, and encoder N=256 at D=64, H=16):
    kernels/_attention_table.py (the fastest correct forward and backward by device time per key).
 
 Rows (CONVENTIONS.md): op "prefix_attention", pass "fwd" | "bwd", shape, dtype, provider ("aimv2",
-"flex", "sdpa_cudnn_causal"), ms, `timing`, `config` (the candidate's name), `default`, `correct`,
+"flex", "sdpa_cudnn_causal"), ms, `timing` (a "host" row carries the same candidate's graph time as
+`ms_device`: host-timed beside device time), `config` (the candidate's name), `default`, `correct`,
 `err_ratio` (worst error / bound over out and the gradients), tflops on the visible pairs,
 `capability` ([major, minor]), `head_dim`, `n_bucket`.
 
@@ -180,20 +181,27 @@ def sweep_shape(spec, device, dtype, quick: bool, ceilings: dict, command: str, 
             fn = lambda cfg=cfg: PA._fwd_launch(q, k, v, plen, scale, cfg=cfg)           # noqa: E731
         else:
             fn = lambda cfg=cfg: PA._bwd_launch(do, q, k, v, out, lse, plen, scale, cfg=cfg)  # noqa: E731
+        device_ms = None
         for timing in timings:
             ms = _time(fn, timing == "graph")
             if ms is not None:
-                row(pass_, "aimv2", ms, timing, **info)
+                row(pass_, "aimv2", ms, timing, **info, **({"ms_device": device_ms} if timing == "host" else {}))
+                if timing == "graph":
+                    device_ms = ms
                 if timing == timings[0] and ms < best.get(pass_, (float("inf"), ""))[0]:
                     best[pass_] = (ms, cname)
     wanted = {"sdpa_dense"} if quick else {"flex", "sdpa_cudnn_causal"}
     for provider, (fn, mask) in BA.providers(case, wanted).items():
         for pass_ in ("fwd", "bwd"):
             f = BA.pass_fn(case, fn, pass_)
+            device_ms = None
             for timing in timings:
                 ms = _time(f, timing == "graph")
                 if ms is not None:
-                    row(pass_, provider, ms, timing, mask_computed=mask)
+                    row(pass_, provider, ms, timing, mask_computed=mask,
+                        **({"ms_device": device_ms} if timing == "host" else {}))
+                    if timing == "graph":
+                        device_ms = ms
     for pass_, (ms, cname) in best.items():
         print(f"  winner {name} D={D} {pass_}: {cname} ({ms:.3f} ms, {timings[0]})", flush=True)
 
