@@ -17,7 +17,10 @@ Flash-style (FA2): one program per (query tile, h, b) runs an online softmax in 
 tensor exists. Per query tile [m, m + BLOCK_M) the visible keys are [0, max(P, m + BLOCK_M)):
 key tiles past that are never loaded; key tiles every query of the tile sees whole (inside the
 prefix, or at or below the tile's first query) run a loop with no per-element mask; only tiles
-crossing the prefix edge, the diagonal or N are masked. Backward: the delta pre-pass, then dk/dv
+crossing the prefix edge, the diagonal or N are masked. The forward loads its q, k, v tiles by
+pointer tiles or, with `_AttentionTiles.fwd_tma`, through tensor descriptors of the sequence's rows
+(TMA copies on Hopper; pointer loads where the inputs' alignment or the GPU rules TMA out, with the
+reason logged). Backward: the delta pre-pass, then dk/dv
 programs (one per key tile; it visits the query tiles that see it: all queries when the tile
 starts inside the prefix, else queries >= its first key) and dq programs (the forward's key tiles),
 with the same split into unmasked and masked loops, in one of three forms (`_AttentionTiles.bwd`):
@@ -27,10 +30,12 @@ buffer that the delta pre-pass zeroes: 5 tile GEMMs instead of 7, no second pass
 bit-reproducible, so torch.use_deterministic_algorithms(True) runs "split" instead). Tiles and the
 form come from a committed table keyed by (compute capability, D, length bucket, dtype) that
 benchmarks/sweep_attention.py writes from GPU rows (kernels/_attention_table.py), else fixed
-defaults. fp32 inputs use true fp32 dots.
+defaults. fp32 inputs use true fp32 dots. docs/attention.md says how a configuration is chosen.
 
 Registered as torch.library custom ops aimv2::prefix_attention_fwd / _bwd (fake + autograd), so
-torch.compile(fullgraph=True) traces through with no graph break.
+torch.compile(fullgraph=True) traces through with no graph break; eager calls run the same
+implementation and autograd rule as an autograd.Function, which skips the library's dispatch
+(host time per fwd+bwd call, launches stubbed, on a CPU: 209 -> 102 us; docs/attention.md).
 Limits: B, H <= 65535 (launch grid); a CUDA prefix tensor is not range-checked (that would sync
 the host): out-of-range values act as clamped to [0, N]. In the Triton interpreter bf16 inputs
 are computed in fp32 (the interpreter's bf16 tl.dot is broken) and stored as bf16.
@@ -815,11 +820,25 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_l
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a Python float or None, got {type(scale).__name__}")
+    registered = use_registered_op()
     if isinstance(prefix_len, int):
-        plen = torch.full((B,), prefix_len, dtype=torch.int32, device=q.device)     # (B,)
+        if registered or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+            plen = torch.full((B,), prefix_len, dtype=torch.int32, device=q.device)     # (B,)
+        else:
+            plen = _constant_prefix(B, prefix_len, q.device)                            # (B,)
     else:
         plen = prefix_len.contiguous()
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    op = _prefix_attention_fwd_op if use_registered_op() else _PrefixAttentionEager.apply
+    op = _prefix_attention_fwd_op if registered else _PrefixAttentionEager.apply
     out, _ = op(q, k, v, plen, float(scale))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _constant_prefix(B: int, P: int, device: torch.device) -> torch.Tensor:
+    """int32 (B,) filled with P, made once per (B, P, device) for eager calls with an int prefix (e.g.
+    the causal decoder's 0): no allocation and fill launch per call. Never written; made outside
+    inference mode so autograd may save it; never made while a CUDA graph is being captured (the fill
+    would be recorded, not run)."""
+    with torch.inference_mode(False):
+        return torch.full((B,), P, dtype=torch.int32, device=device)

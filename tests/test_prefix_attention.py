@@ -302,7 +302,16 @@ def test_eager_calls_skip_the_library_dispatch_and_tracing_uses_it(monkeypatch):
         torch.testing.assert_close(e, r, rtol=0, atol=0, msg=name)
     with FakeTensorMode() as mode:
         out = prefix_attention(*(mode.from_tensor(t) for t in (q, k, v)), mode.from_tensor(plen))
-    assert calls == [q.shape] and out.shape == q.shape
+        assert prefix_attention(*(mode.from_tensor(t) for t in (q, k, v)), 5).shape == q.shape
+    assert len(calls) == 2 and out.shape == q.shape
+    # an int prefix: one constant (B,) tensor per (B, P, device), usable by autograd even when first
+    # made under inference_mode, giving the tensor prefix's numbers
+    PA._constant_prefix.cache_clear()
+    with torch.inference_mode():
+        torch.testing.assert_close(prefix_attention(q, k, v, 5), eager[0], rtol=0, atol=0)
+    for name, e, i in zip(["out", "dq", "dk", "dv"], eager, _run(prefix_attention, q, k, v, do, 5)):
+        torch.testing.assert_close(i, e, rtol=0, atol=0, msg=name)
+    assert PA._constant_prefix(B, 5, q.device) is PA._constant_prefix(B, 5, q.device)
 
 
 # ----------------------------------------------------------------------------- dtypes, edges, errors
