@@ -35,7 +35,8 @@ defaults. fp32 inputs use true fp32 dots. docs/attention.md says how a configura
 Registered as torch.library custom ops aimv2::prefix_attention_fwd / _bwd (fake + autograd), so
 torch.compile(fullgraph=True) traces through with no graph break; eager calls run the same
 implementation and autograd rule as an autograd.Function, which skips the library's dispatch
-(host time per fwd+bwd call, launches stubbed, on a CPU: 209 -> 102 us; docs/attention.md).
+(host CPU time per fwd+bwd call, launches stubbed, on a loaded 2-core CPU: 259 -> 108 us;
+benchmarks/results/attention_host-cpu-2026-12-06.json, docs/attention.md).
 Limits: B, H <= 65535 (launch grid); a CUDA prefix tensor is not range-checked (that would sync
 the host): out-of-range values act as clamped to [0, N]. In the Triton interpreter bf16 inputs
 are computed in fp32 (the interpreter's bf16 tl.dot is broken) and stored as bf16.
