@@ -480,6 +480,7 @@ def test_tma_forward_reads_through_descriptors_and_falls_back_on_misaligned_inpu
     wide = torch.randn(B, H, N, D + 1, device=DEV)[..., :D]                        # rows 68 bytes apart
     assert PA._tma_unusable(odd, k, v) == "q: data pointer not 16-byte aligned"
     assert PA._tma_unusable(q, k, wide) == f"v: stride {D + 1} of dim 2 is not a multiple of 16 bytes"
+    assert PA._tma_unusable(q, k, wide[:, :, :1]) is None                          # one row: never strided
     made = []                 # block rows of each descriptor made (observable in the interpreter only)
     real = PA._row_descriptor
     monkeypatch.setattr(PA, "_row_descriptor", lambda *a: (made.append(a[-1]), real(*a))[1])
