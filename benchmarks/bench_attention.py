@@ -49,6 +49,15 @@ TFLOP/s count the visible pairs of the pack for every provider (the padded one d
     python benchmarks/bench_attention.py --packed --gpu-quick  # the same (`make gpu`'s attention_packed stage)
     python benchmarks/bench_attention.py --packed --quick      # CPU smoke run (a pack of ~100 tokens)
 
+--host-cost: what a call costs on the host before its kernels run (input checks, configuration,
+allocation, autograd, the torch.library dispatch), every Triton launch stubbed out and counted; the
+fixed op (B=2, H=2, N=256) and the packed op (3 images), bf16, fwd / bwd / fwdbwd, for the eager path
+(provider aimv2) and the torch.library op path (aimv2_registered, as under torch.compile), interleaved
+in one run. Runs on a CPU (with the configuration path a capability-9.0 GPU takes) or a GPU.
+
+    python benchmarks/bench_attention.py --host-cost           # rows: attention_host-<device>-<date>.json
+    python benchmarks/bench_attention.py --host-cost --baseline 030f101   # + the kernels as of that commit
+
 Rows (CONVENTIONS.md schema) go to benchmarks/results/attention-<device>-<date>.json, with --packed
 attention_packed-<device>-<date>.json (a temp dir
 with --quick unless --out is given), each appended the moment it is measured; SIGINT stops the run
@@ -358,6 +367,119 @@ def run_packed_case(case: PackedCase, wanted, ceilings: dict, command: str, log=
     return rows
 
 
+# ------------------------------------------------------------------ host cost (--host-cost)
+class _StubKernel:
+    """Stands in for a @triton.jit kernel: `kernel[grid](...)` only counts the launch."""
+    launches = 0
+
+    def __getitem__(self, grid):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        _StubKernel.launches += 1
+
+
+def _kernels_at(rev: str):
+    """The kernels/ package as committed at git revision `rev`, imported side by side with today's
+    (a copy under a temp dir, its torch.library namespace renamed so its ops register apart)."""
+    import importlib
+    import subprocess
+    import tempfile
+    root = Path(__file__).resolve().parent.parent
+    git = lambda *a: subprocess.run(["git", "-C", str(root), *a], check=True, capture_output=True,  # noqa: E731
+                                    text=True).stdout
+    sha = git("rev-parse", "--short", rev).strip()
+    pkg = Path(tempfile.mkdtemp(prefix="aimv2-kernels-")) / f"kernels_{sha}"
+    for path in git("ls-tree", "-r", "--name-only", rev, "kernels/").split():
+        dst = pkg / path.removeprefix("kernels/")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(git("show", f"{rev}:{path}").replace('"aimv2::', f'"aimv2_{sha}::'))
+    sys.path.insert(0, str(pkg.parent))
+    return sha, importlib.import_module(f"{pkg.name}.prefix_attention"), \
+        importlib.import_module(f"{pkg.name}.prefix_attention_varlen")
+
+
+def host_cost(device, command: str, emit, calls: int = 200, repeats: int = 9, baseline: str | None = None,
+              log=print) -> list[dict]:
+    """The ops' host (Python) cost per call with every Triton launch stubbed out (counted instead),
+    fixed op (B=2, H=2, N=256, D=128, per-sample prefixes) and packed op (3 images), bf16, on the
+    launch configuration a GPU of capability 9.0 gets: what a call costs before its kernels run
+    (checks, configuration, allocation, autograd, the torch.library dispatch). Providers: aimv2 (the
+    eager path: the autograd.Function twin), aimv2_registered (every call through the torch.library
+    op, as torch.compile calls it) and, with `baseline` a git revision, aimv2@<sha> (the kernels as
+    committed there, imported beside today's), timed interleaved, `repeats` x `calls` calls each.
+    Rows: op prefix_attention_host / prefix_attention_varlen_host, ms per call (wall, median over
+    repeats), ms_cpu (the process's CPU time, every thread: steadier on a shared machine), `launches` per call."""
+    import importlib
+    import statistics
+    import time
+    from _common import result_row
+    mods = {"aimv2": (importlib.import_module("aimv2.kernels.prefix_attention"),
+                      importlib.import_module("aimv2.kernels.prefix_attention_varlen"))}
+    mods["aimv2_registered"] = mods["aimv2"]
+    if baseline:
+        sha, *old = _kernels_at(baseline)
+        mods[f"aimv2@{sha}"] = tuple(old)
+    saved = {(m, n): getattr(m, n) for pa_pv in set(mods.values()) for m in pa_pv for n in dir(m)
+             if (n.endswith("_kernel") and n.startswith("_prefix_attention"))
+             or n in ("is_interpreting", "_capability", "use_registered_op")}
+    if device.type != "cuda":               # (older kernels ask for the current device: there is none)
+        saved[(torch.cuda, "current_device")] = torch.cuda.current_device
+    dtype = torch.bfloat16
+
+    def path(prov):                             # the eager path, or every call through the library op
+        for m in mods[prov]:
+            if (m, "use_registered_op") in saved:
+                m.use_registered_op = (lambda: True) if prov == "aimv2_registered" else saved[(m, "use_registered_op")]
+
+    try:
+        for m, n in saved:
+            if n.endswith("_kernel"):
+                setattr(m, n, _StubKernel())
+            elif device.type != "cuda" and n != "use_registered_op":  # a capability-9.0 GPU's configuration
+                setattr(m, n, {"is_interpreting": lambda: False, "_capability": lambda *a: (9, 0),
+                               "current_device": lambda: 0}[n])
+        case = make_case("encoder-256", 2, 2, 128, device, dtype)
+        packed = make_packed_case("packed-host", 2, 128, device, dtype, (600, 150, 300))
+        rows = []
+        for op, c in (("prefix_attention_host", case), ("prefix_attention_varlen_host", packed)):
+            fns = {}
+            for prov, (PA, PV) in mods.items():
+                fn = (lambda q, k, v, PA=PA: PA.prefix_attention(q, k, v, case.prefix_len)) if c is case else \
+                    (lambda q, k, v, PV=PV: PV.prefix_attention_varlen(q, k, v, packed.cu_seqlens, max(packed.lens),
+                                                                       packed.prefix_len))
+                path(prov)                          # the bwd pass's graph is made here, on its path
+                fns.update({(prov, p): pass_fn(c, fn, p) for p in PASSES})
+            wall: dict = {key: [] for key in fns}
+            cpu: dict = {key: [] for key in fns}
+            launches = {}
+            for rep in range(repeats + 1):
+                for key, f in fns.items():
+                    path(key[0])
+                    _StubKernel.launches = 0
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    for _ in range(calls):
+                        f()
+                    if rep:                                          # the first round warms up
+                        wall[key].append((time.perf_counter() - t0) / calls * 1e3)
+                        cpu[key].append((time.process_time() - c0) / calls * 1e3)
+                    launches[key] = _StubKernel.launches / calls
+            for (prov, p), ts in wall.items():
+                ts.sort()
+                ms, ms_cpu = statistics.median(ts), statistics.median(cpu[(prov, p)])
+                rows.append(result_row(op=op, pass_=p, shape=c.shape, dtype=_DT[dtype], provider=prov, ms=ms,
+                                       ms_p20=ts[len(ts) // 5], ms_p80=ts[(4 * len(ts)) // 5], ms_cpu=ms_cpu,
+                                       command=command, timing="host_stubbed", launches=launches[(prov, p)],
+                                       note="Triton launches stubbed out (counted): host Python cost only"))
+                emit(rows[-1])
+                log(f"  {op:30s} {p:6s} {prov:17s} {ms * 1e3:8.1f} us/call wall {ms_cpu * 1e3:8.1f} us cpu  "
+                    f"{launches[(prov, p)]:.0f} launches")
+        return rows
+    finally:
+        for (m, n), obj in saved.items():
+            setattr(m, n, obj)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=None, help="comma-separated names (default: all; --quick: "
@@ -368,6 +490,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-quick", action="store_true", help="the short GPU profile of `make gpu`")
     ap.add_argument("--packed", action="store_true", help="packed images of 196-1024 tokens (varlen) instead "
                     f"of the fixed shapes; providers {','.join(PACKED_PROVIDERS[:3])} (+ eager_ref with --quick)")
+    ap.add_argument("--host-cost", action="store_true", help="the ops' host cost per call, Triton launches "
+                    "stubbed (runs on a CPU; writes attention_host-<device>-<date>.json)")
+    ap.add_argument("--baseline", default=None, metavar="REV", help="--host-cost: also the kernels as "
+                    "committed at git revision REV (provider aimv2@<sha>), in the same run")
     ap.add_argument("--ceilings", default=None, help="a ceilings result file (default: measure them)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; temp dir with --quick)")
     args = ap.parse_args(argv)
@@ -377,6 +503,16 @@ def main(argv=None) -> int:
     elif args.packed and args.providers == ",".join(PROVIDERS):
         args.providers = ",".join(PACKED_PROVIDERS if args.quick else PACKED_PROVIDERS[:3])
     cuda = torch.cuda.is_available()
+    command = " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv)))
+    if args.host_cost:
+        if not cuda:                   # the launch checks accept CPU tensors only under the interpreter
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        from _common import finish, result_file
+        torch.set_num_threads(1)
+        results = result_file("attention_host", args.out, args.quick)
+        host_cost(torch.device("cuda" if cuda else "cpu"), command, results.add, baseline=args.baseline,
+                  **({"calls": 20, "repeats": 2} if args.quick else {}))
+        return finish(results)
     if not cuda and not args.quick:
         print("bench_attention: no CUDA device; use --quick for a CPU smoke run", file=sys.stderr)
         return 2
@@ -388,7 +524,6 @@ def main(argv=None) -> int:
     B, H, D = (2, 2, 64) if args.quick else (args.batch, 8, 128)
     ceilings = load_ceilings(args.ceilings) if cuda or args.ceilings else {}
     print(f"ceilings: {ceilings}", flush=True)
-    command = " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv)))
     wanted = set(args.providers.split(","))
     results = result_file("attention_packed" if args.packed else "attention", args.out, args.quick, ceilings)
     shapes = args.shapes or ("encoder-256,decoder-334,inference-256" if args.quick else ",".join(SHAPES))

@@ -1,10 +1,12 @@
 """Compile the prefix-attention kernels for a GPU architecture without a GPU and print ptxas stats.
 
-For each dtype and head dim, the kernels of the fixed op (fwd, bwd delta, bwd dk/dv, its atomic-dq form,
+For each dtype and head dim, the kernels of the fixed op (fwd, its TMA-load form fwd_tma, bwd delta,
+bwd dk/dv, its atomic-dq form,
 bwd dq, the fused one-launch backward) and of the packed variable-length op (varlen_*) are compiled with
 the tiles `_tiles` would pick on that architecture, then assembled with Triton's bundled
 ptxas (-v): shared memory, registers per thread, spill bytes, and whether wgmma (Hopper tensor-core
-MMA) is used. This backs the NOTE in kernels/prefix_attention.py::_tiles; it times nothing.
+MMA) and TMA copies (cp.async.bulk.tensor) are used. This backs the NOTE in
+kernels/prefix_attention.py::_tiles; it times nothing.
 
 The kernels are specialised as a real launch at one shape specialises them: Triton's launcher marks
 every pointer and every integer argument divisible by 16 with tt.divisibility=16 and turns an integer
@@ -44,13 +46,15 @@ from triton.compiler import ASTSource  # noqa: E402
 PA = importlib.import_module("aimv2.kernels.prefix_attention")
 PV = importlib.import_module("aimv2.kernels.prefix_attention_varlen")
 # name -> (kernel, the _AttentionTiles field its launch uses, constexprs beyond the tile's)
-KERNELS = {"fwd": (PA._prefix_attention_fwd_kernel, "fwd", {}),
+KERNELS = {"fwd": (PA._prefix_attention_fwd_kernel, "fwd", {"USE_TMA": False}),
+           "fwd_tma": (PA._prefix_attention_fwd_kernel, "fwd", {"USE_TMA": True}),
            "dkdv": (PA._prefix_attention_bwd_dkdv_kernel, "dkdv", {"ATOMIC_DQ": False}),
            "dkdv_atomic": (PA._prefix_attention_bwd_dkdv_kernel, "dkdv", {"ATOMIC_DQ": True}),
            "dq": (PA._prefix_attention_bwd_dq_kernel, "dq", {}),
            "bwd_fused": (PA._prefix_attention_bwd_kernel, "fused", {}),
            "delta": (PA._prefix_attention_bwd_delta_kernel, "delta", {"ZERO_DQ": False}),
-           "varlen_fwd": (PV._prefix_attention_varlen_fwd_kernel, "fwd", {}),
+           "varlen_fwd": (PV._prefix_attention_varlen_fwd_kernel, "fwd", {"USE_TMA": False}),
+           "varlen_fwd_tma": (PV._prefix_attention_varlen_fwd_kernel, "fwd", {"USE_TMA": True}),
            "varlen_dkdv": (PV._prefix_attention_varlen_bwd_dkdv_kernel, "dkdv", {"ATOMIC_DQ": False}),
            "varlen_dkdv_atomic": (PV._prefix_attention_varlen_bwd_dkdv_kernel, "dkdv", {"ATOMIC_DQ": True}),
            "varlen_dq": (PV._prefix_attention_varlen_bwd_dq_kernel, "dq", {}),
@@ -110,6 +114,7 @@ def compile_stats(fn, elem: str, consts: dict, num_warps: int, num_stages: int, 
                              capture_output=True, text=True)
     info = [ln.split(":", 1)[-1].strip() for ln in res.stderr.splitlines() if "registers" in ln or "spill" in ln]
     return (f"smem {k.metadata.shared:6d} B  wgmma {'wgmma' in k.asm['ptx']!s:5}  "
+            f"tma {'cp.async.bulk.tensor' in k.asm['ptx']!s:5}  "
             + "; ".join(info) + ("" if res.returncode == 0 else f"  PTXAS FAILED: {res.stderr[-300:]}"))
 
 
@@ -123,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, of {', '.join(KERNELS)}")
     args = ap.parse_args(argv)
     PA.is_interpreting = lambda: False                         # the GPU tables, on this CPU
-    PA._capability = lambda index: (args.cap // 10, args.cap % 10)
+    PA._capability = lambda device: (args.cap // 10, args.cap % 10)
     dev = torch.device("cuda", 0)
     for name in args.dtypes.split(","):
         dtype = _TY[name]
@@ -143,7 +148,7 @@ def main(argv=None) -> int:
                 stats = compile_stats(fn, name, consts, t.num_warps, t.num_stages, args.cap,
                                       args.seq_len, args.heads)
                 tiles = f"{t.block_m:3d}x{t.block_n:<3d} w{t.num_warps} s{t.num_stages}"
-                print(f"{name} D={D:<4d}{kern:11s} {tiles}  {stats}", flush=True)
+                print(f"{name} D={D:<4d}{kern:14s} {tiles}  {stats}", flush=True)
     return 0
 
 

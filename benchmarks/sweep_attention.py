@@ -1,7 +1,9 @@
 """Which configuration of the prefix-attention kernels is fastest, per (head dim, length bucket, dtype):
 one prepared GPU call (`make gpu-more`'s sweep_attention stage), every candidate checked correct first.
 
-Candidates (kernels/prefix_attention.py `_AttentionTiles`): forward tiles FWD, and backward forms BWD
+Candidates (kernels/prefix_attention.py `_AttentionTiles`): forward tiles FWD, with pointer or TMA
+loads (`fwd_tma`: q, k, v tiles through tensor descriptors; checked like every candidate, on the
+GPU's compiled TMA path before it is timed), and backward forms BWD
 (split: dk/dv and dq launches; fused: one launch holding both; atomic: dq added into an fp32 buffer by
 the dk/dv programs) with their tiles, 8-warp Flex-like and 4-warp two-programs-per-SM shapes among them.
 The default configuration of `_tiles` is a candidate too (`default` true on its rows).
@@ -19,7 +21,8 @@ D=128, H=8, and encoder N=256 at D=64, H=16):
    kernels/_attention_table.py (the fastest correct forward and backward by device time per key).
 
 Rows (CONVENTIONS.md): op "prefix_attention", pass "fwd" | "bwd", shape, dtype, provider ("aimv2",
-"flex", "sdpa_cudnn_causal"), ms, `timing`, `config` (the candidate's name), `default`, `correct`,
+"flex", "sdpa_cudnn_causal"), ms, `timing` (a "host" row carries the same candidate's graph time as
+`ms_device`: host-timed beside device time), `config` (the candidate's name), `default`, `correct`,
 `err_ratio` (worst error / bound over out and the gradients), tflops on the visible pairs,
 `capability` ([major, minor]), `head_dim`, `n_bucket`.
 
@@ -42,8 +45,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-# (name, fwd Tiles) / (name, bwd form, dkdv Tiles, dq Tiles); Tiles = (block_m, block_n, warps, stages)
-FWD = [("f128x64w8", (128, 64, 8, 3)), ("f64x64w4", (64, 64, 4, 3)), ("f128x128w8", (128, 128, 8, 2))]
+# (name, fwd Tiles, TMA loads) / (name, bwd form, dkdv Tiles, dq Tiles); Tiles = (block_m, block_n, warps, stages)
+FWD = [("f128x64w8", (128, 64, 8, 3), False), ("f64x64w4", (64, 64, 4, 3), False),
+       ("f128x128w8", (128, 128, 8, 2), False),
+       ("f128x64w8tma", (128, 64, 8, 3), True), ("f64x64w4tma", (64, 64, 4, 3), True)]
 BWD = [("split", "split", (32, 128, 8, 2), (128, 32, 8, 2)),
        ("split4w", "split", (32, 64, 4, 2), (64, 32, 4, 2)),
        ("fused", "fused", (32, 128, 8, 2), (128, 32, 8, 2)),
@@ -52,7 +57,7 @@ BWD = [("split", "split", (32, 128, 8, 2), (128, 32, 8, 2)),
        ("atomic64", "atomic", (64, 128, 8, 2), (128, 32, 8, 2)),
        ("atomic4w", "atomic", (32, 64, 4, 2), (64, 32, 4, 2))]
 # the interpreter's candidates (--quick): tiles it runs in seconds
-FWD_QUICK = [("f32x16", (32, 16, 4, 1)), ("f16x16", (16, 16, 4, 1))]
+FWD_QUICK = [("f32x16", (32, 16, 4, 1), False), ("f16x16", (16, 16, 4, 1), False), ("f32x16tma", (32, 16, 4, 1), True)]
 BWD_QUICK = [(m, m, (16, 32, 4, 1), (32, 16, 4, 1)) for m in ("split", "fused", "atomic")]
 # (bench_attention shape, batch, heads, head dim)
 GPU_SHAPES = [("encoder-256", 128, 8, 128), ("encoder-1024", 32, 8, 128), ("decoder-334", 128, 8, 128),
@@ -72,8 +77,8 @@ def candidates(D: int, dtype, device, quick: bool) -> list[tuple[str, str, objec
     PA, Tiles = _modules()
     base = PA._tiles(D, dtype, device)
     out = [("fwd", "default", base), ("bwd", "default", base)]
-    for name, t in (FWD_QUICK if quick else FWD):
-        out.append(("fwd", name, dataclasses.replace(base, fwd=Tiles(*t))))
+    for name, t, tma in (FWD_QUICK if quick else FWD):
+        out.append(("fwd", name, dataclasses.replace(base, fwd=Tiles(*t), fwd_tma=tma)))
     for name, form, kv, q in (BWD_QUICK if quick else BWD):
         out.append(("bwd", name, dataclasses.replace(base, bwd=form, dkdv=Tiles(*kv), dq=Tiles(*q))))
     return out
@@ -165,7 +170,8 @@ def sweep_shape(spec, device, dtype, quick: bool, ceilings: dict, command: str, 
             print(f"  {name} {pass_} {cname}: FAILED to run: {type(e).__name__}: {str(e)[:200]}", flush=True)
             ratio = float("inf")
         info = dict(config=cname, default=cname == "default", correct=ratio <= 1.0, err_ratio=ratio,
-                    bwd_form=cfg.bwd, tiles={k_: dataclasses.astuple(getattr(cfg, k_)) for k_ in ("fwd", "dkdv", "dq")})
+                    bwd_form=cfg.bwd, fwd_tma=cfg.fwd_tma,
+                    tiles={k_: dataclasses.astuple(getattr(cfg, k_)) for k_ in ("fwd", "dkdv", "dq")})
         if ratio > 1.0:
             print(f"  {name} {pass_} {cname}: INCORRECT (error {ratio:.2f} x the bound): not timed", flush=True)
             emit(result_row(op="prefix_attention", pass_=pass_, provider="aimv2", ms=None, timing=None, **base,
@@ -175,20 +181,27 @@ def sweep_shape(spec, device, dtype, quick: bool, ceilings: dict, command: str, 
             fn = lambda cfg=cfg: PA._fwd_launch(q, k, v, plen, scale, cfg=cfg)           # noqa: E731
         else:
             fn = lambda cfg=cfg: PA._bwd_launch(do, q, k, v, out, lse, plen, scale, cfg=cfg)  # noqa: E731
+        device_ms = None
         for timing in timings:
             ms = _time(fn, timing == "graph")
             if ms is not None:
-                row(pass_, "aimv2", ms, timing, **info)
+                row(pass_, "aimv2", ms, timing, **info, **({"ms_device": device_ms} if timing == "host" else {}))
+                if timing == "graph":
+                    device_ms = ms
                 if timing == timings[0] and ms < best.get(pass_, (float("inf"), ""))[0]:
                     best[pass_] = (ms, cname)
     wanted = {"sdpa_dense"} if quick else {"flex", "sdpa_cudnn_causal"}
     for provider, (fn, mask) in BA.providers(case, wanted).items():
         for pass_ in ("fwd", "bwd"):
             f = BA.pass_fn(case, fn, pass_)
+            device_ms = None
             for timing in timings:
                 ms = _time(f, timing == "graph")
                 if ms is not None:
-                    row(pass_, provider, ms, timing, mask_computed=mask)
+                    row(pass_, provider, ms, timing, mask_computed=mask,
+                        **({"ms_device": device_ms} if timing == "host" else {}))
+                    if timing == "graph":
+                        device_ms = ms
     for pass_, (ms, cname) in best.items():
         print(f"  winner {name} D={D} {pass_}: {cname} ({ms:.3f} ms, {timings[0]})", flush=True)
 
@@ -215,7 +228,7 @@ def write_table(rows_path: str, table_path: Path = HERE.parent / "kernels" / "_a
         if "fwd" in by and "bwd" in by:
             f, b = by["fwd"], by["bwd"]
             entries[key] = {"fwd": tuple(f["tiles"]["fwd"]), "dkdv": tuple(b["tiles"]["dkdv"]),
-                            "dq": tuple(b["tiles"]["dq"]), "bwd": b["bwd_form"],
+                            "dq": tuple(b["tiles"]["dq"]), "bwd": b["bwd_form"], "fwd_tma": bool(f.get("fwd_tma")),
                             "rows": f"{Path(rows_path).name}: fwd {f['config']} {f['ms']:.3f} ms, "
                                     f"bwd {b['config']} {b['ms']:.3f} ms ({b['timing']})"}
     text = table_path.read_text()

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._compat import IMPORT_ERROR, TritonUnavailableError, tl, triton
 
@@ -139,6 +140,14 @@ def check_launchable(t: torch.Tensor) -> None:
         raise RuntimeError(
             "aimv2.kernels: Triton kernels need a CUDA tensor; on a CPU set TRITON_INTERPRET=1 before "
             "importing aimv2.kernels (slow, for testing) or use the model's impl='torch'")
+
+
+def use_registered_op() -> bool:
+    """True where an op must be called through its torch.library registration: while torch.compile
+    (or export) traces, or under a dispatch mode (fake tensors, make_fx), which need its fake
+    implementation. Elsewhere (eager) the ops run an autograd.Function with the same implementation
+    and autograd rule, which skips the library's dispatch (benchmarks/bench_attention.py --host-cost)."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,10 @@ Flash-style (FA2): one program per (query tile, h, b) runs an online softmax in 
 tensor exists. Per query tile [m, m + BLOCK_M) the visible keys are [0, max(P, m + BLOCK_M)):
 key tiles past that are never loaded; key tiles every query of the tile sees whole (inside the
 prefix, or at or below the tile's first query) run a loop with no per-element mask; only tiles
-crossing the prefix edge, the diagonal or N are masked. Backward: the delta pre-pass, then dk/dv
+crossing the prefix edge, the diagonal or N are masked. The forward loads its q, k, v tiles by
+pointer tiles or, with `_AttentionTiles.fwd_tma`, through tensor descriptors of the sequence's rows
+(TMA copies on Hopper; pointer loads where the inputs' alignment or the GPU rules TMA out, with the
+reason logged). Backward: the delta pre-pass, then dk/dv
 programs (one per key tile; it visits the query tiles that see it: all queries when the tile
 starts inside the prefix, else queries >= its first key) and dq programs (the forward's key tiles),
 with the same split into unmasked and masked loops, in one of three forms (`_AttentionTiles.bwd`):
@@ -27,10 +30,13 @@ buffer that the delta pre-pass zeroes: 5 tile GEMMs instead of 7, no second pass
 bit-reproducible, so torch.use_deterministic_algorithms(True) runs "split" instead). Tiles and the
 form come from a committed table keyed by (compute capability, D, length bucket, dtype) that
 benchmarks/sweep_attention.py writes from GPU rows (kernels/_attention_table.py), else fixed
-defaults. fp32 inputs use true fp32 dots.
+defaults. fp32 inputs use true fp32 dots. docs/attention.md says how a configuration is chosen.
 
 Registered as torch.library custom ops aimv2::prefix_attention_fwd / _bwd (fake + autograd), so
-torch.compile(fullgraph=True) traces through with no graph break.
+torch.compile(fullgraph=True) traces through with no graph break; eager calls run the same
+implementation and autograd rule as an autograd.Function, which skips the library's dispatch
+(host CPU time per fwd+bwd call, launches stubbed, on a loaded 2-core CPU: 259 -> 108 us;
+benchmarks/results/attention_host-cpu-2026-12-06.json, docs/attention.md).
 Limits: B, H <= 65535 (launch grid); a CUDA prefix tensor is not range-checked (that would sync
 the host): out-of-range values act as clamped to [0, N]. In the Triton interpreter bf16 inputs
 are computed in fp32 (the interpreter's bf16 tl.dot is broken) and stored as bf16.
@@ -38,6 +44,7 @@ are computed in fp32 (the interpreter's bf16 tl.dot is broken) and stored as bf1
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import dataclass
 
@@ -45,9 +52,10 @@ import torch
 
 from ._compat import tl, triton
 from ._utils import Tiles, check_float, check_launchable, check_same_device, is_interpreting, \
-    last_dim_contiguous
+    last_dim_contiguous, use_registered_op
 
 _LOG2E = 1.4426950408889634
+_log = logging.getLogger(__name__)
 
 
 def prefix_mask(prefix_len, B: int, N: int, device=None) -> torch.Tensor:
@@ -110,14 +118,18 @@ def _query_tile_start(BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _query_tile(Q, stride_qn, P, N, start_m, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False):
     """The query tile [start_m, start_m + BLOCK_M): its row offsets, head-dim offsets, rows < N,
     q (BLOCK_M, HEAD_DIM) (0 past N), and the bounds of its key tiles: [0, full_end) are seen whole
-    by every query of the tile (no mask), [full_end, hi) need the mask, keys >= hi are seen by none."""
+    by every query of the tile (no mask), [full_end, hi) need the mask, keys >= hi are seen by none.
+    USE_TMA: Q is a tensor descriptor of the sequence's (N, HEAD_DIM) rows (`_row_descriptor`)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N
-    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if USE_TMA:
+        q = Q.load([start_m, 0])                                              # rows >= N read as 0
+    else:
+        q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     # A key tile [n, n + BLOCK_N) is seen whole by every query of the tile iff n + BLOCK_N <= P
     # (all in the prefix) or n + BLOCK_N <= start_m + 1 (all at or below the first query).
     full_end = (tl.maximum(P, start_m + 1) // BLOCK_N) * BLOCK_N
@@ -144,19 +156,25 @@ def _query_tile_bounds(P, start_n, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 @triton.jit
 def _fwd_key_tiles(acc, l_i, m_i, q, K, stride_kn, V, stride_vn, offs_m, offs_d, P, N, lo, hi,
-                   qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax update of one query tile over key tiles [lo, hi) (lo a multiple of BLOCK_N)."""
+                   qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   USE_TMA: tl.constexpr = False):
+    """Online-softmax update of one query tile over key tiles [lo, hi) (lo a multiple of BLOCK_N).
+    USE_TMA: K, V are tensor descriptors of the sequence's (N, HEAD_DIM) rows (`_row_descriptor`),
+    whose loads give 0 for rows >= N as the masked pointer loads do."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None]           # (D, BLOCK_N)
-        v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]            # (BLOCK_N, D)
-        if MASKED:
+        if USE_TMA:
+            kT = tl.trans(K.load([start_n, 0]))                               # (D, BLOCK_N)
+            v = V.load([start_n, 0])                                          # (BLOCK_N, D)
+        elif MASKED:
+            kT_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None]       # (D, BLOCK_N)
+            v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]        # (BLOCK_N, D)
             kT = tl.load(kT_ptrs, mask=offs_n[None, :] < N, other=0.0)
             v = tl.load(v_ptrs, mask=offs_n[:, None] < N, other=0.0)
         else:
-            kT = tl.load(kT_ptrs)
-            v = tl.load(v_ptrs)
+            kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None])
+            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :])
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale            # (BLOCK_M, BLOCK_N)
         if MASKED:
             visible = _visible(offs_m[:, None], offs_n[None, :], P) & (offs_n[None, :] < N)
@@ -172,21 +190,36 @@ def _fwd_key_tiles(acc, l_i, m_i, q, K, stride_kn, V, stride_vn, offs_m, offs_d,
 
 
 @triton.jit
+def _row_descriptor(X, N, stride_xn, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """A tensor descriptor (TMA on Hopper) of one sequence's rows of one head: X points at row 0,
+    shape (N, HEAD_DIM), row stride stride_xn, loads of (BLOCK, HEAD_DIM) tiles; rows >= N read as 0.
+    Needs X and stride_xn 16-byte aligned (the host's `_tma_unusable` checks)."""
+    return tl.make_tensor_descriptor(X, shape=[N, HEAD_DIM], strides=[stride_xn, 1], block_shape=[BLOCK, HEAD_DIM])
+
+
+@triton.jit
 def _fwd_program(Q, K, V, OUT, LSE, P, N, qk_scale, stride_qn, stride_kn, stride_vn, stride_on,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Forward of the program's query tile in one sequence of length N (prefix P) and one head:
-    Q, K, V, OUT point at the sequence's first row of that head, LSE at its first fp32 stat."""
-    offs_m, offs_d, row_ok, q, full_end, hi = _query_tile(Q, stride_qn, P, N, _query_tile_start(BLOCK_M),
-                                                          HEAD_DIM, BLOCK_M, BLOCK_N)
+    Q, K, V, OUT point at the sequence's first row of that head, LSE at its first fp32 stat.
+    USE_TMA: q, k, v tiles are loaded through tensor descriptors (TMA) instead of pointer tiles."""
+    if USE_TMA:
+        q_src = _row_descriptor(Q, N, stride_qn, HEAD_DIM, BLOCK_M)
+        k_src = _row_descriptor(K, N, stride_kn, HEAD_DIM, BLOCK_N)
+        v_src = _row_descriptor(V, N, stride_vn, HEAD_DIM, BLOCK_N)
+    else:
+        q_src, k_src, v_src = Q, K, V
+    offs_m, offs_d, row_ok, q, full_end, hi = _query_tile(q_src, stride_qn, P, N, _query_tile_start(BLOCK_M),
+                                                          HEAD_DIM, BLOCK_M, BLOCK_N, USE_TMA=USE_TMA)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, K, stride_kn, V, stride_vn, offs_m, offs_d, P, N,
-                                   0, full_end, qk_scale, BLOCK_N, False, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, K, stride_kn, V, stride_vn, offs_m, offs_d, P, N,
-                                   full_end, hi, qk_scale, BLOCK_N, True, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, k_src, stride_kn, v_src, stride_vn, offs_m, offs_d, P, N,
+                                   0, full_end, qk_scale, BLOCK_N, False, DOT_PRECISION, USE_TMA=USE_TMA)
+    acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, k_src, stride_kn, v_src, stride_vn, offs_m, offs_d, P, N,
+                                   full_end, hi, qk_scale, BLOCK_N, True, DOT_PRECISION, USE_TMA=USE_TMA)
 
     out = acc / l_i[:, None]
     tl.store(OUT + offs_m[:, None] * stride_on + offs_d[None, :], out.to(OUT.dtype.element_ty),
@@ -200,12 +233,12 @@ def _prefix_attention_fwd_kernel(
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """One program = one query tile of one (b, h). Grid (cdiv(N, BLOCK_M), H, B)."""
     off_b, off_h, P, Q, K, V, stats = _bh_prologue(Q, K, V, PLEN, N, stride_qb, stride_qh,
                                                    stride_kb, stride_kh, stride_vb, stride_vh)
     _fwd_program(Q, K, V, OUT + off_b * stride_ob + off_h * stride_oh, LSE + stats, P, N, qk_scale,
-                 stride_qn, stride_kn, stride_vn, stride_on, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
+                 stride_qn, stride_kn, stride_vn, stride_on, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, USE_TMA)
 
 
 @triton.jit
@@ -416,20 +449,24 @@ class _AttentionTiles:
     backward's form: "split" (delta pre-pass, a dk/dv launch, a dq launch: deterministic), "fused"
     (one launch holding the dq and the dk/dv programs, each with its tiles, warps and stages of
     dkdv), or "atomic" (the dk/dv programs also add dq into an fp32 buffer, zeroed by the delta
-    pre-pass and cast after: 5 GEMMs a tile instead of 7, not bit-reproducible)."""
+    pre-pass and cast after: 5 GEMMs a tile instead of 7, not bit-reproducible). fwd_tma: the
+    forward reads its q, k, v tiles through tensor descriptors (`tl.make_tensor_descriptor`: TMA
+    copies on Hopper) instead of pointer tiles, where the inputs allow it (`_tma_unusable`)."""
     fwd: Tiles
     dkdv: Tiles
     dq: Tiles
     delta: Tiles
     bwd: str = "split"
+    fwd_tma: bool = False       # the forward loads q, k, v tiles by tensor descriptors (TMA on Hopper)
 
 
 BWD_MODES = ("split", "fused", "atomic")
 
 
 @functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device (a tensor's device always names its index)."""
+    return torch.cuda.get_device_capability(device)
 
 
 def n_bucket(n: int) -> int:
@@ -448,10 +485,17 @@ def _table_config(cap: tuple[int, int], head_dim: int, n: int, dtype: torch.dtyp
     if entry.get("bwd", "split") not in BWD_MODES:
         raise ValueError(f"kernels/_attention_table.py: bwd {entry['bwd']!r} not one of {BWD_MODES}")
     return _AttentionTiles(fwd=Tiles(*entry["fwd"]), dkdv=Tiles(*entry["dkdv"]), dq=Tiles(*entry["dq"]),
-                           delta=delta, bwd=entry.get("bwd", "split"))
+                           delta=delta, bwd=entry.get("bwd", "split"), fwd_tma=bool(entry.get("fwd_tma", False)))
 
 
 def _tiles(head_dim: int, dtype: torch.dtype, device: torch.device, n: int | None = None) -> _AttentionTiles:
+    """`_tiles_for` (the configuration of every launch), cached: a lookup is a dict hit per call."""
+    return _tiles_for(head_dim, dtype, device, n, is_interpreting())
+
+
+@functools.lru_cache(maxsize=4096)
+def _tiles_for(head_dim: int, dtype: torch.dtype, device: torch.device, n: int | None,
+               interpreting: bool) -> _AttentionTiles:
     """Tile shapes per kernel: the committed table's entry for (compute capability, head dim,
     sequence-length bucket of n, dtype) (kernels/_attention_table.py, written by
     benchmarks/sweep_attention.py from its GPU rows), else the fixed defaults below.
@@ -465,10 +509,10 @@ def _tiles(head_dim: int, dtype: torch.dtype, device: torch.device, n: int | Non
     divisible by 16; benchmarks/ptxas_attention.py), the forward uses 128 KiB of shared memory and
     the backward dk/dv and dq kernels 96 KiB, with 0 spill bytes and wgmma on every dot.
     """
-    if is_interpreting():
+    if interpreting:
         return _AttentionTiles(fwd=Tiles(32, 16, 4, 1), dkdv=Tiles(16, 32, 4, 1), dq=Tiles(32, 16, 4, 1),
                                delta=Tiles(32, 0, 4, 1))
-    cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    cap = _capability(device)
     major = cap[0]
     stages = 3 if major >= 9 else 2
     delta = Tiles(max(16, 4096 // head_dim), 0, 4, 1)       # 64 rows at D=64: no spills
@@ -502,10 +546,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _cdiv(a: int, b: int) -> int:
+    # (triton.cdiv is a constexpr function: a few microseconds of host time per call)
+    return -(-a // b)
+
+
 def _bhnd_like(t: torch.Tensor, dtype=None) -> torch.Tensor:
     """Empty (B, H, N, D) tensor stored as (B, N, H, D): `.transpose(1, 2).reshape(B, N, H * D)` is free."""
     B, H, N, D = t.shape
-    return t.new_empty(B, N, H, D, dtype=dtype).permute(0, 2, 1, 3)      # (B, H, N, D) view
+    return torch.empty_strided((B, H, N, D), (N * H * D, D, H * D, 1), dtype=dtype or t.dtype,   # (B, H, N, D)
+                               device=t.device)
 
 
 def _fwd_launch(q, k, v, plen, scale: float, out=None, lse=None, cfg: _AttentionTiles | None = None):
@@ -517,14 +567,58 @@ def _fwd_launch(q, k, v, plen, scale: float, out=None, lse=None, cfg: _Attention
     B, H, N, D = q.shape
     out = _bhnd_like(q) if out is None else out
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if lse is None else lse
-    t = (cfg or _tiles(D, q.dtype, q.device, N)).fwd
-    grid = (triton.cdiv(N, t.block_m), H, B)
+    cfg = cfg or _tiles(D, q.dtype, q.device, N)
+    t = cfg.fwd
+    grid = (_cdiv(N, t.block_m), H, B)
     _prefix_attention_fwd_kernel[grid](
         q, k, v, plen, out, lse, scale * _LOG2E, N,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=t.num_warps, num_stages=t.num_stages)
+        USE_TMA=_use_tma(cfg, q, k, v), num_warps=t.num_warps, num_stages=t.num_stages)
     return out, lse
+
+
+def _tma_unusable(q, k, v) -> str | None:
+    """None when the forward can read q, k, v through tensor descriptors, else the reason: a TMA
+    descriptor needs a 16-byte aligned base and 16-byte multiples for every stride but the last
+    (the kernels move the base by whole batch / head / row strides), and a GPU of capability >= 9.0
+    (the interpreter emulates descriptors on the CPU)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        size = t.element_size()
+        if t.data_ptr() % 16:
+            return f"{name}: data pointer not 16-byte aligned"
+        for dim, stride in enumerate(t.stride()[:-1]):
+            if t.shape[dim] > 1 and stride * size % 16:          # (a size-1 dim never moves the base)
+                return f"{name}: stride {stride} of dim {dim} is not a multiple of 16 bytes"
+    if q.device.type == "cuda" and _capability(q.device)[0] < 9:
+        return "TMA needs compute capability >= 9.0"
+    return None
+
+
+_TMA_REASONS_LOGGED: set = set()
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    """Triton's runtime allocator: the global scratch its device-side tensor descriptors live in."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _use_tma(cfg: _AttentionTiles, *qkv) -> bool:
+    """cfg asks for TMA loads in the forward and the inputs allow them (else a logged fallback to
+    pointer loads). On CUDA a Triton runtime allocator is set (torch memory) when none is."""
+    if not cfg.fwd_tma:
+        return False
+    reason = _tma_unusable(*qkv)
+    if reason is not None:
+        if reason not in _TMA_REASONS_LOGGED:
+            _TMA_REASONS_LOGGED.add(reason)
+            _log.info("prefix attention: forward without TMA loads: %s", reason)
+        return False
+    if qkv[0].device.type == "cuda":
+        from triton.runtime import _allocation
+        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            triton.set_allocator(_torch_scratch)
+    return True
 
 
 def _delta_launch(out, dout, t: Tiles, dq_acc=None) -> torch.Tensor:
@@ -533,7 +627,7 @@ def _delta_launch(out, dout, t: Tiles, dq_acc=None) -> torch.Tensor:
     B, H, N, D = out.shape
     delta = torch.empty(B, H, N, dtype=torch.float32, device=out.device)
     acc = delta if dq_acc is None else dq_acc
-    _prefix_attention_bwd_delta_kernel[(triton.cdiv(N, t.block_m), H, B)](
+    _prefix_attention_bwd_delta_kernel[(_cdiv(N, t.block_m), H, B)](
         out, dout, delta, acc, N, *out.stride()[:3], *dout.stride()[:3],
         *(acc.stride()[:3] if dq_acc is not None else (0, 0, 0)), HEAD_DIM=D, BLOCK_M=t.block_m,
         ZERO_DQ=dq_acc is not None)
@@ -556,7 +650,7 @@ def _bwd_launch(dout, q, k, v, out, lse, plen, scale: float, dq=None, dk=None, d
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     kv, qt = cfg.dkdv, cfg.dq
     if mode == "fused":
-        n_kv, n_q = triton.cdiv(N, kv.block_n), triton.cdiv(N, qt.block_m)
+        n_kv, n_q = _cdiv(N, kv.block_n), _cdiv(N, qt.block_m)
         _prefix_attention_bwd_kernel[(n_q + n_kv, H, B)](
             q, k, v, dout, lse, delta, plen, dk, dv, dq, scale, scale * _LOG2E, N, n_kv, n_q,
             *strides, *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3],
@@ -564,14 +658,14 @@ def _bwd_launch(dout, q, k, v, out, lse, plen, scale: float, dq=None, dk=None, d
             DOT_PRECISION=prec, num_warps=kv.num_warps, num_stages=kv.num_stages)
         return dq, dk, dv
     acc = dq_acc if dq_acc is not None else delta                   # (not read without ATOMIC_DQ)
-    _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(N, kv.block_n), H, B)](
+    _prefix_attention_bwd_dkdv_kernel[(_cdiv(N, kv.block_n), H, B)](
         q, k, v, dout, lse, delta, plen, dk, dv, acc, scale, scale * _LOG2E, N,
         *strides, *dk.stride()[:3], *dv.stride()[:3], *(acc.stride()[:3] if dq_acc is not None else (0, 0, 0)),
         HEAD_DIM=D, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, ATOMIC_DQ=dq_acc is not None, DOT_PRECISION=prec,
         num_warps=kv.num_warps, num_stages=kv.num_stages)
     if dq_acc is not None:
         return dq.copy_(dq_acc), dk, dv
-    _prefix_attention_bwd_dq_kernel[(triton.cdiv(N, qt.block_m), H, B)](
+    _prefix_attention_bwd_dq_kernel[(_cdiv(N, qt.block_m), H, B)](
         q, k, v, dout, lse, delta, plen, dq, scale, scale * _LOG2E, N,
         *strides, *dq.stride()[:3],
         HEAD_DIM=D, BLOCK_M=qt.block_m, BLOCK_N=qt.block_n, DOT_PRECISION=prec,
@@ -593,9 +687,11 @@ def _interpreter_needs_fp32(t: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------- registered ops
-@torch.library.custom_op("aimv2::prefix_attention_fwd", mutates_args=())
-def _prefix_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: torch.Tensor,
-                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+# Each op is a torch.library custom op (what torch.compile traces, with its fake implementation) and,
+# for eager calls, an autograd.Function with the same implementation and autograd rule that skips the
+# library's dispatch (`use_registered_op`); the public function picks.
+def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: torch.Tensor,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out (B, H, N, D) stored as (B, N, H, D), lse (B, H, N) fp32 in log2 units (scaled scores)."""
     B, H, N, D = q.shape
     _check_prefix_values(prefix_len, N)
@@ -607,16 +703,9 @@ def _prefix_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return _fwd_launch(q, k, v, prefix_len, scale)
 
 
-@_prefix_attention_fwd_op.register_fake
-def _(q, k, v, prefix_len, scale):
-    B, H, N, D = q.shape
-    return _bhnd_like(q), q.new_empty(B, H, N, dtype=torch.float32)
-
-
-@torch.library.custom_op("aimv2::prefix_attention_bwd", mutates_args=())
-def _prefix_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             out: torch.Tensor, lse: torch.Tensor, prefix_len: torch.Tensor,
-                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, prefix_len: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
     """-> dq, dk, dv, each (B, H, N, D) stored as (B, N, H, D)."""
     if q.numel() == 0:
         return _bhnd_like(q).zero_(), _bhnd_like(q).zero_(), _bhnd_like(q).zero_()
@@ -625,6 +714,16 @@ def _prefix_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
         grads = _bwd_launch(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, prefix_len, scale)
         return tuple(_bhnd_like(q).copy_(g) for g in grads)
     return _bwd_launch(dout, q, k, v, out, lse, prefix_len, scale)
+
+
+_prefix_attention_fwd_op = torch.library.custom_op("aimv2::prefix_attention_fwd", _fwd_impl, mutates_args=())
+_prefix_attention_bwd_op = torch.library.custom_op("aimv2::prefix_attention_bwd", _bwd_impl, mutates_args=())
+
+
+@_prefix_attention_fwd_op.register_fake
+def _(q, k, v, prefix_len, scale):
+    B, H, N, D = q.shape
+    return _bhnd_like(q), q.new_empty(B, H, N, dtype=torch.float32)
 
 
 @_prefix_attention_bwd_op.register_fake
@@ -640,14 +739,29 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _backward(ctx, dout, dlse):
-    # lse is an internal output (the public op returns only `out`): its gradient is never used.
-    q, k, v, prefix_len, out, lse = ctx.saved_tensors
-    dq, dk, dv = _prefix_attention_bwd_op(dout, q, k, v, out, lse, prefix_len, ctx.scale)
-    return dq, dk, dv, None, None
+def _backward_by(bwd):
+    """The autograd rule, with the backward called through `bwd` (the registered op or its impl)."""
+    def backward(ctx, dout, dlse):
+        # lse is an internal output (the public op returns only `out`): its gradient is never used.
+        q, k, v, prefix_len, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, prefix_len, ctx.scale)
+        return dq, dk, dv, None, None
+    return backward
 
 
-_prefix_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_prefix_attention_fwd_op.register_autograd(_backward_by(_prefix_attention_bwd_op), setup_context=_setup_context)
+
+
+class _PrefixAttentionEager(torch.autograd.Function):
+    """The registered op's eager twin: same impl, same saved tensors and backward, no library dispatch.
+    (forward takes ctx: a separate setup_context would make every apply() inspect the signature.)"""
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_len, scale):
+        out = _fwd_impl(q, k, v, prefix_len, scale)
+        _setup_context(ctx, (q, k, v, prefix_len, scale), out)
+        return out
+
+    backward = staticmethod(_backward_by(_bwd_impl))
 
 
 # ----------------------------------------------------------------------------- public op
@@ -707,10 +821,25 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_l
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a Python float or None, got {type(scale).__name__}")
+    registered = use_registered_op()
     if isinstance(prefix_len, int):
-        plen = torch.full((B,), prefix_len, dtype=torch.int32, device=q.device)     # (B,)
+        if registered or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+            plen = torch.full((B,), prefix_len, dtype=torch.int32, device=q.device)     # (B,)
+        else:
+            plen = _constant_prefix(B, prefix_len, q.device)                            # (B,)
     else:
         plen = prefix_len.contiguous()
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    out, _ = _prefix_attention_fwd_op(q, k, v, plen, float(scale))
+    op = _prefix_attention_fwd_op if registered else _PrefixAttentionEager.apply
+    out, _ = op(q, k, v, plen, float(scale))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _constant_prefix(B: int, P: int, device: torch.device) -> torch.Tensor:
+    """int32 (B,) filled with P, made once per (B, P, device) for eager calls with an int prefix (e.g.
+    the causal decoder's 0): no allocation and fill launch per call. Never written; made outside
+    inference mode so autograd may save it; never made while a CUDA graph is being captured (the fill
+    would be recorded, not run)."""
+    with torch.inference_mode(False):
+        return torch.full((B,), P, dtype=torch.int32, device=device)

@@ -29,8 +29,10 @@ fixed kernels' shared memory, wgmma on every dot and 0 spill bytes; registers pe
 dq 226 / 184 / 120 at D=64 (fixed 236 / 168 / 106) and 184 / 249 / 136 at D=128 (fixed 170 / 245 / 142).
 
 Registered as torch.library custom ops aimv2::prefix_attention_varlen_fwd / _bwd (fake + autograd):
-torch.compile(fullgraph=True) traces through with no graph break; nothing reads a device tensor on
-the host. Limits: S, H <= 65535 (launch grid). On a CPU tensor cu_seqlens, prefix_len and max_seqlen
+torch.compile(fullgraph=True) traces through with no graph break; eager calls run the same
+implementation as an autograd.Function (no library dispatch, as the fixed op); nothing reads a device
+tensor on the host. The forward's TMA form (`fwd_tma`) makes its descriptors over each image's own
+rows, so a tile past the image end reads zeros as the masked pointer loads do. Limits: S, H <= 65535 (launch grid). On a CPU tensor cu_seqlens, prefix_len and max_seqlen
 are checked; on CUDA that would sync, so they are not: the kernels clamp start_s, end_s to [0, T]
 and P_s to [0, len_s] (no out-of-bounds access), and rows of an image longer than max_seqlen past
 max_seqlen are left unwritten. In the Triton interpreter bf16 is computed in fp32 and stored as bf16.
@@ -42,9 +44,9 @@ import math
 import torch
 
 from ._compat import tl, triton
-from ._utils import check_launchable, check_pack_values, check_same_device, last_dim_contiguous
-from .prefix_attention import (_LOG2E, _bwd_mode, _check_qkv, _delta_launch, _dkdv_program, _dot_precision,
-                               _dq_program, _fwd_program, _interpreter_needs_fp32, _query_tile_start, _tiles,
+from ._utils import check_launchable, check_pack_values, check_same_device, last_dim_contiguous, use_registered_op
+from .prefix_attention import (_LOG2E, _bwd_mode, _cdiv, _check_qkv, _delta_launch, _dkdv_program, _dot_precision,
+                               _dq_program, _fwd_program, _interpreter_needs_fp32, _query_tile_start, _tiles, _use_tma,
                                prefix_attention_ref)
 
 
@@ -89,14 +91,15 @@ def _prefix_attention_varlen_fwd_kernel(
         Q, K, V, CU_SEQLENS, PLEN, OUT, LSE, qk_scale, T,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
-    """One program = one query tile of one (image, h). Grid (cdiv(max_seqlen, BLOCK_M), H, S)."""
+        DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """One program = one query tile of one (image, h). Grid (cdiv(max_seqlen, BLOCK_M), H, S).
+    USE_TMA: tensor descriptors of the image's own rows (rows past its end read as 0)."""
     off_h, start, N, P, Q, K, V, stats = _image_prologue(Q, K, V, CU_SEQLENS, PLEN, T, stride_qn, stride_qh,
                                                          stride_kn, stride_kh, stride_vn, stride_vh)
     if _query_tile_start(BLOCK_M) >= N:
         return
     _fwd_program(Q, K, V, OUT + start * stride_on + off_h * stride_oh, LSE + stats, P, N, qk_scale,
-                 stride_qn, stride_kn, stride_vn, stride_on, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
+                 stride_qn, stride_kn, stride_vn, stride_on, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, USE_TMA)
 
 
 @triton.jit
@@ -176,12 +179,13 @@ def _varlen_fwd_launch(q, k, v, cu_seqlens, plen, max_seqlen: int, scale: float,
     S = cu_seqlens.numel() - 1
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     lse = torch.empty(H, T, dtype=torch.float32, device=q.device) if lse is None else lse
-    t = (cfg or _tiles(D, q.dtype, q.device, max_seqlen)).fwd
-    _prefix_attention_varlen_fwd_kernel[(triton.cdiv(max_seqlen, t.block_m), H, S)](
+    cfg = cfg or _tiles(D, q.dtype, q.device, max_seqlen)
+    t = cfg.fwd
+    _prefix_attention_varlen_fwd_kernel[(_cdiv(max_seqlen, t.block_m), H, S)](
         q, k, v, cu_seqlens, plen, out, lse, scale * _LOG2E, T,
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
         HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=t.num_warps, num_stages=t.num_stages)
+        USE_TMA=_use_tma(cfg, q, k, v), num_warps=t.num_warps, num_stages=t.num_stages)
     return out, lse
 
 
@@ -202,7 +206,7 @@ def _varlen_bwd_launch(dout, q, k, v, out, lse, cu_seqlens, plen, max_seqlen: in
     strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dout.stride()[:2])
     kv, qt = cfg.dkdv, cfg.dq
     if mode == "fused":
-        n_kv, n_q = triton.cdiv(max_seqlen, kv.block_n), triton.cdiv(max_seqlen, qt.block_m)
+        n_kv, n_q = _cdiv(max_seqlen, kv.block_n), _cdiv(max_seqlen, qt.block_m)
         _prefix_attention_varlen_bwd_kernel[(n_q + n_kv, H, S)](
             q, k, v, dout, lse, delta, cu_seqlens, plen, dk, dv, dq, scale, scale * _LOG2E, T, n_kv, n_q,
             *strides, *dk.stride()[:2], *dv.stride()[:2], *dq.stride()[:2],
@@ -210,14 +214,14 @@ def _varlen_bwd_launch(dout, q, k, v, out, lse, cu_seqlens, plen, max_seqlen: in
             DOT_PRECISION=prec, num_warps=kv.num_warps, num_stages=kv.num_stages)
         return dq, dk, dv
     acc = dq_acc if dq_acc is not None else delta                   # (not read without ATOMIC_DQ)
-    _prefix_attention_varlen_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, kv.block_n), H, S)](
+    _prefix_attention_varlen_bwd_dkdv_kernel[(_cdiv(max_seqlen, kv.block_n), H, S)](
         q, k, v, dout, lse, delta, cu_seqlens, plen, dk, dv, acc, scale, scale * _LOG2E, T,
         *strides, *dk.stride()[:2], *dv.stride()[:2], *(acc.stride()[:2] if dq_acc is not None else (0, 0)),
         HEAD_DIM=D, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, ATOMIC_DQ=dq_acc is not None, DOT_PRECISION=prec,
         num_warps=kv.num_warps, num_stages=kv.num_stages)
     if dq_acc is not None:
         return dq.copy_(dq_acc), dk, dv
-    _prefix_attention_varlen_bwd_dq_kernel[(triton.cdiv(max_seqlen, qt.block_m), H, S)](
+    _prefix_attention_varlen_bwd_dq_kernel[(_cdiv(max_seqlen, qt.block_m), H, S)](
         q, k, v, dout, lse, delta, cu_seqlens, plen, dq, scale, scale * _LOG2E, T,
         *strides, *dq.stride()[:2],
         HEAD_DIM=D, BLOCK_M=qt.block_m, BLOCK_N=qt.block_n, DOT_PRECISION=prec,
@@ -226,9 +230,9 @@ def _varlen_bwd_launch(dout, q, k, v, out, lse, cu_seqlens, plen, max_seqlen: in
 
 
 # ----------------------------------------------------------------------------- registered ops
-@torch.library.custom_op("aimv2::prefix_attention_varlen_fwd", mutates_args=())
-def _varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                   prefix_len: torch.Tensor, max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+# A torch.library op for torch.compile and an autograd.Function twin for eager calls, as the fixed op.
+def _varlen_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     prefix_len: torch.Tensor, max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out (T, H, D), lse (H, T) fp32 in log2 units (scaled scores)."""
     T, H, D = q.shape
     check_pack_values(cu_seqlens, prefix_len, T, max_seqlen)
@@ -240,16 +244,9 @@ def _varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
     return _varlen_fwd_launch(q, k, v, cu_seqlens, prefix_len, max_seqlen, scale)
 
 
-@_varlen_fwd_op.register_fake
-def _(q, k, v, cu_seqlens, prefix_len, max_seqlen, scale):
-    T, H, D = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(H, T, dtype=torch.float32)
-
-
-@torch.library.custom_op("aimv2::prefix_attention_varlen_bwd", mutates_args=())
-def _varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, cu_seqlens: torch.Tensor, prefix_len: torch.Tensor, max_seqlen: int,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _varlen_bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, cu_seqlens: torch.Tensor, prefix_len: torch.Tensor, max_seqlen: int,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dq, dk, dv, each (T, H, D) contiguous."""
     if q.numel() == 0:
         return tuple(torch.zeros_like(q, memory_format=torch.contiguous_format) for _ in range(3))
@@ -259,6 +256,16 @@ def _varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                                    prefix_len, max_seqlen, scale)
         return tuple(g.to(q.dtype) for g in grads)
     return _varlen_bwd_launch(dout, q, k, v, out, lse, cu_seqlens, prefix_len, max_seqlen, scale)
+
+
+_varlen_fwd_op = torch.library.custom_op("aimv2::prefix_attention_varlen_fwd", _varlen_fwd_impl, mutates_args=())
+_varlen_bwd_op = torch.library.custom_op("aimv2::prefix_attention_varlen_bwd", _varlen_bwd_impl, mutates_args=())
+
+
+@_varlen_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, prefix_len, max_seqlen, scale):
+    T, H, D = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(H, T, dtype=torch.float32)
 
 
 @_varlen_bwd_op.register_fake
@@ -274,14 +281,28 @@ def _setup_context(ctx, inputs, output):
     ctx.max_seqlen, ctx.scale = max_seqlen, scale
 
 
-def _backward(ctx, dout, dlse):
-    # lse is an internal output (the public op returns only `out`): its gradient is never used.
-    q, k, v, cu_seqlens, prefix_len, out, lse = ctx.saved_tensors
-    dq, dk, dv = _varlen_bwd_op(dout, q, k, v, out, lse, cu_seqlens, prefix_len, ctx.max_seqlen, ctx.scale)
-    return dq, dk, dv, None, None, None, None
+def _backward_by(bwd):
+    """The autograd rule, with the backward called through `bwd` (the registered op or its impl)."""
+    def backward(ctx, dout, dlse):
+        # lse is an internal output (the public op returns only `out`): its gradient is never used.
+        q, k, v, cu_seqlens, prefix_len, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens, prefix_len, ctx.max_seqlen, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+    return backward
 
 
-_varlen_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_varlen_fwd_op.register_autograd(_backward_by(_varlen_bwd_op), setup_context=_setup_context)
+
+
+class _VarlenAttentionEager(torch.autograd.Function):
+    """The registered op's eager twin: same impl, same saved tensors and backward, no library dispatch."""
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _varlen_fwd_impl(*inputs)
+        _setup_context(ctx, inputs, out)
+        return out
+
+    backward = staticmethod(_backward_by(_varlen_bwd_impl))
 
 
 # ----------------------------------------------------------------------------- public op
@@ -330,5 +351,6 @@ def prefix_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a Python float or None, got {type(scale).__name__}")
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    out, _ = _varlen_fwd_op(q, k, v, cu_seqlens.contiguous(), prefix_len.contiguous(), max_seqlen, float(scale))
+    op = _varlen_fwd_op if use_registered_op() else _VarlenAttentionEager.apply
+    out, _ = op(q, k, v, cu_seqlens.contiguous(), prefix_len.contiguous(), max_seqlen, float(scale))
     return out

@@ -203,11 +203,11 @@ def _record_loops(monkeypatch, name, tile_arg):
     def scalar(x):
         return int(x.handle.data.reshape(-1)[0]) if hasattr(x, "handle") else int(x)
 
-    def wrapper(*a):
+    def wrapper(*a, **kw):          # kw: USE_TMA of the forward loop
         offs = a[tile_arg]
         P, N, lo, hi, step, masked = a[-8], a[-7], a[-6], a[-5], a[-3], a[-2]
         calls.append((int(offs.handle.data[0]), scalar(P), scalar(lo), scalar(hi), int(step), bool(masked)))
-        return real(*a)
+        return real(*a, **kw)
 
     monkeypatch.setattr(PA, name, wrapper)
     return calls
@@ -285,6 +285,35 @@ def test_opcheck():
     torch.library.opcheck(PA._prefix_attention_bwd_op, (do, q.detach(), k.detach(), v.detach(), out, lse, plen, 0.2))
 
 
+def test_eager_calls_skip_the_library_dispatch_and_tracing_uses_it(monkeypatch):
+    """Eager calls run the autograd.Function twin of the registered op (same impl and autograd rule,
+    no torch.library dispatch: the host-cost cut), bit-identical to the op; under a dispatch mode (fake
+    tensors, as torch.compile and make_fx trace) the registered op and its fake implementation run."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    B, H, N, D = 1, 1, 20, 16
+    q, k, v, do = _inputs(B, H, N, D, torch.float32)
+    plen = torch.tensor([5], device=DEV, dtype=torch.int32)
+    registered = _run(lambda *a: PA._prefix_attention_fwd_op(*a, D ** -0.5)[0], q, k, v, do, plen)
+    calls, real = [], PA._prefix_attention_fwd_op
+    monkeypatch.setattr(PA, "_prefix_attention_fwd_op", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    eager = _run(prefix_attention, q, k, v, do, plen)
+    assert calls == []
+    for name, e, r in zip(["out", "dq", "dk", "dv"], eager, registered):
+        torch.testing.assert_close(e, r, rtol=0, atol=0, msg=name)
+    with FakeTensorMode() as mode:
+        out = prefix_attention(*(mode.from_tensor(t) for t in (q, k, v)), mode.from_tensor(plen))
+        assert prefix_attention(*(mode.from_tensor(t) for t in (q, k, v)), 5).shape == q.shape
+    assert len(calls) == 2 and out.shape == q.shape
+    # an int prefix: one constant (B,) tensor per (B, P, device), usable by autograd even when first
+    # made under inference_mode, giving the tensor prefix's numbers
+    PA._constant_prefix.cache_clear()
+    with torch.inference_mode():
+        torch.testing.assert_close(prefix_attention(q, k, v, 5), eager[0], rtol=0, atol=0)
+    for name, e, i in zip(["out", "dq", "dk", "dv"], eager, _run(prefix_attention, q, k, v, do, 5)):
+        torch.testing.assert_close(i, e, rtol=0, atol=0, msg=name)
+    assert PA._constant_prefix(B, 5, q.device) is PA._constant_prefix(B, 5, q.device)
+
+
 # ----------------------------------------------------------------------------- dtypes, edges, errors
 @pytest.mark.skipif(ON_GPU, reason="tests the interpreter's bf16 path (fp32 compute, bf16 storage)")
 def test_bf16_in_interpreter_computes_in_fp32():
@@ -344,13 +373,18 @@ def test_bad_input_errors(case):
 
 
 # ----------------------------------------------------------------------------- backward variants
+# the configurations beside the default: a backward form, or TMA loads in the forward ("tma":
+# q, k, v tiles read through tensor descriptors, which the interpreter emulates; split backward)
+VARIANTS = {"fused": dict(bwd="fused"), "atomic": dict(bwd="atomic"), "tma": dict(fwd_tma=True)}
+
+
 def force_bwd(monkeypatch, mode):
-    """Every launch of the fixed and the packed op uses backward `mode` with the default tiles."""
+    """Every launch of the fixed and the packed op uses variant `mode` (VARIANTS) of the default tiles."""
     import dataclasses
     real = PA._tiles
 
     def forced(*a, **kw):
-        return dataclasses.replace(real(*a, **kw), bwd=mode)
+        return dataclasses.replace(real(*a, **kw), **VARIANTS[mode])
     monkeypatch.setattr(PA, "_tiles", forced)
     monkeypatch.setattr(importlib.import_module("aimv2.kernels.prefix_attention_varlen"), "_tiles", forced)
 
@@ -359,12 +393,13 @@ def force_bwd(monkeypatch, mode):
 VARIANT_CASES = [CASES[i] for i in (2, 3, 4, 5, 7)]
 
 
-@pytest.mark.parametrize("mode", ["fused", "atomic"])
+@pytest.mark.parametrize("mode", list(VARIANTS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=str)
 def test_backward_variants_match_fp64_reference(case, dtype, mode, monkeypatch):
-    """"fused" (dq and dk/dv programs in one launch) and "atomic" (dq added into an fp32 buffer by
-    the dk/dv programs) under the same error rule as the split backward."""
+    """"fused" (dq and dk/dv programs in one launch), "atomic" (dq added into an fp32 buffer by
+    the dk/dv programs) and "tma" (the forward's tiles loaded by tensor descriptors, its out and lse
+    feeding the backward) under the same error rule as the default configuration."""
     force_bwd(monkeypatch, mode)
     B, H, N, D, spec = case
     q, k, v, do = _inputs(B, H, N, D, dtype)
@@ -425,3 +460,37 @@ def test_configuration_table_lookup():
     for key, entry in TABLE.items():                                     # the committed entries are valid
         assert PA._table_config(key[:2], key[2], 1 if key[3] == 256 else key[3] or 4096,
                                 getattr(torch, key[4]), delta) is not None
+
+
+def test_tma_forward_reads_through_descriptors_and_falls_back_on_misaligned_inputs(monkeypatch):
+    """fwd_tma makes three descriptors per forward program (q, k, v rows of its (b, h)); inputs a TMA
+    descriptor cannot address (a base or a stride not a multiple of 16 bytes) get the pointer loads,
+    with the reason, and the same numbers."""
+    import dataclasses
+    B, H, N, D = 1, 2, 24, 16
+    q, k, v, _ = _inputs(B, H, N, D, torch.float32)
+    plen = torch.tensor([5], device=DEV)
+    cfg = dataclasses.replace(PA._tiles(D, q.dtype, q.device, N), fwd_tma=True)
+    if ON_GPU and torch.cuda.get_device_capability()[0] < 9:
+        assert PA._tma_unusable(q, k, v) == "TMA needs compute capability >= 9.0"
+        return
+    assert PA._tma_unusable(q, k, v) is None and PA._use_tma(cfg, q, k, v)
+    assert not PA._use_tma(dataclasses.replace(cfg, fwd_tma=False), q, k, v)
+    odd = torch.randn(q.numel() + 1, device=DEV)[1:].view(B, H, N, D)             # base 4 bytes past 16
+    wide = torch.randn(B, H, N, D + 1, device=DEV)[..., :D]                        # rows 68 bytes apart
+    assert PA._tma_unusable(odd, k, v) == "q: data pointer not 16-byte aligned"
+    assert PA._tma_unusable(q, k, wide) == f"v: stride {D + 1} of dim 2 is not a multiple of 16 bytes"
+    assert PA._tma_unusable(q, k, wide[:, :, :1]) is None                          # one row: never strided
+    made = []                 # block rows of each descriptor made (observable in the interpreter only)
+    real = PA._row_descriptor
+    monkeypatch.setattr(PA, "_row_descriptor", lambda *a: (made.append(a[-1]), real(*a))[1])
+    truth = prefix_attention_ref(q.double(), k.double(), v.double(), plen)
+    out, _ = PA._fwd_launch(q, k, v, plen, D ** -0.5, cfg=cfg)
+    if not ON_GPU:
+        n_programs = math.ceil(N / cfg.fwd.block_m) * H * B
+        assert sorted(made) == sorted([cfg.fwd.block_m, cfg.fwd.block_n, cfg.fwd.block_n] * n_programs)
+    torch.testing.assert_close(out.double(), truth, rtol=0, atol=1e-5)
+    made.clear()
+    out, _ = PA._fwd_launch(odd.copy_(q), k, wide.copy_(v), plen, D ** -0.5, cfg=cfg)
+    assert made == []                                                              # the pointer loads
+    torch.testing.assert_close(out.double(), truth, rtol=0, atol=1e-5)

@@ -106,13 +106,19 @@ def test_matches_per_image_fp64_reference(case, dtype):
     _check_against_truth(got, q, k, v, do, cu, P)
 
 
-@pytest.mark.parametrize("mode", ["fused", "atomic"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# (mode, dtype): the backward forms at every dtype; the "tma" forward, whose loads differ from the fixed
+# op's only in the descriptor's base and row count (the image's), at fp16 (the fixed op's test has both)
+VARIANT_MODES = [(m, d) for m in ("fused", "atomic") for d in (torch.float32, torch.float16)] + \
+    [pytest.param(m, torch.bfloat16, marks=needs_gpu_bf16) for m in ("fused", "atomic", "tma")] + \
+    [("tma", torch.float16)]
+
+
+@pytest.mark.parametrize("mode,dtype", VARIANT_MODES, ids=str)
 @pytest.mark.parametrize("case", CASES[2:5], ids=_case_id)
 def test_backward_variants_match_per_image_fp64_reference(case, dtype, mode, monkeypatch):
-    """The packed op's "fused" and "atomic" backward (kernels/prefix_attention.py _AttentionTiles)
-    under the same rule: images of 3-50 tokens, prefixes 0 / 1 / len / random, a grid past the
-    longest image."""
+    """The packed op's "fused" and "atomic" backward and its "tma" forward (descriptors of each
+    image's own rows; kernels/prefix_attention.py _AttentionTiles) under the same rule: images of
+    3-50 tokens, prefixes 0 / 1 / len / random, a grid past the longest image."""
     force_bwd(monkeypatch, mode)
     lens, H, D, spec, extra = case
     cu, P = _pack(lens, spec)
@@ -225,12 +231,12 @@ def _record(monkeypatch, name, ptr_arg, tile_arg, base, row_stride, elem):
     def scalar(x):
         return int(x.handle.data.reshape(-1)[0]) if hasattr(x, "handle") else int(x)
 
-    def wrapper(*a):
+    def wrapper(*a, **kw):          # kw: USE_TMA of the forward loop
         start = (scalar(a[ptr_arg]) - base) // elem // row_stride
         lo, hi, step, masked = scalar(a[-6]), scalar(a[-5]), int(a[-3]), bool(a[-2])
         outer = start + int(a[tile_arg].handle.data[0])
         calls.append((outer, [start + s for s in range(lo, hi, step)], masked))
-        return real(*a)
+        return real(*a, **kw)
 
     monkeypatch.setattr(PA, name, wrapper)
     return calls
@@ -320,24 +326,27 @@ def test_opcheck():
 
 def test_kernels_compile_for_sm90_without_spills():
     """The interpreter never sees what only compiled Triton rejects (here the early `return` of a
-    program whose tile lies past its image): the varlen kernels, and the backward forms "atomic" and
-    "fused" of both ops, compile for sm_90a at bf16 as the launchers specialise them
-    (benchmarks/ptxas_attention.py), with wgmma and no spills."""
+    program whose tile lies past its image): the varlen kernels (the forward with pointer and with TMA
+    loads: cp.async.bulk.tensor in its PTX), and the backward forms "atomic" and "fused" of both ops,
+    compile for sm_90a at bf16 as the launchers specialise them (benchmarks/ptxas_attention.py), with
+    wgmma and no spills."""
     try:
         import triton.backends.nvidia  # noqa: F401
     except ImportError:
         pytest.skip("this Triton build has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "ptxas_attention.py"
-    kernels = "varlen_fwd,varlen_dkdv,varlen_dkdv_atomic,varlen_dq,varlen_bwd_fused,dkdv_atomic,bwd_fused"
+    kernels = ("varlen_fwd,varlen_fwd_tma,varlen_dkdv,varlen_dkdv_atomic,varlen_dq,varlen_bwd_fused,"
+               "dkdv_atomic,bwd_fused")
     proc = subprocess.run([sys.executable, str(script), "--kernels", kernels,
                            "--dtypes", "bf16", "--head-dims", "64,128"], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 14, proc.stdout
+    assert len(lines) == 16, proc.stdout
     for line in lines:
         assert "wgmma True" in line and "0 bytes spill stores" in line and "FAILED" not in line, line
+        assert ("tma True" in line) == ("_tma " in line), line          # TMA copies exactly in the TMA form
 
 
 # ----------------------------------------------------------------------------- dtypes, edges, errors
