@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import Aimv2Config, Aimv2Model, Aimv2VisionConfig, Aimv2VisionModel  # noqa: E402
 
 import aimv2  # noqa: E402
+import aimv2.hf  # noqa: E402
 from aimv2.eval.hf_patch import patch_transformers  # noqa: E402
 
 TOL = 2e-5
@@ -50,12 +51,16 @@ def test_vision_model_outputs_match_and_weights_are_shared():
     patch_transformers(m)                                                  # idempotent
     assert {k: v.data_ptr() for k, v in m.state_dict().items()} == ptrs   # same tensors, same keys
     patched = [n for n, mod in m.named_modules() if "forward" in vars(mod)]
-    # 1 patch-embedding norm + 2 per layer + final norm, 1 MLP, 1 attention and the layer per layer
-    assert len(patched) == 1 + 2 * 2 + 1 + 3 * 2, patched
+    # 1 patch-embedding norm + 2 per layer + final norm, 1 MLP and the layer per layer; the attention
+    # runs through transformers' attention interface ("aimv2", aimv2.hf)
+    assert len(patched) == 1 + 2 * 2 + 1 + 2 * 2, patched
+    assert m.config._attn_implementation == "aimv2"
+    aimv2.hf.reset_counts()
     with torch.no_grad():
         out = m(x, output_hidden_states=True)
     _close(out.last_hidden_state, ref.last_hidden_state, "last_hidden_state")
     assert len(out.hidden_states) == len(ref.hidden_states) == 3
+    assert aimv2.hf.counts() == {"kernel": 2}                              # one per layer, no fallback
     for i, (a, b) in enumerate(zip(out.hidden_states, ref.hidden_states)):
         _close(a, b, f"hidden_states[{i}]")
 
