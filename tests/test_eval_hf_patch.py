@@ -21,7 +21,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: the Triton inte
 
 
 def _vision_cfg(layers=2, image=42, attn="sdpa", use_head=False):
-    c = Aimv2VisionConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=2,
+    c = Aimv2VisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=2,
                           image_size=image, patch_size=14, rms_norm_eps=1e-5, use_head=use_head)
     c._attn_implementation = attn
     return c
@@ -70,7 +70,7 @@ def test_vision_model_gradients_match():
     m = Aimv2VisionModel(_vision_cfg(layers=1, image=28)).to(DEVICE).train()
     _nontrivial_norms(m)
     x = torch.randn(2, 3, 28, 28, device=DEVICE)
-    w = torch.randn(2, 4, 256, device=DEVICE)
+    w = torch.randn(2, 4, 64, device=DEVICE)
 
     def grads():
         m.zero_grad()
@@ -103,7 +103,7 @@ def test_attention_weights_requested_fall_back_to_transformers():
 def test_clip_style_model_image_and_masked_text_features():
     torch.manual_seed(3)
     cfg = Aimv2Config(vision_config=_vision_cfg(layers=1, image=28, use_head=True).to_dict(),
-                      text_config=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                        num_attention_heads=2, vocab_size=64, max_position_embeddings=8,
                                        eos_token_id=63),
                       projection_dim=32)
