@@ -79,7 +79,8 @@ def _once(fn) -> tuple[float, float, float]:
     return ms, ms, ms
 
 
-def run_case(case: str, device, dtype, wanted, ceilings: dict, command: str, dry: bool = False) -> list[dict]:
+def run_case(case: str, device, dtype, wanted, ceilings: dict, command: str, add, dry: bool = False) -> None:
+    """Measure one case; each row goes to add(row) the moment it is measured."""
     import aimv2.hf
     from _common import bench, peak_mem_mb, result_row
     aimv2.hf.register()
@@ -102,7 +103,6 @@ def run_case(case: str, device, dtype, wanted, ceilings: dict, command: str, dry
         causal = False
     providers = [p for p in PROVIDERS if p in wanted and (p != "aimv2_kernelize" or case == "llama")]
     ceiling = ceilings.get("bf16_tflops")
-    rows = []
     for suffix, inputs in variants:
         ref_out = None
         for provider in providers:
@@ -128,15 +128,15 @@ def run_case(case: str, device, dtype, wanted, ceilings: dict, command: str, dry
                 ms, p20, p80 = _once(fn) if dry else bench(fn)
                 flops = _flops(model, cfg, B, N, causal, pass_ == "fwdbwd")
                 tflops = flops / (ms * 1e-3) / 1e12
-                rows.append(result_row(
+                row = result_row(
                     op=f"hf_{case}", pass_=pass_, shape=f"{case}-b{B}-n{N}{suffix}", dtype=_DT[dtype],
                     provider=provider, ms=ms, ms_p20=p20, ms_p80=p80, tflops=tflops,
                     pct_of_ceiling=None if not ceiling else 100.0 * tflops / ceiling,
                     peak_mem_mb=peak_mem_mb(fn), command=command, tokens_per_s=B * N / (ms * 1e-3),
-                    paths=paths, max_abs_diff_vs_sdpa=diff))
-                print({k: rows[-1][k] for k in ("shape", "provider", "pass", "ms", "tflops", "paths")}, flush=True)
+                    paths=paths, max_abs_diff_vs_sdpa=diff)
+                add(row)
+                print({k: row[k] for k in ("shape", "provider", "pass", "ms", "tflops", "paths")}, flush=True)
             model.zero_grad(set_to_none=True)
-    return rows
 
 
 def main(argv=None) -> int:
@@ -146,28 +146,25 @@ def main(argv=None) -> int:
     ap.add_argument("--dry", action="store_true", help="CPU plumbing check: tiny models, fp32, Triton interpreter")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; a temp dir with --dry)")
     args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.dry:
-        print("bench_hf: no CUDA device; use --dry for a CPU plumbing check", file=sys.stderr)
-        return 2
     cases = args.cases.split(",")
     if any(c not in ("llama", "siglip") for c in cases):
         print(f"bench_hf: --cases: expected a comma list of llama, siglip, got {args.cases!r}", file=sys.stderr)
         return 2
-    if not cuda:                       # before aimv2.kernels defines its @triton.jit functions
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    cuda = torch.cuda.is_available()
+    if not (cuda or args.dry):
+        print("bench_hf: no CUDA device; use --dry for a CPU plumbing check", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRITON_INTERPRET", "0" if cuda else "1")    # before aimv2.kernels' @triton.jit
     from _common import finish, measure_ceilings, result_file
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32        # bf16 tl.dot is broken in the interpreter
     ceilings = measure_ceilings() if cuda else {}
-    command = " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv)))
     results = result_file("hf", args.out, args.dry, ceilings)
+    command = " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv)))
+    # bf16 on a GPU; fp32 in the interpreter (its bf16 tl.dot is broken)
+    device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     try:
         for case in cases:
-            results.extend(run_case(case, device, dtype, set(args.providers.split(",")), ceilings, command,
-                                    dry=args.dry or not cuda))
-            if cuda:
-                torch.cuda.empty_cache()
+            run_case(case, device, dtype, set(args.providers.split(",")), ceilings, command, results.add,
+                     dry=args.dry or not cuda)
     except KeyboardInterrupt:
         return finish(results, interrupted=True)
     return finish(results)
