@@ -265,3 +265,24 @@ def _kernelized_as_expected(m):
     assert rms_norm_compatible(m.extra_norm).startswith("its forward computes something else")
     from transformers.models.aimv2 import modeling_aimv2 as M
     assert not hasattr(M.Aimv2MLP, "kernel_layer_name")                     # marks restored after the call
+
+
+def test_torch_compile_fullgraph():
+    """Dynamo traces the "aimv2" path with no graph break: the kernels are custom ops; a padding mask goes
+    to sdpa there (its packing plan would read the mask on the host), still one graph."""
+    m = _llama(layers=1).eval()
+    ids = torch.randint(3, 64, (2, 7), device=DEVICE)
+    mask = torch.ones(2, 7, dtype=torch.long, device=DEVICE)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        m.set_attn_implementation("sdpa")
+        ref = [m(input_ids=ids[:1]).logits, m(input_ids=ids, attention_mask=mask).logits]
+        m.set_attn_implementation(NAME)
+        compiled = torch.compile(m, backend="eager", fullgraph=True)
+        aimv2.hf.reset_counts()
+        got = [compiled(input_ids=ids[:1]).logits, compiled(input_ids=ids, attention_mask=mask).logits]
+    torch._dynamo.reset()
+    assert aimv2.hf.counts() == {
+        "kernel": 1, "fallback:a padding mask under torch.compile (the packing plan would read the mask on the host)": 1}
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * b.abs().max().item())

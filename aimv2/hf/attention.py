@@ -38,6 +38,9 @@ zero stride (no copy) where the strides allow it (B = 1, or head-major q, k, v);
 are made by a copy of q, k, v (never K, V repeated G times). The packed path gathers rows (one copy)
 and expands K, V to H heads in that gather.
 
+Under torch.compile (fullgraph=True included) the no-mask path compiles with our kernels (custom ops);
+a padding mask goes to sdpa there, since its packing plan reads the mask on the host.
+
 `counts()` says what ran: "kernel", "kernel_varlen", "gqa_copy" (a GQA layout needed a copy) and
 "fallback:<reason>"; each fallback reason is also logged once (INFO, logger "aimv2.hf").
 """
@@ -121,6 +124,9 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
         plan = "query and key lengths differ (a KV cache)"
     elif attention_mask is None:
         plan = _Plan(causal)
+    elif torch.compiler.is_compiling():
+        # the packing plan reads the mask on the host: a graph break, an error under fullgraph=True
+        plan = "a padding mask under torch.compile (the packing plan would read the mask on the host)"
     elif attention_mask.dim() == 2 and tuple(attention_mask.shape) == (batch_size, kv_length):
         plan = _padding_plan(attention_mask, causal, mask.device)
     else:
@@ -131,7 +137,7 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
 
 def _fall_back(reason: str) -> str:
     _COUNTS["fallback:" + reason] += 1
-    if reason not in _LOGGED:
+    if reason not in _LOGGED and not torch.compiler.is_compiling():    # dynamo cannot trace logging
         _LOGGED.add(reason)
         log.info("attn_implementation='aimv2': transformers' path runs where %s", reason)
     return reason
