@@ -94,6 +94,16 @@ REPOSITORIES = {"RMSNorm": _Repository(RMSNorm), "Aimv2MLP": _Repository(Aimv2ML
 _PROBED: dict[type, str | None] = {}
 
 
+def _probe(module: nn.Module, D: int, eps: float):
+    """The class's own forward and rms_norm_ref on a CPU fp32 copy of the module with a random weight."""
+    probe = copy.deepcopy(module).to("cpu", torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        probe.weight.copy_(torch.rand(D, generator=g) + 0.5)
+        x = torch.randn(3, 5, D, generator=g)
+        return type(module).forward(probe, x), _kernels().rms_norm_ref(x, probe.weight, eps)
+
+
 def rms_norm_compatible(module: nn.Module) -> str | None:
     """None when `type(module).forward` computes x * rsqrt(mean(x^2) + eps) * weight, else why not.
     Probed once per class on the CPU in fp32 (a copy of the module with a random weight)."""
@@ -107,19 +117,13 @@ def rms_norm_compatible(module: nn.Module) -> str | None:
     elif len(inspect.signature(cls.forward).parameters) != 2:
         why = "forward takes more than the hidden states"
     else:
-        probe = copy.deepcopy(module).to("cpu", torch.float32)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            probe.weight.copy_(torch.rand(weight.shape[0], generator=g) + 0.5)
-            x = torch.randn(3, 5, weight.shape[0], generator=g)
-            try:
-                got = cls.forward(probe, x)
-            except Exception as e:  # noqa: BLE001 - a class we cannot probe is left alone
-                got, why = None, f"its forward fails on a probe: {type(e).__name__}: {e}"
-            if got is not None:
-                ref = _kernels().rms_norm_ref(x, probe.weight, eps)
-                if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-5, atol=1e-5):
-                    why = "its forward computes something else than x * rsqrt(mean(x^2) + eps) * weight"
+        try:
+            got, ref = _probe(module, weight.shape[0], eps)
+        except Exception as e:  # noqa: BLE001 - a class we cannot probe is left alone, with the reason
+            why = f"its forward fails on a probe: {type(e).__name__}: {e}"
+        else:
+            if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-5, atol=1e-5):
+                why = "its forward computes something else than x * rsqrt(mean(x^2) + eps) * weight"
     if why is not None:
         log.info("aimv2.hf.kernelize: %s left alone: %s", cls.__name__, why)
     _PROBED[cls] = why
