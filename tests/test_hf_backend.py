@@ -1,7 +1,8 @@
 """`attn_implementation="aimv2"` (aimv2.hf.register) in tiny random transformers models against "sdpa":
 Aimv2VisionModel, Aimv2Model (image + causal text tower), SiglipVisionModel / SiglipTextModel and
 LlamaForCausalLM (GQA), fp32 (the Triton interpreter on a CPU): outputs and every gradient, left and right
-padding, greedy generation, and aimv2.hf.counts() showing where our kernels ran and where transformers'
+padding (the real rows on our varlen kernel, the padded rows that sdpa lets see keys on SDPA), greedy
+generation, and aimv2.hf.counts() showing where our kernels ran and where transformers'
 path did. Then aimv2.hf.kernelize in both modes.
 
 Numerics (tests/_kernel_numerics.py, flash-attention's rule): truth is the same model with "sdpa" in
@@ -92,8 +93,8 @@ def test_aimv2_vision_model_outputs_and_gradients():
     _check(m, {"pixel_values": x}, lambda o: [o.last_hidden_state], expect_counts={"kernel": 1})
 
 
-def test_aimv2_model_image_and_left_padded_causal_text():
-    """The text tower builds a causal mask from the padding mask: left padding runs the varlen kernel."""
+def test_aimv2_model_image_and_padded_causal_text():
+    """The text tower builds a causal mask from the padding mask: its real rows run the varlen kernel."""
     torch.manual_seed(1)
     cfg = Aimv2Config(vision_config=_aimv2_vision_cfg(use_head=True).to_dict(),
                       text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
@@ -103,16 +104,17 @@ def test_aimv2_model_image_and_left_padded_causal_text():
     m = Aimv2Model(cfg).to(DEVICE)
     _nontrivial_norms(m)
     ids = torch.randint(0, 63, (3, 7), device=DEVICE)
-    ids[:, -1] = 63                                                         # eos last: a real token
+    ids[:, -1] = 63                                                         # eos last: pooled from there
     mask = torch.ones(3, 7, dtype=torch.long, device=DEVICE)
-    mask[1, :3] = 0                                                         # left padding
-    mask[2, :1] = 0
-    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(3, 3, 28, 28, device=DEVICE)}
+    mask[1, :3] = 0                                                         # left padding: eos real
+    mask[2, 5:] = 0                                                         # right padding: eos in the padding,
+    inputs = {"input_ids": ids, "attention_mask": mask,                    # a padded row the model reads
+              "pixel_values": torch.randn(3, 3, 28, 28, device=DEVICE)}
     _check(m, inputs, lambda o: [o.image_embeds, o.text_embeds],
-           expect_counts={"kernel": 1, "kernel_varlen": 1})
+           expect_counts={"kernel": 1, "kernel_varlen": 1, "sdpa_padded_rows": 1})
 
 
-def test_siglip_vision_kernel_and_padded_text_falls_back():
+def test_siglip_vision_and_padded_text():
     torch.manual_seed(2)
     v = SiglipVisionModel(SiglipVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                              num_attention_heads=2, image_size=28, patch_size=14)).to(DEVICE)
@@ -125,9 +127,9 @@ def test_siglip_vision_kernel_and_padded_text_falls_back():
     ids = torch.randint(0, 64, (2, 8), device=DEVICE)
     mask = torch.ones(2, 8, dtype=torch.long, device=DEVICE)
     mask[0, 5:] = 0
-    reason = "fallback:a bidirectional mask with padding (sdpa's padded query rows see the real keys)"
-    _check(t, {"input_ids": ids, "attention_mask": mask}, lambda o: [o.pooler_output], grads=False,
-           expect_counts={reason: 1})
+    mask[1, :2] = 0
+    _check(t, {"input_ids": ids, "attention_mask": mask}, lambda o: [o.last_hidden_state, o.pooler_output],
+           expect_counts={"kernel_varlen": 1, "sdpa_padded_rows": 1})
     aimv2.hf.reset_counts()
     with torch.no_grad():
         t(input_ids=ids)                                                    # no padding: our kernel
@@ -146,17 +148,20 @@ def _llama(layers=2, heads=4, kv_heads=2, hidden=64):
 
 def test_llama_gqa_padding_on_both_sides():
     m = _llama(layers=1)
-    ids = torch.randint(3, 64, (3, 9), device=DEVICE)
-    mask = torch.ones(3, 9, dtype=torch.long, device=DEVICE)
-    mask[1, :4] = 0                                                         # left padding -> varlen kernel
-    mask[2, :1] = 0
+    ids = torch.randint(3, 64, (4, 9), device=DEVICE)
+    mask = torch.ones(4, 9, dtype=torch.long, device=DEVICE)
+    mask[1, :4] = 0                                                         # left: those rows see no key (0)
+    mask[2, 6:] = 0                                                         # right: those rows see every real key
+    mask[3, :1] = 0                                                         # both sides
+    mask[3, 7:] = 0
     _check(m, {"input_ids": ids, "attention_mask": mask}, lambda o: [o.logits],
-           expect_counts={"kernel_varlen": 1})
-    # right padding: sdpa's padded rows see every real key, ours could not: transformers' path, same result
-    mask_r = torch.ones(2, 9, dtype=torch.long, device=DEVICE)
-    mask_r[0, 6:] = 0
-    _check(m, {"input_ids": ids[:2], "attention_mask": mask_r}, lambda o: [o.logits], grads=False,
-           expect_counts={"fallback:a causal mask with padding that is not all on the left": 1})
+           expect_counts={"kernel_varlen": 1, "sdpa_padded_rows": 1})
+    _check(m, {"input_ids": ids[:2], "attention_mask": mask[:2]}, lambda o: [o.logits], grads=False,
+           expect_counts={"kernel_varlen": 1})                              # left only: no padded row sees a key
+    holes = mask.clone()
+    holes[0, 4] = 0                                                         # not one run: transformers' path
+    _check(m, {"input_ids": ids, "attention_mask": holes}, lambda o: [o.logits], grads=False,
+           expect_counts={"fallback:a padding mask whose real tokens are not one run per sample": 1})
     # no mask: causal from module.is_causal. B = 1: K/V heads as zero-stride views (no gqa_copy); B = 2:
     # RoPE leaves q as (B, N, H, D) in memory, whose B and H do not merge: one copy of q, k, v
     _check(m, {"input_ids": ids[:1]}, lambda o: [o.logits], expect_counts={"kernel": 1})

@@ -6,28 +6,35 @@ is_causal, **kwargs)` with query (B, H, N, D), key / value (B, Hkv, N_kv, D) and
 `mask_function`, which transformers calls in place of `sdpa_mask` for this name: it returns exactly
 what sdpa_mask returns (None, or a boolean (B, 1, N, N_kv) mask), so every fallback runs transformers'
 own sdpa path on its own mask. Where the mask is a plain one that our kernels compute (causal or
-bidirectional, left padding on a causal one, no cache offset), the mask tensor carries a `_Plan`
+bidirectional, with or without padding, no cache offset), the mask tensor carries a `_Plan`
 (attribute `aimv2_plan`; else the reason it falls back), worked out once per forward, on the host, when
 the mask is built:
 
     run on our kernels                                           where
     prefix_attention(q, k, v, P)                                 no padding: bidirectional (P = N) or causal
                                                                  (P = 0), no mask or an all-True one
-    prefix_attention_varlen(q_packed, ..., cu_seqlens, P_s = 0)  causal with left padding (each sample's real
-                                                                 tokens last: batched generation's prefill);
-                                                                 padded query rows see no key and are 0, as
-                                                                 in sdpa (torch >= 2.5)
+    prefix_attention_varlen(q_packed, ..., cu_seqlens, P_s)      a padding mask whose real tokens form one run
+                                                                 per sample (left, right or both sides), on a
+                                                                 causal (P_s = 0) or bidirectional (P_s = len_s)
+                                                                 mask: the real rows. sdpa's padded query rows
+                                                                 that see keys (after the run when causal, all
+                                                                 when bidirectional) see every real key of
+                                                                 their sample, and models read them
+                                                                 (SiglipText pools the last position, Aimv2Text
+                                                                 the eos, which may be padding): those rows
+                                                                 alone go through torch's SDPA against the real
+                                                                 keys ("sdpa_padded_rows"); padded rows before a
+                                                                 causal run see no key and are 0, as in sdpa
     transformers' sdpa_attention_forward                         everything else: query and key lengths differ
-                                                                 (a KV cache while decoding); padding on the
-                                                                 right or in a bidirectional mask (sdpa's padded
-                                                                 query rows there see the real keys, and models
-                                                                 read them: SiglipText pools the last position,
-                                                                 Aimv2Text the eos position); a sliding-window,
-                                                                 chunked, packed or custom mask, dropout > 0,
-                                                                 softcap, sinks, position_bias, a head dim the
-                                                                 kernel lacks (ATTENTION_HEAD_DIMS), a dtype other
-                                                                 than fp16 / bf16 / fp32, or kernels that cannot
-                                                                 run on the device (unavailable_reason)
+                                                                 (a KV cache while decoding), real tokens not in
+                                                                 one run (holes in the padding mask), a
+                                                                 sliding-window, chunked, packed or custom mask,
+                                                                 dropout > 0, softcap, sinks, position_bias, a
+                                                                 head dim the kernel lacks (ATTENTION_HEAD_DIMS),
+                                                                 a dtype other than fp16 / bf16 / fp32, kernels
+                                                                 that cannot run on the device
+                                                                 (unavailable_reason), or a padding mask while
+                                                                 torch.compile traces
     the model's own eager_attention_forward                      attention weights requested (output_attentions):
                                                                  the only path that returns them
 
@@ -41,8 +48,8 @@ and expands K, V to H heads in that gather.
 Under torch.compile (fullgraph=True included) the no-mask path compiles with our kernels (custom ops);
 a padding mask goes to sdpa there, since its packing plan reads the mask on the host.
 
-`counts()` says what ran: "kernel", "kernel_varlen", "gqa_copy" (a GQA layout needed a copy) and
-"fallback:<reason>"; each fallback reason is also logged once (INFO, logger "aimv2.hf").
+`counts()` says what ran: "kernel", "kernel_varlen", "sdpa_padded_rows", "gqa_copy" (a GQA layout
+needed a copy) and "fallback:<reason>"; each fallback reason is also logged once (INFO, logger "aimv2.hf").
 """
 from __future__ import annotations
 
@@ -79,6 +86,9 @@ class _Plan:
     """How our kernels compute a plain mask. packed=None: every token of every sample is kept."""
     causal: bool
     packed: tuple | None = None     # (rows (T,) int64, cu_seqlens (S+1,) int32, max_seqlen int, prefix (S,) int32)
+    # padded rows that see keys: (positions (B, Nt) int64, picks (Tt,) into B * Nt, rows (Tt,) into B * N,
+    # keep (B, N) bool), or None when there are none
+    seeing: tuple | None = None
 
 
 def _padding_plan(keep: torch.Tensor, causal: bool, device) -> _Plan | str:
@@ -87,22 +97,30 @@ def _padding_plan(keep: torch.Tensor, causal: bool, device) -> _Plan | str:
     B, N = keep.shape
     if bool(keep.all()):
         return _Plan(causal)
-    if not causal:
-        # sdpa: a padded query attends to every real key of its sample, and models read those rows
-        # (SiglipTextModel pools the last position, padding under padding="max_length")
-        return "a bidirectional mask with padding (sdpa's padded query rows see the real keys)"
     lens = keep.sum(1)                                                      # (B,)
-    left = torch.arange(N) >= (N - lens)[:, None]                           # (B, N): real tokens last
-    if not torch.equal(left, keep):
-        # a padded row after the real tokens sees all of them in sdpa (Aimv2TextModel reads such a row
-        # when the eos token sits in the padding); our kernels have no rows that see other rows' keys only
-        return "a causal mask with padding that is not all on the left"
+    first = keep.to(torch.int8).argmax(1)                                   # (B,) first real position
+    pos = torch.arange(N)
+    end = (first + lens)[:, None]                                           # (B, 1) one past the last
+    if not torch.equal((pos >= first[:, None]) & (pos < end), keep) or int(lens.sum()) == 0:
+        return "a padding mask whose real tokens are not one run per sample"
     kept = lens[lens > 0]                                                   # (S,) samples with tokens
     cu = torch.zeros(kept.numel() + 1, dtype=torch.int32)
     cu[1:] = kept.cumsum(0)
     rows = keep.reshape(-1).nonzero().squeeze(1)                            # (T,) flat b * N + n, in order
-    prefix = torch.zeros_like(kept, dtype=torch.int32)                      # causal within each sample
-    return _Plan(causal, (rows.to(device), cu.to(device), int(kept.max()), prefix.to(device)))
+    prefix = torch.zeros_like(kept, dtype=torch.int32) if causal else kept.to(torch.int32)
+    packed = (rows.to(device), cu.to(device), int(kept.max()), prefix.to(device))
+    # sdpa's padded query rows that see keys see every real key of their sample: all of them in a
+    # bidirectional mask, those after the real tokens in a causal one (those before see none: 0)
+    seeing = ~keep & (lens > 0)[:, None] & ((pos >= end) if causal else True)     # (B, N)
+    counts = seeing.sum(1)                                                  # (B,)
+    if int(counts.max()) == 0:
+        return _Plan(causal, packed)
+    Nt = int(counts.max())
+    order = torch.where(seeing, pos, N + pos).argsort(1)[:, :Nt]           # (B, Nt) seeing positions first
+    valid = torch.arange(Nt) < counts[:, None]                              # (B, Nt)
+    picks = valid.reshape(-1).nonzero().squeeze(1)                          # (Tt,) into B * Nt
+    seen_rows = (torch.arange(B)[:, None] * N + order)[valid]               # (Tt,) into B * N
+    return _Plan(causal, packed, (order.to(device), picks.to(device), seen_rows.to(device), keep.to(device)))
 
 
 def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
@@ -216,7 +234,8 @@ def _dense(query, key, value, causal: bool, scale):
 
 
 def _packed(query, key, value, plan: _Plan, scale):
-    """Padding: the kept rows through prefix_attention_varlen, padded rows 0. Returns (B, N, H, D)."""
+    """Padding: the real rows through prefix_attention_varlen; padded rows that see keys (all real keys
+    of their sample) through torch's SDPA on those rows only; the rest 0. Returns (B, N, H, D)."""
     rows, cu, max_len, prefix = plan.packed
     B, H, N, D = query.shape
     Hkv = key.shape[1]
@@ -226,7 +245,16 @@ def _packed(query, key, value, plan: _Plan, scale):
         T = rows.numel()
         k, v = (t[:, :, None].expand(T, Hkv, H // Hkv, D).reshape(T, H, D) for t in (k, v))      # (T, H, D)
     o = _kernels().prefix_attention_varlen(q, k, v, cu, max_len, prefix, scale=scale)          # (T, H, D)
-    return o.new_zeros(B * N, H, D).index_copy(0, rows, o).view(B, N, H, D)
+    out = o.new_zeros(B * N, H, D).index_copy(0, rows, o)                  # (B * N, H, D)
+    if plan.seeing is not None:
+        _COUNTS["sdpa_padded_rows"] += 1
+        order, picks, seen_rows, keep = plan.seeing
+        Nt = order.shape[1]
+        qs = query.gather(2, order[:, None, :, None].expand(B, H, Nt, D))  # (B, H, Nt, D)
+        os_ = torch.nn.functional.scaled_dot_product_attention(
+            qs, key, value, attn_mask=keep[:, None, None, :], scale=scale, enable_gqa=Hkv != H)  # (B, H, Nt, D)
+        out = out.index_copy(0, seen_rows, os_.transpose(1, 2).reshape(B * Nt, H, D).index_select(0, picks))
+    return out.view(B, N, H, D)
 
 
 def _eager(module, query, key, value, attention_mask, dropout, scaling, kwargs):
