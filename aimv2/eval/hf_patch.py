@@ -11,8 +11,9 @@ output-capturing hooks stay as they are, so weights are shared, not copied):
 - `Aimv2EncoderLayer`: s = h + attn; y = RMSNorm2(s)                -> one fused rms_norm(attn, w2, residual=h)
 - `Aimv2MLP`:          down(act(gate(x)) * up(x)), act = SiLU        -> down(aimv2.kernels.swiglu(gate(x), up(x)))
 - attention:           softmax(q k^T / sqrt(Dh)) v                   -> config._attn_implementation = "aimv2":
-  aimv2.kernels.prefix_attention (P = N, or P = 0 causal), a causal padding mask (the text tower's) through
-  prefix_attention_varlen; returns no weights, like transformers' SDPA path.
+  aimv2.kernels.prefix_attention (P = N, or P = 0 causal); with the text tower's padding mask the real rows
+  through prefix_attention_varlen and the padded rows that SDPA lets see keys through SDPA on those rows
+  alone; returns no weights, like transformers' SDPA path.
 
 transformers' own attention still runs where our kernel would not compute the same thing or cannot run
 (aimv2/hf/attention.py has the full list): attention weights requested (`output_attentions`: the model's
