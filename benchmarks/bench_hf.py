@@ -3,8 +3,9 @@
 Cases, random weights (the speed does not depend on them), bf16 on a GPU:
 
     llama     LlamaModel, hidden 2048, 16 heads of 128, 8 KV heads (GQA), MLP 5632, 4 layers, B=4, N=2048:
-              no mask (causal from module.is_causal: prefix_attention with P = 0), and left padding
-              (a quarter of each sample but the first: prefix_attention_varlen)
+              no mask (causal from module.is_causal: prefix_attention with P = 0), left padding (a
+              quarter of each sample but the first: prefix_attention_varlen) and right padding (the
+              same, plus SDPA for the padded rows, which see every real key)
     siglip    SiglipVisionModel, hidden 768, 12 heads of 64, MLP 3072, 4 layers, 384 px / 16 (N = 576), B=64:
               bidirectional, no mask (P = N)
 
@@ -12,7 +13,7 @@ Providers: "sdpa" (transformers' SDPA path: cuDNN / flash / efficient as torch p
 through transformers' attention interface), "aimv2_kernelize" (llama only: plus aimv2.hf.kernelize's RMSNorm).
 
 Rows (CONVENTIONS.md schema): op "hf_llama" / "hf_siglip", pass "fwd" | "fwdbwd", shape
-"<case>-b<B>-n<N>[-leftpad]", ms (median, do_bench) with p20 / p80, tokens_per_s, tflops = model FLOPs / time
+"<case>-b<B>-n<N>[-leftpad|-rightpad]", ms (median, do_bench) with p20 / p80, tokens_per_s, tflops = model FLOPs / time
 (2 x params x tokens for the matmuls, x3 with the backward, plus attention 4 B H N^2 D, halved when
 causal, only unmasked work), pct_of_ceiling over the bf16 matmul TFLOP/s measured in the same run,
 peak_mem_mb, paths = aimv2.hf.counts() of one forward (shows our kernel ran, not a fallback) and
@@ -93,9 +94,12 @@ def run_case(case: str, device, dtype, wanted, ceilings: dict, command: str, add
         models["aimv2_kernelize"] = aimv2.hf.kernelize(copy.deepcopy(models["sdpa"]), "training")
     if case == "llama":
         variants = [("", {"input_ids": torch.randint(0, cfg.vocab_size, (B, N), device=device)})]
-        mask = torch.ones(B, N, dtype=torch.long, device=device)
-        mask[1:, : N // 4] = 0                                               # left padding
-        variants.append(("-leftpad", {**variants[0][1], "attention_mask": mask}))
+        left = torch.ones(B, N, dtype=torch.long, device=device)
+        left[1:, : N // 4] = 0                                               # left padding (generation)
+        right = left.flip(1)                                                 # right padding (training)
+        if not dry:                                                          # --dry: the right-padded
+            variants.append(("-leftpad", {**variants[0][1], "attention_mask": left}))   # case covers varlen
+        variants.append(("-rightpad", {**variants[0][1], "attention_mask": right}))
         causal = True
     else:
         px = torch.randn(B, 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype)

@@ -25,7 +25,7 @@ def test_dry_run_writes_rows_for_both_shapes(tmp_path):
         assert need <= r.keys(), need - r.keys()
         assert r["ms"] > 0 and r["tflops"] > 0 and r["dtype"] == "fp32"
     got = {(r["shape"], r["provider"], r["pass"]): r for r in rows}
-    for shape in ("llama-b2-n16", "llama-b2-n16-leftpad", "siglip-b2-n16"):
+    for shape in ("llama-b2-n16", "llama-b2-n16-rightpad", "siglip-b2-n16"):      # --dry: no left padding
         providers = ("sdpa", "aimv2", "aimv2_kernelize") if shape.startswith("llama") else ("sdpa", "aimv2")
         for provider in providers:
             for pass_ in ("fwd", "fwdbwd"):
@@ -33,7 +33,9 @@ def test_dry_run_writes_rows_for_both_shapes(tmp_path):
     assert len(rows) == 2 * (3 + 3 + 2)
     # our kernels ran (not a fallback) and agree with sdpa; sdpa rows record no aimv2 path
     assert got[("llama-b2-n16", "aimv2", "fwd")]["paths"].get("kernel") == 1
-    assert got[("llama-b2-n16-leftpad", "aimv2_kernelize", "fwd")]["paths"] == {"kernel_varlen": 1}
+    assert got[("llama-b2-n16-rightpad", "aimv2_kernelize", "fwd")]["paths"] == {"kernel_varlen": 1,
+                                                                               "sdpa_padded_rows": 1}
+    assert got[("llama-b2-n16-rightpad", "aimv2", "fwdbwd")]["paths"] == {"kernel_varlen": 1, "sdpa_padded_rows": 1}
     assert got[("siglip-b2-n16", "aimv2", "fwdbwd")]["paths"] == {"kernel": 1}
     assert got[("siglip-b2-n16", "sdpa", "fwd")]["paths"] == {}
     for r in rows:
