@@ -253,6 +253,16 @@ def test_kernelize_training_then_inference():
     torch.testing.assert_close(got["out0"], ref["out0"], rtol=2e-5, atol=2e-5 * ref["out0"].abs().max().item())
     with pytest.raises(ValueError, match="mode: expected 'training' or 'inference'"):
         aimv2.hf.kernelize(m, "train")
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module, got str"):
+        aimv2.hf.kernelize("model", "training")
+
+
+def test_kernelize_refuses_where_the_kernels_cannot_run(monkeypatch):
+    import aimv2.kernels as K
+    monkeypatch.setattr(K, "unavailable_reason", lambda device=None, dtype=None: "no usable GPU (test)")
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match=r"the Triton kernels cannot run on cpu: no usable GPU \(test\)"):
+        aimv2.hf.kernelize(m, "inference")
 
 
 def _fixed_weights(outs):

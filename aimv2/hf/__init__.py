@@ -20,7 +20,7 @@ import torch
 
 from .attention import attention_forward, counts, mask_function, reset_counts
 
-__all__ = ["register", "kernelize", "counts", "reset_counts", "attention_forward", "mask_function"]
+__all__ = ["register", "kernelize", "kernelized", "counts", "reset_counts", "attention_forward", "mask_function"]
 
 _BUILTIN = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4",
             "paged|eager", "paged|sdpa", "paged|flash_attention_2")
@@ -62,8 +62,7 @@ def kernelize(model: torch.nn.Module, mode: str = "inference") -> torch.nn.Modul
         raise ValueError(f"mode: expected 'training' or 'inference', got {mode!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    try:
-        import kernels  # noqa: F401  (Hugging Face's package; our folder hands over to it)
+    try:   # Hugging Face's package (a checkout's kernels/ folder hands over to it, or is inert without it)
         from kernels import kernelize as _hf_kernelize  # noqa: F401
     except ImportError as e:
         raise ImportError("aimv2.hf.kernelize needs Hugging Face's `kernels` package (pip install kernels)") from e
