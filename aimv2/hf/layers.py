@@ -16,7 +16,8 @@ and reads the replaced module's attributes.
   rms_norm(attn, w2, residual=h) returning (norm2(s), s). The attention inside runs whatever
   config._attn_implementation names (aimv2.hf.register's "aimv2" among them).
 transformers' Aimv2 classes carry no `kernel_layer_name`: kernelize marks them for the duration of
-its call only (`_aimv2_marks`), as HF kernels' `replace_kernel_forward_from_hub` would, and restores them.
+its call only (`_scoped_kernel_layers`), as HF kernels' `replace_kernel_forward_from_hub` would, and
+restores them.
 """
 from __future__ import annotations
 
@@ -178,7 +179,7 @@ def _scoped_kernel_layers(model: nn.Module):
         restore_conditions = _set_class_attrs(
             {cls: {"kernel_condition": staticmethod(lambda m: id(m) in selected)} for cls in classes})
         try:
-            yield selected
+            yield
         finally:
             restore_conditions()
     finally:
@@ -189,9 +190,8 @@ def kernelize_modules(model: nn.Module, mode: str, device: torch.device) -> None
     """HF kernels' kernelize over the model with our mapping (module docstring)."""
     from kernels import Mode, kernelize, use_kernel_mapping
     hf_mode = {"training": Mode.TRAINING, "inference": Mode.INFERENCE}[mode]
-    dev = "cuda" if device.type == "cuda" else device.type
-    mapping = {name: {d: {hf_mode: repo} for d in {dev, "rocm" if dev == "cuda" else dev}}
-               for name, repo in REPOSITORIES.items()}
+    dev = device.type                         # passed as a string: HF kernels' Device(type=dev), ROCm as "cuda"
+    mapping = {name: {dev: {hf_mode: repo}} for name, repo in REPOSITORIES.items()}
     quiet = logging.getLogger("kernels")      # "no mapping for <other layer>": those stay as they are
     level = quiet.level
     with _scoped_kernel_layers(model), use_kernel_mapping(mapping):
