@@ -27,7 +27,7 @@ STAMP := $(VENV)/.aimv2-installed
 
 setup: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py pyproject.toml
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	  echo "[setup] torch already importable: $$($(PYTHON) -c 'import torch; print(torch.__version__)') (kept)"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV); \

@@ -28,8 +28,37 @@ if __name__ == "aimv2.kernels":
     from .rms_norm import rms_norm, rms_norm_ref
     from .swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref
 else:
-    # This folder was imported as a top-level `kernels` package because a checkout's root is on
-    # sys.path (e.g. transformers probes for the Hugging Face `kernels` library by importing that
-    # name). Stay inert: registering the torch.library ops a second time from this copy would
-    # silently replace the implementations that `aimv2.kernels` registered.
-    __version__ = "N/A"
+    # This folder was imported as a top-level package because a checkout's root is on sys.path
+    # (`python -c`, `python -m`, pytest's rootdir insertion). Under the name `kernels` that shadows
+    # Hugging Face's `kernels` library, which transformers (>= 5.2x) imports: hand over to the
+    # installed package of that name, found with the checkout root left out of the search path, as
+    # setuptools' `_distutils_hack` does for `distutils`. When none is installed (or under any other
+    # name) stay inert: registering the torch.library ops a second time from this copy would silently
+    # replace the implementations that `aimv2.kernels` registered.
+    def _hand_over_to_installed(name: str) -> bool:
+        import importlib.machinery
+        import importlib.util
+        import os
+        import sys
+
+        here = os.path.dirname(os.path.realpath(__file__))
+        root = os.path.dirname(here)
+
+        def _is_root(entry) -> bool:
+            return isinstance(entry, str) and os.path.realpath(entry or os.getcwd()) == root
+
+        spec = importlib.machinery.PathFinder.find_spec(name, [p for p in sys.path if not _is_root(p)])
+        if spec is None or spec.loader is None or (spec.origin and os.path.dirname(os.path.realpath(spec.origin)) == here):
+            return False
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module          # the import statement returns sys.modules[name]
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        return True
+
+    if not (__name__ == "kernels" and _hand_over_to_installed(__name__)):
+        __version__ = "N/A"
+    del _hand_over_to_installed

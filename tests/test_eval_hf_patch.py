@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import Aimv2Config, Aimv2Model, Aimv2VisionConfig, Aimv2VisionModel  # noqa: E402
 
 import aimv2  # noqa: E402
+import aimv2.hf  # noqa: E402
 from aimv2.eval.hf_patch import patch_transformers  # noqa: E402
 
 TOL = 2e-5
@@ -20,7 +21,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: the Triton inte
 
 
 def _vision_cfg(layers=2, image=42, attn="sdpa", use_head=False):
-    c = Aimv2VisionConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=2,
+    c = Aimv2VisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=2,
                           image_size=image, patch_size=14, rms_norm_eps=1e-5, use_head=use_head)
     c._attn_implementation = attn
     return c
@@ -50,12 +51,16 @@ def test_vision_model_outputs_match_and_weights_are_shared():
     patch_transformers(m)                                                  # idempotent
     assert {k: v.data_ptr() for k, v in m.state_dict().items()} == ptrs   # same tensors, same keys
     patched = [n for n, mod in m.named_modules() if "forward" in vars(mod)]
-    # 1 patch-embedding norm + 2 per layer + final norm, 1 MLP, 1 attention and the layer per layer
-    assert len(patched) == 1 + 2 * 2 + 1 + 3 * 2, patched
+    # 1 patch-embedding norm + 2 per layer + final norm, 1 MLP and the layer per layer; the attention
+    # runs through transformers' attention interface ("aimv2", aimv2.hf)
+    assert len(patched) == 1 + 2 * 2 + 1 + 2 * 2, patched
+    assert m.config._attn_implementation == "aimv2"
+    aimv2.hf.reset_counts()
     with torch.no_grad():
         out = m(x, output_hidden_states=True)
     _close(out.last_hidden_state, ref.last_hidden_state, "last_hidden_state")
     assert len(out.hidden_states) == len(ref.hidden_states) == 3
+    assert aimv2.hf.counts() == {"kernel": 2}                              # one per layer, no fallback
     for i, (a, b) in enumerate(zip(out.hidden_states, ref.hidden_states)):
         _close(a, b, f"hidden_states[{i}]")
 
@@ -65,7 +70,7 @@ def test_vision_model_gradients_match():
     m = Aimv2VisionModel(_vision_cfg(layers=1, image=28)).to(DEVICE).train()
     _nontrivial_norms(m)
     x = torch.randn(2, 3, 28, 28, device=DEVICE)
-    w = torch.randn(2, 4, 256, device=DEVICE)
+    w = torch.randn(2, 4, 64, device=DEVICE)
 
     def grads():
         m.zero_grad()
@@ -98,7 +103,7 @@ def test_attention_weights_requested_fall_back_to_transformers():
 def test_clip_style_model_image_and_masked_text_features():
     torch.manual_seed(3)
     cfg = Aimv2Config(vision_config=_vision_cfg(layers=1, image=28, use_head=True).to_dict(),
-                      text_config=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                        num_attention_heads=2, vocab_size=64, max_position_embeddings=8,
                                        eos_token_id=63),
                       projection_dim=32)
