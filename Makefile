@@ -40,7 +40,7 @@ $(STAMP): setup.py
 	   && ! $(BIN)/python -c "import triton" 2>/dev/null; then \
 	  echo "[setup] CPU-only machine: installing $(TRITON_CPU) (kernels run in the Triton interpreter)"; \
 	  $(BIN)/pip install -q "$(TRITON_CPU)"; fi
-	$(BIN)/pip install -q -e ".[test,tokenizers]"
+	$(BIN)/pip install -q --use-pep517 -e ".[test,tokenizers,fp8]"
 	@if ! $(BIN)/python -c "import nvidia.dali" 2>/dev/null; then \
 	  echo "[setup] installing $(DALI_SPEC) (optional: the DALI data backend)"; \
 	  $(BIN)/pip install -q "$(DALI_SPEC)" || echo "[setup] DALI not installed: the torch data backend is used"; fi
