@@ -6,7 +6,7 @@
 #   make gpu                  the first prepared GPU call (<= 480 s; benchmarks/gpu_all.sh), most valuable stages first:
 #                             the image's python3 as it is (offline editable install, no venv, no
 #                             registry); files to $$OUT, else benchmarks/results/. Dry mode without CUDA.
-#   make gpu-more             the second call (<= 240 s): the stages `make gpu` does not hold (gpu_all.py --call more)
+#   make gpu-more             the second call (<= 590 s): the stages `make gpu` does not hold (gpu_all.py --call more)
 #   make gpu-wheels           download benchmarks/gpu_wheels.txt into .gpu-wheels/ (carried to the GPU, installed offline)
 #   make gpu GPU_DEADLINE=300 OUT=/tmp/out GPU_ARGS=--dry
 #   TORCH_SPEC=torch==2.11.0 make test    pick another torch (kept if one is already importable)

@@ -274,3 +274,32 @@ def test_config_and_cli():
         build_parser().parse_args(["train", "--preset", "aimv2-tiny", "--float8", "fp8"])
     with pytest.raises(ValueError, match="run.float8: expected one of"):
         F8.convert(tiny_model(), "e4m3")
+
+
+# ----------------------------------------------------------------------------- the GPU benchmark, dry
+@needs_torchao
+def test_benchmark_dry_mode(tmp_path, monkeypatch):
+    """benchmarks/bench_fp8.py --dry (the `make gpu-more` fp8 stage's script, on the CPU with the
+    emulation): the three step rows at one batch, the two curve rows with their losses and the
+    rowwise row's gap to the high-precision run, and the summary's speed-up table over them."""
+    import json
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))           # the embedded dataset's cache
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_fp8
+    import gpu_all
+    assert bench_fp8.main(["--dry", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("fp8-cpu-*.json")).read_text())
+    step = [r for r in rows if r["op"] == "train_step"]
+    assert [r["provider"] for r in step] == ["eager_ref", "eager_ref_tensorwise", "eager_ref_rowwise"]
+    assert len({(r["shape"], r["batch"]) for r in step}) == 1 and all(r["images_per_s"] > 0 for r in step)
+    curve = {r["provider"]: r for r in rows if r["op"] == "train_curve"}
+    assert set(curve) == {"aimv2", "aimv2_rowwise"}
+    steps = bench_fp8.DRY["curve_steps"]
+    for r in curve.values():
+        assert [s for s, _ in r["losses"]] == list(range(1, steps + 1))
+        assert r["final_loss"] == pytest.approx(sum(v for _, v in r["losses"][-3:]) / 3)
+    assert abs(curve["aimv2_rowwise"]["loss_vs_bf16"]) <= 0.015 and "loss_vs_bf16" not in curve["aimv2"]
+    table = gpu_all.speedup_table("fp8", rows)
+    assert table[0].startswith("| recipe |") and table[0].endswith("vs aimv2 |")
+    assert len(table) == 2 + len(rows) and all(ln.split("|")[-2].strip().endswith("x")
+                                                for ln in table[2:] if "aimv2_rowwise" in ln)
