@@ -610,7 +610,7 @@ class Trainer:
         optimizer with its sharded state, the loader) and collect it now. Left to the interpreter's
         exit, that work is freed by backend threads while Python is torn down, and the rank aborts
         ("terminate called without an active exception") after a finished run."""
-        for name in ("model", "optimizer", "scheduler", "params", "loader"):
+        for name in ("model", "optimizer", "scheduler", "params", "loader", "float8_hook"):   # the hook holds the model
             setattr(self, name, None)
         gc.collect()
 
