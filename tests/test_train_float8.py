@@ -92,7 +92,10 @@ def test_threshold_converts_every_trunk_linear_of_the_real_sizes(preset, blocks)
     why = {n: F8.keeps_high_precision(m, n) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert sum(w is None for w in why.values()) == 5 * blocks + 1
     assert why["decoder.proj"] is None
-    assert why["decoder.pixel_head"] == why["text_head"] == "a head (kept in high precision)"
+    assert why["decoder.pixel_head"] == why["text_head"] == "a head"
+    assert F8.describe(model, [n for n, w in why.items() if w is None]) == \
+        f"{5 * blocks + 1} linears in float8 ({93 if preset == 'aimv2-large' else 98}% of linear weights); " \
+        "in high precision: 2 (a head)"
     assert "not multiples of 16" in F8.keeps_high_precision(nn.Linear(1000, 4096, device="meta"), "encoder.x")
     assert "below run.float8_min_dim=1024" in F8.keeps_high_precision(nn.Linear(4096, 512, device="meta"),
                                                                       "decoder.x")

@@ -106,14 +106,14 @@ def keeps_high_precision(mod: nn.Module, fqn: str, min_dim: int = MIN_DIM) -> st
     if not isinstance(mod, nn.Linear):
         return "not a Linear"
     if fqn in HIGH_PRECISION:
-        return "a head (kept in high precision)"
+        return "a head"
     if not fqn.startswith(("encoder.", "decoder.")):
         return "outside the encoder and the decoder"
     out_f, in_f = mod.weight.shape
     if in_f % 16 or out_f % 16:
-        return f"dims {in_f} -> {out_f} are not multiples of 16"
+        return f"dims not multiples of 16 ({in_f} -> {out_f})"
     if min(in_f, out_f) < min_dim:
-        return f"dims {in_f} -> {out_f} below run.float8_min_dim={min_dim}"
+        return f"dims below run.float8_min_dim={min_dim} ({in_f} -> {out_f})"
     return None
 
 
@@ -197,11 +197,11 @@ def describe(model: nn.Module, converted: list[str], min_dim: int = MIN_DIM) -> 
             if fqn in converted:
                 n8 += mod.weight.numel()
             else:
-                why = keeps_high_precision(mod, fqn, min_dim) or "not converted"
+                why = (keeps_high_precision(mod, fqn, min_dim) or "not converted").split(" (")[0]
                 kept[why] = kept.get(why, 0) + 1
-    rest = "; ".join(f"{n} {why}" for why, n in kept.items())
+    rest = ", ".join(f"{n} ({why})" for why, n in kept.items())
     return (f"{len(converted)} linears in float8 ({100 * n8 / max(n_all, 1):.0f}% of linear weights)"
-            + (f"; high precision: {rest}" if rest else ""))
+            + (f"; in high precision: {rest}" if rest else ""))
 
 
 def after_optimizer_step(model: nn.Module) -> Callable[[], None] | None:
