@@ -31,6 +31,7 @@ from aimv2.presets import get_preset
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 PRECISIONS = ("auto", "fp32", "bf16")
 FLOAT8 = ("off", "tensorwise", "rowwise")         # aimv2/train/float8.py MODES
+FLOAT8_MIN_DIM = 1024                             # its threshold (float8.py docstring's NOTE)
 KERNELS = ("auto", "model")
 WD_MODES = ("lr_relative", "torch")
 DATA_SOURCES = ("shards", "random")
@@ -116,7 +117,7 @@ class RunConfig:
                                        # run dir (whole model), or released encoder weights (encoder only)
     float8: str = "off"                # off | tensorwise | rowwise: the encoder's and decoder's linears as
                                        # torchao float8 GEMMs (aimv2/train/float8.py; CUDA sm_89+, torchao)
-    float8_min_dim: int = 1024         # a linear runs in float8 when both its dims are >= this (float8.MIN_DIM)
+    float8_min_dim: int = FLOAT8_MIN_DIM   # a linear runs in float8 when both its dims are >= this
     float8_emulate: bool = False       # torchao's emulation on any device: float8 numerics, no speed (tests)
 
 

@@ -51,9 +51,10 @@ import torch
 import torch.nn as nn
 
 from .config import FLOAT8 as MODES       # off | tensorwise | rowwise
+from .config import FLOAT8_MIN_DIM as MIN_DIM      # 1024: see the module docstring's NOTE
+
 MIN_TORCHAO = (0, 17, 0)           # the version tested (benchmarks/gpu_wheels.txt, setup.py's [fp8] extra)
 MIN_CAPABILITY = (8, 9)            # float8 tensor cores: Ada (sm_89), Hopper (sm_90), Blackwell
-MIN_DIM = 1024                     # see the module docstring's NOTE
 HIGH_PRECISION = ("decoder.pixel_head", "text_head")      # never converted (module docstring)
 INSTALL_HINT = "pip install 'aimv2[fp8]'"
 
