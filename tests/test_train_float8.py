@@ -225,6 +225,22 @@ def test_checkpoints_are_high_precision_interchangeable_and_resume_exactly(tmp_p
         assert torch.isfinite(enc(tiny_batch(enc.cfg, 1)["images"])).all()
 
 
+@needs_torchao
+def test_float8_all_gather_weights_are_saved_as_plain_tensors():
+    """Under FSDP2 with tensorwise scaling the converted weights are torchao's float8 all-gather
+    wrappers (made here without a process group: the wrapping is done at conversion); checkpoints
+    get them unwrapped, equal to the fp32 weights. rowwise has no such wrapper (torchao offers none)."""
+    model = tiny_model()
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = F8.convert(model, "tensorwise", min_dim=16, emulate=True, fsdp=True)
+    sd = model.state_dict()
+    assert sorted(k for k, v in sd.items() if type(v) is not torch.Tensor) == sorted(f"{n}.weight" for n in converted)
+    plain = F8.plain_state_dict(sd)
+    assert plain.keys() == ref.keys()
+    assert all(type(v) is torch.Tensor and torch.equal(v, ref[k]) for k, v in plain.items())
+    assert not F8.float8_config("rowwise", emulate=True, fsdp=True).enable_fsdp_float8_all_gather
+
+
 # ----------------------------------------------------------------------------- refusals
 def test_refused_without_cuda_sm89_in_one_line(tmp_path, monkeypatch, capsys):
     from aimv2.cli import main

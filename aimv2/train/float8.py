@@ -220,10 +220,13 @@ def after_optimizer_step(model: nn.Module) -> Callable[[], None] | None:
 
 def plain_state_dict(sd: dict) -> dict:
     """`sd` with every tensor a plain high-precision tensor: the float8 all-gather weight wrapper
-    (a tensor subclass holding the fp32 master weight in `_tensor`) unwrapped; other values as they are."""
+    (a tensor subclass holding the fp32 master weight parameter in `_tensor`) unwrapped; other values
+    as they are."""
     out = {}
     for k, v in sd.items():
-        while isinstance(v, torch.Tensor) and type(v) is not torch.Tensor and hasattr(v, "_tensor"):
-            v = v._tensor
+        if isinstance(v, torch.Tensor) and type(v) is not torch.Tensor and hasattr(v, "_tensor"):
+            while hasattr(v, "_tensor"):
+                v = v._tensor
+            v = v.detach()                  # the wrapper holds the nn.Parameter itself: a plain view of it
         out[k] = v
     return out
