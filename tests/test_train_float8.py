@@ -263,6 +263,8 @@ def test_refused_without_cuda_sm89_in_one_line(tmp_path, monkeypatch, capsys):
     assert "but NVIDIA A100-SXM4-80GB is sm_80" in F8.unavailable_reason("tensorwise", torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     assert F8.unavailable_reason("rowwise", torch.device("cuda", 0)) is None
+    assert F8.unavailable_reason("rowwise", torch.device("cuda", 0), bf16=False) == \
+        "run.float8=rowwise needs bf16 precision (run.precision=bf16, or auto on a GPU), not fp32"
     assert F8.unavailable_reason("off", torch.device("cpu")) is None
 
 

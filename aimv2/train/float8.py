@@ -73,8 +73,9 @@ def _version_text(v) -> str:
     return ".".join(map(str, v))
 
 
-def unavailable_reason(mode: str, device: torch.device, emulate: bool = False) -> str | None:
-    """Why run.float8=`mode` cannot train on `device` (one line naming the setting), or None."""
+def unavailable_reason(mode: str, device: torch.device, emulate: bool = False, bf16: bool = True) -> str | None:
+    """Why run.float8=`mode` cannot train on `device` (one line naming the setting), or None. `bf16`:
+    the run's precision is bf16 (float8 GEMMs write bf16: torchao's rowwise kernel has no fp32 output)."""
     if mode == "off":
         return None
     if mode not in MODES:
@@ -98,6 +99,8 @@ def unavailable_reason(mode: str, device: torch.device, emulate: bool = False) -
         return (f"run.float8={mode} needs a CUDA GPU of compute capability >= "
                 f"{_version_text(MIN_CAPABILITY)} (Ada / Hopper), but {torch.cuda.get_device_name(device)} "
                 f"is sm_{cap[0]}{cap[1]}; use run.float8=off")
+    if not bf16:
+        return f"run.float8={mode} needs bf16 precision (run.precision=bf16, or auto on a GPU), not fp32"
     return None
 
 

@@ -278,7 +278,7 @@ class Trainer:
         # native packs change shape every step (and the mask's per-image lengths are Python ints that
         # Dynamo guards on), so per-block compilation would recompile each step: off unless asked for
         self.compiled = r.compile if r.compile is not None else self.device.type == "cuda" and not cfg.data.native
-        reason = F8.unavailable_reason(r.float8, self.device, r.float8_emulate)
+        reason = F8.unavailable_reason(r.float8, self.device, r.float8_emulate, self.bf16)
         if reason is not None:                               # refused before any data or model is built
             raise ConfigError(reason)
         self.damaged: list[Path] = []                        # newer checkpoints that failed verification
