@@ -75,8 +75,8 @@ def _version_text(v) -> str:
 
 def unavailable_reason(mode: str, device: torch.device, emulate: bool = False, bf16: bool = True) -> str | None:
     """Why run.float8=`mode` cannot train on `device` (one line naming the setting), or None. `bf16`:
-    the run's precision is bf16: float8 training is built and checked for bf16 autocast only (fp32 GEMM
-    outputs from float8 operands are not what torchao's recipes or this project's tests run)."""
+    the run's precision is bf16; float8 training is built for bf16 autocast only, as torchao's
+    recipes run it (fp32 outputs of float8 GEMMs are untested here)."""
     if mode == "off":
         return None
     if mode not in MODES:
