@@ -36,6 +36,8 @@ setup(
         "dali-cu13": ["nvidia-dali-cuda130; platform_system == 'Linux'"],
         "bench": ["pytest-benchmark", "matplotlib", "webdataset"],  # webdataset: a peer in benchmarks/bench_data.py
         "tokenizers": ["tokenizers", "sentencepiece"],
+        # float8 training (run.float8, aimv2/train/float8.py); the same pin as benchmarks/gpu_wheels.txt
+        "fp8": ["torchao==0.17.0"],
     },
     entry_points={"console_scripts": ["aimv2 = aimv2.cli:main"]},
 )

@@ -84,7 +84,9 @@ def make_batch(cfg, B, device, seed=0):
     return images, text.to(device), prefix.to(device)
 
 
-def build(recipe, preset, img_size, device):
+def build(recipe, preset, img_size, device, float8: dict | None = None):
+    """(cfg, model, optimizer) of `recipe`; `float8`: aimv2.train.float8.convert's keyword arguments
+    (mode, min_dim, emulate) to run its linears as torchao float8 GEMMs (benchmarks/bench_fp8.py)."""
     from aimv2.model import AIMv2Pretrainer
     from aimv2.presets import get_preset
     from aimv2.train.trainer import compile_blocks
@@ -92,6 +94,9 @@ def build(recipe, preset, img_size, device):
     torch._dynamo.reset()             # one recipe's compiled blocks never count against the next's
     cfg = get_preset(preset, img_size=img_size, attn_backend=attn, impl=impl, **extra)
     model = AIMv2Pretrainer(cfg).to(device)
+    if float8:                        # before compile, as the trainer does (run.float8)
+        from aimv2.train.float8 import convert
+        convert(model, **float8)
     if comp:
         compile_blocks(model)
     fused = device.type == "cuda"
@@ -245,7 +250,7 @@ def largest_batch(recipe, args, device, start):
     B = start
     while B >= 1:
         try:
-            cfg, model, opt = build(recipe, args.preset, args.img_size, device)
+            cfg, model, opt = build(recipe, args.preset, args.img_size, device, getattr(args, "float8", None))
             step_fn(model, opt, device)(*make_batch(cfg, B, device))
             sync(device)
             return B
@@ -266,7 +271,8 @@ def run_recipe(recipe, B, args, device, ceilings, common):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    cfg, model, opt = build(recipe, args.preset, args.img_size, device)
+    float8 = getattr(args, "float8", None)
+    cfg, model, opt = build(recipe, args.preset, args.img_size, device, float8)
     step = step_fn(model, opt, device)
     batch = make_batch(cfg, B, device)
     ms, p20, p80 = (t * 1e3 for t in time_steps(step, batch, device, args.warmup, args.iters))
@@ -276,7 +282,8 @@ def run_recipe(recipe, B, args, device, ceilings, common):
     share, top = (profile_step(step, batch, device, trace_dir=args.trace, tag=f"{recipe}-B{B}")
                   if args.profile else ({}, []))
     row = result_row(op="train_step", pass_="step", shape=f"B={B},S={cfg.img_size},N={cfg.num_patches}",
-                     dtype="bf16" if device.type == "cuda" else "fp32", provider=recipe, ms=ms,
+                     dtype="bf16" if device.type == "cuda" else "fp32",
+                     provider=f"{recipe}_{float8['mode']}" if float8 else recipe, ms=ms,
                      ms_p20=p20, ms_p80=p80, tflops=tflops,
                      pct_of_ceiling=100 * tflops / ceilings["bf16_tflops"] if ceilings.get("bf16_tflops") else None,
                      peak_mem_mb=peak, **common)
@@ -284,7 +291,7 @@ def run_recipe(recipe, B, args, device, ceilings, common):
                mfu=tflops / ceilings["bf16_tflops"] if ceilings.get("bf16_tflops") else None,
                mfu_datasheet=tflops / ceilings["datasheet_bf16_tflops"] if ceilings.get("datasheet_bf16_tflops") else None,
                profile_share=share, top_kernels=top)
-    print(f"{recipe:>10}  B={B:<4} {ms:9.1f} ms/step  {ips:9.1f} img/s  {tflops:7.1f} TFLOP/s  "
+    print(f"{row['provider']:>10}  B={B:<4} {ms:9.1f} ms/step  {ips:9.1f} img/s  {tflops:7.1f} TFLOP/s  "
           f"MFU {100 * (row['mfu'] or 0):5.1f}%  peak {peak or 0:8.0f} MB  {share}")
     return row
 

@@ -8,7 +8,8 @@
 
 The stages (SPECS: which call, what each writes, the paths it watches) and the README's "Running on
 a GPU" table: ceilings in both calls; attention_packed, native, tests, attention, step in `make gpu`
-(480 s); sweep_attention, decode, kernels, text_loss, tune_kernels in `make gpu-more` (240 s).
+(480 s); sweep_attention, decode, kernels, text_loss, tune_kernels in `make gpu-more` (240 s); fp8
+in `make gpu-fp8` (420 s: the [fp8] issue's own GPU work, for the device time left after the first two).
 
 Order within a call (order_by_value): ceilings (the later stages read them), then stages never run on
 a GPU ("new"), then those whose watched code changed since their last committed run ("changed"), then
@@ -81,7 +82,8 @@ class StageSpec:
     needs: tuple[str, ...] = ()
     script: str = ""                          # benchmarks/<script>.py
     gpu_args: tuple[str, ...] = ()
-    dry_args: tuple[str, ...] = ("--quick",)
+    dry_args: tuple[str, ...] | None = ("--quick",)   # None: not in the dry run (its dry mode is tested apart)
+    time_left: bool = False                   # pass --time-left {limit}: it skips parts its box would cut
 
 
 _ATT = ("kernels/prefix_attention.py", "kernels/_utils.py", "benchmarks/bench_attention.py")
@@ -100,7 +102,7 @@ SPECS = (
               gpu_args=("--packed", "--gpu-quick"), dry_args=("--packed", "--quick")),
     StageSpec("step", "gpu", 120, 45, ("step",), ("kernels", "aimv2/model.py", "aimv2/attention.py",
                                                   "benchmarks/bench_step.py"), script="bench_step",
-              gpu_args=("--gpu-quick",)),
+              gpu_args=("--gpu-quick",), time_left=True),
     StageSpec("native", "gpu", 60, 30, ("native",), _VARLEN + ("aimv2/model.py", "aimv2/packing.py",
                                                                "benchmarks/bench_native.py"),
               script="bench_native"),
@@ -115,15 +117,24 @@ SPECS = (
               script="bench_decode", gpu_args=("--gpu-quick",)),
     StageSpec("tune_kernels", "more", 90, 35, ("tune_kernels",), _FUSED + ("benchmarks/tune_kernels.py",),
               script="tune_kernels"),
+    # issue [fp8]: bf16 vs torchao float8 step rows (aimv2-large, aimv2-1b) and the 300-step loss curve.
+    # NOTE 360 s is an estimate: the whole benchmark needs ~7 min (its docstring), so the stage does its
+    # parts in order while its box allows. Its own call (make gpu-fp8), after make gpu and make gpu-more,
+    # whose 480 + 240 s leave it the rest of a 15-minute lease. Not in the dry run (tests/test_train_float8.py
+    # runs bench_fp8 --dry).
+    StageSpec("fp8", "fp8", 360, 60, ("fp8",), ("aimv2/train/float8.py", "aimv2/model.py", "benchmarks/bench_fp8.py",
+                                                 "benchmarks/bench_step.py"),
+              needs=("torchao",), script="bench_fp8", dry_args=None, time_left=True),
 )
-CALLS = {"gpu": "make gpu", "more": "make gpu-more"}
-LOG_NAME = {"gpu": "gpu_all", "more": "gpu_more"}             # <name>-<device>-<date>.log
-SUMMARY_NAME = {"gpu": "summary", "more": "summary_more"}
+CALLS = {"gpu": "make gpu", "more": "make gpu-more", "fp8": "make gpu-fp8"}
+LOG_NAME = {"gpu": "gpu_all", "more": "gpu_more", "fp8": "gpu_fp8"}             # <name>-<device>-<date>.log
+SUMMARY_NAME = {"gpu": "summary", "more": "summary_more", "fp8": "summary_fp8"}
 RESERVE_S = {False: 10.0, True: 5.0}          # kept for the summary (GPU, dry)
 SETUP_S = 15.0                                # set-up and the device report, before the first stage
-DEADLINE_S = {("gpu", False): 480.0, ("more", False): 240.0, ("gpu", True): 300.0, ("more", True): 200.0}
+DEADLINE_S = {("gpu", False): 480.0, ("more", False): 240.0, ("fp8", False): 420.0,
+              ("gpu", True): 300.0, ("more", True): 200.0, ("fp8", True): 60.0}
 GRACE_S = {False: 15.0, True: 10.0}             # SIGINT -> SIGTERM -> SIGKILL
-BASELINES = {"kernels": ("compile_ref", "eager_ref"),
+BASELINES = {"kernels": ("compile_ref", "eager_ref"), "fp8": ("aimv2",),
              "attention": ("flex", "sdpa_dense", "sdpa_flash_causal", "sdpa_cudnn_causal"),
              "attention_packed": ("aimv2_padded", "flex"), "native": ("padded",),
              "text_loss": ("compile_ref", "eager_ref"), "tune_kernels": ("compile_ref",),
@@ -249,7 +260,7 @@ def stage_plan(py: str, out: Path, dry: bool, call: str = "gpu", results: Path =
     ceil = ["--ceilings", str(out_path(out, "ceilings"))]
     plan = []
     for spec in specs:
-        if spec.call not in (call, "both"):
+        if spec.call not in (call, "both") or (dry and spec.dry_args is None):
             continue
         last = runs.get(spec.name)
         changed = None if last is None else changed_since(last.sha, spec.watches, root)
@@ -263,7 +274,7 @@ def stage_plan(py: str, out: Path, dry: bool, call: str = "gpu", results: Path =
         else:
             argv = [py, str(HERE / f"{spec.script}.py"), *(spec.dry_args if dry else spec.gpu_args),
                     "--out", str(out), *ceil]
-        if spec.name == "step":               # it skips its last compiled recipe when its box would cut it
+        if spec.time_left:                    # it skips the parts its box would cut (step: its last recipe)
             argv += ["--time-left", "{limit}"]
         budget = spec.dry_s if dry else gpu_budget(spec, last)
         took = "" if last is None or last.seconds is None else f" in {last.seconds:.0f} s"
@@ -454,7 +465,7 @@ def _x(base: float | None, ours: float | None) -> str:
 OURS = {"decode": "nvjpeg", "native": "packed"}                    # default "aimv2"
 RATE = {"kernels": ("gbps", "GB/s"), "decode": ("images_per_s", "img/s"), "native": ("images_per_s", "img/s")}
 SUMMARY_KINDS = ("kernels", "attention", "attention_packed", "native", "text_loss", "decode", "sweep_attention",
-                 "step")
+                 "step", "fp8")
 
 
 def sweep_winners(rows: list[dict]) -> list[dict]:
@@ -480,7 +491,7 @@ def speedup_table(kind: str, rows: list[dict]) -> list[str]:
         by.setdefault(key(r), {})[r.get("provider")] = r
     bases = BASELINES[kind]
     rate_key, rate_name = RATE.get(kind, ("tflops", "TFLOP/s"))
-    if kind == "step":
+    if kind in ("step", "fp8"):          # every row; fp8: each against the bf16 recipe (aimv2)
         head = ["recipe", "shape", "ms/step", "img/s", "MFU %", "peak MB"]
         lines = list(rows)
     else:
@@ -490,7 +501,7 @@ def speedup_table(kind: str, rows: list[dict]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in lines:
         peers = by[key(r)]
-        if kind == "step":
+        if kind in ("step", "fp8"):
             cells = [r.get("provider"), r.get("shape"), f"{r['ms']:.1f}", f"{r.get('images_per_s') or 0:.1f}",
                      f"{100 * r['mfu']:.1f}" if r.get("mfu") is not None else "-",
                      f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else "-"]
@@ -605,9 +616,9 @@ def measure_ceilings_stage(out: Path, dry: bool) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--call", choices=tuple(CALLS), default="gpu",
-                    help="which prepared call: gpu (`make gpu`, default) or more (`make gpu-more`)")
+                    help="which prepared call: gpu (`make gpu`, default), more (`make gpu-more`) or fp8 (`make gpu-fp8`)")
     ap.add_argument("--deadline", type=float, default=None,
-                    help="overall seconds (default: gpu 480, more 240 on a GPU; 300 / 200 dry; env GPU_DEADLINE)")
+                    help="overall seconds (default: gpu 480, more 240, fp8 420 on a GPU; 300 / 200 / 60 dry; env GPU_DEADLINE)")
     ap.add_argument("--plan", action="store_true", help="print the call's stages (value, budget, why) and exit")
     ap.add_argument("--out", default=None, help="output folder (default $OUT, else benchmarks/results; "
                     "dry: a temp dir)")

@@ -15,7 +15,7 @@ FLAG_KEYS = {"steps": "run.steps", "batch_size": "data.batch_size", "lr": "optim
              "data": "data.shards", "grad_accum": "optim.grad_accum", "device": "run.device",
              "compile": "run.compile", "max_minutes": "run.max_minutes", "init": "run.init",
              "min_patches": "data.min_patches", "max_patches": "data.max_patches",
-             "tokens_per_batch": "data.tokens_per_batch"}
+             "tokens_per_batch": "data.tokens_per_batch", "float8": "run.float8"}
 
 
 def _resume_value(text: str) -> str:
@@ -83,6 +83,8 @@ def cmd_plot(args) -> int:
 def register(subparsers) -> None:
     from aimv2.presets import list_presets
 
+    from .config import FLOAT8
+
     p = subparsers.add_parser("train", help="pre-train an AIMv2 encoder (torch.compile, DDP/FSDP2 under torchrun)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list_presets(), help="model preset (the base config)")
@@ -105,6 +107,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-minutes", type=float, help="wall-clock budget: checkpoint and stop when reached")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile every block (default: on for a GPU, off for a CPU)")
+    p.add_argument("--float8", choices=FLOAT8, metavar="MODE",
+                   help="off | tensorwise | rowwise: the encoder's and decoder's linears as torchao float8 "
+                        "GEMMs (run.float8; a CUDA GPU of sm_89+ and torchao: pip install 'aimv2[fp8]'; docs/fp8.md)")
     p.add_argument("--native", action="store_true",
                    help="native resolution (method.md §8): images at their own size packed by tokens "
                         "(model.native and data.native)")

@@ -30,6 +30,8 @@ from aimv2.presets import get_preset
 
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 PRECISIONS = ("auto", "fp32", "bf16")
+FLOAT8 = ("off", "tensorwise", "rowwise")         # aimv2/train/float8.py MODES
+FLOAT8_MIN_DIM = 1024                             # its threshold (float8.py docstring's NOTE)
 KERNELS = ("auto", "model")
 WD_MODES = ("lr_relative", "torch")
 DATA_SOURCES = ("shards", "random")
@@ -113,6 +115,10 @@ class RunConfig:
     peak_tflops: float | None = None   # override the device-peak table for MFU
     init: str | None = None            # start from these weights (fine-tuning): a training checkpoint or
                                        # run dir (whole model), or released encoder weights (encoder only)
+    float8: str = "off"                # off | tensorwise | rowwise: the encoder's and decoder's linears as
+                                       # torchao float8 GEMMs (aimv2/train/float8.py; CUDA sm_89+, torchao)
+    float8_min_dim: int = FLOAT8_MIN_DIM   # a linear runs in float8 when both its dims are >= this
+    float8_emulate: bool = False       # torchao's emulation on any device: float8 numerics, no speed (tests)
 
 
 @dataclass
@@ -304,6 +310,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(r.max_minutes is None or r.max_minutes > 0, f"run.max_minutes must be > 0, got {r.max_minutes}")
     need(r.precision in PRECISIONS, f"run.precision must be one of {PRECISIONS}, got {r.precision!r}")
     need(r.kernels in KERNELS, f"run.kernels must be one of {KERNELS}, got {r.kernels!r}")
+    need(r.float8 in FLOAT8, f"run.float8 must be one of {FLOAT8}, got {r.float8!r}")
+    need(r.float8_min_dim >= 16, f"run.float8_min_dim must be >= 16 (float8 GEMM dims are multiples of 16), "
+                                 f"got {r.float8_min_dim}")
     need(r.distributed in DISTRIBUTED, f"run.distributed must be one of {DISTRIBUTED}, got {r.distributed!r}")
     need(d.batch_size > 0, f"data.batch_size must be > 0, got {d.batch_size}")
     need(cfg.model.native or not d.native,

@@ -56,6 +56,7 @@ from aimv2.packing import PackedBatch
 
 from . import checkpoint as ck
 from . import distributed as D
+from . import float8 as F8
 from .callbacks import Callback
 from .config import TrainConfig, validate
 from .lock import RunLock
@@ -277,6 +278,9 @@ class Trainer:
         # native packs change shape every step (and the mask's per-image lengths are Python ints that
         # Dynamo guards on), so per-block compilation would recompile each step: off unless asked for
         self.compiled = r.compile if r.compile is not None else self.device.type == "cuda" and not cfg.data.native
+        reason = F8.unavailable_reason(r.float8, self.device, r.float8_emulate, self.bf16)
+        if reason is not None:                               # refused before any data or model is built
+            raise ConfigError(reason)
         self.damaged: list[Path] = []                        # newer checkpoints that failed verification
         ckpt, (model_sd, saved_model_cfg, state) = self._resume_checkpoint()
         self.resumed_from = ckpt
@@ -336,9 +340,16 @@ class Trainer:
         if self.cfg.run.init is not None and self.resumed_from is None:
             init_weights(model, self.cfg.run.init, self.log)
         model = model.to(self.device)
+        r = self.cfg.run
+        if r.float8 != "off":                  # before compile and wrapping (aimv2/train/float8.py)
+            converted = F8.convert(model, r.float8, min_dim=r.float8_min_dim, emulate=r.float8_emulate,
+                                   fsdp=self.info.mode == "fsdp")
+            self.log(f"float8 {r.float8}{' (emulated)' if r.float8_emulate else ''}: "
+                     + F8.describe(model, converted, r.float8_min_dim))
         if self.compiled:
             compile_blocks(model)
         self.model = D.wrap_model(model, self.info, self.bf16)
+        self.float8_hook = F8.after_optimizer_step(self.model) if r.float8 != "off" else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.amp = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) \
             if self.bf16 and self.info.mode != "fsdp" else contextlib.nullcontext
@@ -360,6 +371,7 @@ class Trainer:
     def _snapshot(self) -> tuple[dict, dict]:
         """(model state dict, train state) of a checkpoint; a collective (FSDP gathers, data positions)."""
         model_sd, optim_sd = D.full_state_dicts(self.model, self.optimizer)
+        model_sd = F8.plain_state_dict(model_sd)             # high precision whatever run.float8 is
         data_per_rank = D.all_gather_object(dict(self.loader.state_dict()), self.info)
         return model_sd, {"optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
                           "rng": ck.rng_state(), "data": data_per_rank[0], "data_per_rank": data_per_rank,
@@ -422,6 +434,8 @@ class Trainer:
             self.optimizer.step()
         elif not bool(bad):                                        # host sync: the unfused slow path
             self.optimizer.step()
+        if self.float8_hook is not None:                           # FSDP2 float8 all-gather: next scales
+            self.float8_hook()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return bad
@@ -486,7 +500,9 @@ class Trainer:
                      f"{self.cfg.data.tokens_per_batch} patches | " if self.cfg.data.native else
                      f"batch {self.cfg.data.batch_size} = {self.info.world_size} x "
                      f"{self.cfg.optim.grad_accum} x {self.micro_bs} | ") +
-                 f"{'bf16' if self.bf16 else 'fp32'} | compile={self.compiled}")
+                 f"{'bf16' if self.bf16 else 'fp32'}"
+                 + (f" + float8 {self.cfg.run.float8}" if self.cfg.run.float8 != "off" else "")
+                 + f" | compile={self.compiled}")
 
     def _after_step(self, step: int) -> None:
         for cb in self.callbacks:
@@ -594,7 +610,7 @@ class Trainer:
         optimizer with its sharded state, the loader) and collect it now. Left to the interpreter's
         exit, that work is freed by backend threads while Python is torn down, and the rank aborts
         ("terminate called without an active exception") after a finished run."""
-        for name in ("model", "optimizer", "scheduler", "params", "loader"):
+        for name in ("model", "optimizer", "scheduler", "params", "loader", "float8_hook"):   # the hook holds the model
             setattr(self, name, None)
         gc.collect()
 
