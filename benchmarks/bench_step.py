@@ -7,7 +7,10 @@ bf16 autocast) on data already on the GPU, for three recipes side by side in one
     flex        torch.compile per block + FlexAttention with the prefix BlockMask
     aimv2       torch.compile per block + our Triton kernels (attention, RMSNorm+residual, SwiGLU, loss)
     aimv2_fc13  aimv2 with the MLP's fc1 and fc3 as one GEMM (model.fused_fc13; `--gpu-quick` runs it
-                last, when its --time-left allows)
+                after the other three, when its --time-left allows)
+
+`--also-batch 256,...` then times the aimv2 recipe at more batch sizes (the throughput curve;
+`--gpu-quick` adds B=256 last, when its --time-left allows; one that does not fit is said and skipped).
 
 For each: images/s, achieved TFLOP/s and MFU (FLOPs from `aimv2.model.flops_per_sample`, against the
 bf16 matmul ceiling measured in the same run and against the datasheet peak), peak memory, and the
@@ -333,6 +336,9 @@ def main(argv=None) -> int:
     ap.add_argument("--recipes", default=None,
                     help="comma-separated (default eager_ref,flex,aimv2; --gpu-quick: eager_ref,aimv2,flex,aimv2_fc13)")
     ap.add_argument("--max-batch", action="store_true", help="also each recipe at its largest batch")
+    ap.add_argument("--also-batch", default=None,
+                    help="comma-separated batch sizes at which the aimv2 recipe is also timed, after the recipes "
+                         "(default none; --gpu-quick: 256); one that does not fit is said and skipped")
     ap.add_argument("--real-data", default=None, help="shards for the decode-pipeline run")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=5)
@@ -352,6 +358,7 @@ def main(argv=None) -> int:
     t_start = time.monotonic()
     if args.gpu_quick:
         args.warmup, args.iters = 3, 10
+    args.also_batch = [int(b) for b in (args.also_batch or ("256" if args.gpu_quick else "")).split(",") if b]
 
     from _common import finish, load_ceilings, result_file
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -382,6 +389,16 @@ def main(argv=None) -> int:
         for r in recipes:
             if time_for(r):
                 results.add(run_recipe(r, args.batch, args, device, ceilings, common))
+        for B in args.also_batch:             # the throughput curve of our recipe
+            if B != args.batch and time_for("aimv2"):
+                try:
+                    results.add(run_recipe("aimv2", B, args, device, ceilings, common))
+                except Exception as e:    # noqa: BLE001 - OOM surfaces as several exception types
+                    if not is_oom(e):
+                        raise
+                    print(f"     aimv2  B={B:<4} does not fit in device memory (skipped)")
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
         if args.max_batch and device.type == "cuda":
             for r in recipes:
                 B = largest_batch(r, args, device, 512) if time_for(r) else 0

@@ -194,3 +194,24 @@ def test_step_recipes_build_their_model_configs():
         cfg, model, _ = bench_step.build(name, "aimv2-tiny", 56, torch.device("cpu"))
         assert (cfg.attn_backend, cfg.impl) == (attn, impl)
         assert cfg.fused_fc13 == extra.get("fused_fc13", False) == model.encoder.trunk.blocks[0].mlp.fused_fc13
+
+
+def test_step_also_batch_times_aimv2_and_skips_what_does_not_fit(tmp_path, monkeypatch, capsys):
+    """--also-batch: the aimv2 recipe at each extra batch after the recipes; an OOM there is said and
+    skipped, the rows measured before it are kept (run_recipe stubbed: this is the driver's logic)."""
+    import bench_step
+    calls = []
+
+    def fake(recipe, B, args, device, ceilings, common):
+        calls.append((recipe, B))
+        if B == 512:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"provider": recipe, "batch": B, "pass": "step", "op": "train_step", "ms": 1.0}
+
+    monkeypatch.setattr(bench_step, "run_recipe", fake)
+    assert bench_step.main(["--quick", "--recipes", "eager_ref", "--also-batch", "512,3", "--no-profile",
+                            "--out", str(tmp_path)]) == 0
+    assert calls == [("eager_ref", 2), ("aimv2", 512), ("aimv2", 3)]
+    assert "aimv2  B=512  does not fit in device memory (skipped)" in capsys.readouterr().out
+    (f,) = tmp_path.glob("step-*.json")
+    assert [(r["provider"], r["batch"]) for r in json.loads(f.read_text())] == [("eager_ref", 2), ("aimv2", 3)]
