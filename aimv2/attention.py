@@ -75,6 +75,14 @@ class AttentionMask:
         from aimv2.kernels import prefix_attention
         return prefix_attention(q, k, v, self.prefix_len)
 
+    def qkvpacked(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv (B, N, 3, H, D), one projection's output -> (B, H, N, D). "triton": the qkv-packed kernel
+        op (its backward writes d_qkv in one piece); the others: this mask on the q, k, v views."""
+        if self.backend == "triton":
+            from aimv2.kernels import prefix_attention_qkvpacked
+            return prefix_attention_qkvpacked(qkv, self.prefix_len)
+        return self(*qkv.permute(2, 0, 3, 1, 4).unbind(0))                   # 3 x (B, H, N, D) views
+
 
 class PackedAttentionMask:
     """The attention pattern of one packed forward (method.md §8): n images of lengths L_s packed into

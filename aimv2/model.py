@@ -119,9 +119,8 @@ class Attention(nn.Module):
             qkv = self.qkv(x).view(T, 3, self.num_heads, D // self.num_heads)
             return self.proj(mask(*qkv.unbind(1)).reshape(T, D))           # 3 x (T, H, Dh) views -> (T, D)
         B, N, D = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                     # 3 x (B, H, N, Dh)
-        o = mask(q, k, v)                                                   # (B, H, N, Dh)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)   # (B, N, 3, H, Dh)
+        o = mask.qkvpacked(qkv)                                             # (B, H, N, Dh)
         return self.proj(o.transpose(1, 2).reshape(B, N, D))
 
 

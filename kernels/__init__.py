@@ -8,6 +8,7 @@ Ops (each with a plain-PyTorch `<op>_ref`):
 - patch_l2_loss_packed(pred, patches, cu_seqlens, prefix_len)
                                               the same over images of different sizes packed in one sequence
 - prefix_attention(q, k, v, prefix_len)       prefix-causal flash attention
+- prefix_attention_qkvpacked(qkv, prefix_len) the same on one (B, N, 3, H, D) projection output (one d_qkv)
 - prefix_attention_varlen(q, k, v, cu_seqlens, max_seqlen, prefix_len)
                                               the same over images of different sizes packed in one sequence
 - linear_cross_entropy(hidden, weight, target) fused linear + cross-entropy, no (T, V) logits
@@ -23,7 +24,8 @@ if __name__ == "aimv2.kernels":
     from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
     from .patch_l2_loss import patch_l2_loss, patch_l2_loss_ref, patchify
     from .patch_l2_loss_packed import patch_l2_loss_packed, patch_l2_loss_packed_ref
-    from .prefix_attention import ATTENTION_HEAD_DIMS, prefix_attention, prefix_attention_ref, prefix_mask
+    from .prefix_attention import (ATTENTION_HEAD_DIMS, prefix_attention, prefix_attention_qkvpacked,
+                                   prefix_attention_ref, prefix_mask)
     from .prefix_attention_varlen import prefix_attention_varlen, prefix_attention_varlen_ref
     from .rms_norm import rms_norm, rms_norm_ref
     from .swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref

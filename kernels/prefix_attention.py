@@ -703,17 +703,47 @@ def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: tor
     return _fwd_launch(q, k, v, prefix_len, scale)
 
 
+def _bwd_into(dout, q, k, v, out, lse, prefix_len, scale: float, dq, dk, dv) -> None:
+    """dq, dk, dv (B, H, N, D), any strides with a contiguous last dim, written in place."""
+    if q.numel() == 0:
+        for g in (dq, dk, dv):
+            g.zero_()
+        return
+    dout = last_dim_contiguous(dout)
+    if _interpreter_needs_fp32(q):
+        grads = _bwd_launch(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, prefix_len, scale)
+        for g, g32 in zip((dq, dk, dv), grads):
+            g.copy_(g32)
+        return
+    _bwd_launch(dout, q, k, v, out, lse, prefix_len, scale, dq=dq, dk=dk, dv=dv)
+
+
 def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               lse: torch.Tensor, prefix_len: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor,
                                                                                   torch.Tensor]:
     """-> dq, dk, dv, each (B, H, N, D) stored as (B, N, H, D)."""
-    if q.numel() == 0:
-        return _bhnd_like(q).zero_(), _bhnd_like(q).zero_(), _bhnd_like(q).zero_()
-    dout = last_dim_contiguous(dout)
-    if _interpreter_needs_fp32(q):
-        grads = _bwd_launch(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, prefix_len, scale)
-        return tuple(_bhnd_like(q).copy_(g) for g in grads)
-    return _bwd_launch(dout, q, k, v, out, lse, prefix_len, scale)
+    grads = (_bhnd_like(q), _bhnd_like(q), _bhnd_like(q))
+    _bwd_into(dout, q, k, v, out, lse, prefix_len, scale, *grads)
+    return grads
+
+
+def _qkv_views(qkv: torch.Tensor):
+    """(B, N, 3, H, D) -> q, k, v, each a (B, H, N, D) view."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _fwd_qkv_impl(qkv: torch.Tensor, prefix_len: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv (B, N, 3, H, D) -> out (B, H, N, D) stored as (B, N, H, D), lse (B, H, N)."""
+    return _fwd_impl(*_qkv_views(qkv), prefix_len, scale)
+
+
+def _bwd_qkv_impl(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                  prefix_len: torch.Tensor, scale: float) -> torch.Tensor:
+    """-> d_qkv (B, N, 3, H, D) contiguous: the kernels write dq, dk, dv straight into its three slots
+    (the unbound op's gradients would be stacked and then copied into this layout by autograd)."""
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)        # (B, N, 3, H, D)
+    _bwd_into(dout, *_qkv_views(qkv), out, lse, prefix_len, scale, *_qkv_views(dqkv))
+    return dqkv
 
 
 _prefix_attention_fwd_op = torch.library.custom_op("aimv2::prefix_attention_fwd", _fwd_impl, mutates_args=())
@@ -751,6 +781,42 @@ def _backward_by(bwd):
 
 _prefix_attention_fwd_op.register_autograd(_backward_by(_prefix_attention_bwd_op), setup_context=_setup_context)
 
+_prefix_attention_qkv_fwd_op = torch.library.custom_op("aimv2::prefix_attention_qkv_fwd", _fwd_qkv_impl,
+                                                       mutates_args=())
+_prefix_attention_qkv_bwd_op = torch.library.custom_op("aimv2::prefix_attention_qkv_bwd", _bwd_qkv_impl,
+                                                       mutates_args=())
+
+
+@_prefix_attention_qkv_fwd_op.register_fake
+def _(qkv, prefix_len, scale):
+    q = _qkv_views(qkv)[0]
+    B, H, N, D = q.shape
+    return _bhnd_like(q), q.new_empty(B, H, N, dtype=torch.float32)
+
+
+@_prefix_attention_qkv_bwd_op.register_fake
+def _(dout, qkv, out, lse, prefix_len, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_qkv_context(ctx, inputs, output):
+    qkv, prefix_len, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, prefix_len, out, lse)
+    ctx.mark_non_differentiable(lse)
+    ctx.scale = scale
+
+
+def _qkv_backward_by(bwd):
+    def backward(ctx, dout, dlse):
+        qkv, prefix_len, out, lse = ctx.saved_tensors
+        return bwd(dout, qkv, out, lse, prefix_len, ctx.scale), None, None
+    return backward
+
+
+_prefix_attention_qkv_fwd_op.register_autograd(_qkv_backward_by(_prefix_attention_qkv_bwd_op),
+                                               setup_context=_setup_qkv_context)
+
 
 class _PrefixAttentionEager(torch.autograd.Function):
     """The registered op's eager twin: same impl, same saved tensors and backward, no library dispatch.
@@ -762,6 +828,17 @@ class _PrefixAttentionEager(torch.autograd.Function):
         return out
 
     backward = staticmethod(_backward_by(_bwd_impl))
+
+
+class _PrefixAttentionQKVEager(torch.autograd.Function):
+    """The qkv-packed op's eager twin (see _PrefixAttentionEager)."""
+    @staticmethod
+    def forward(ctx, qkv, prefix_len, scale):
+        out = _fwd_qkv_impl(qkv, prefix_len, scale)
+        _setup_qkv_context(ctx, (qkv, prefix_len, scale), out)
+        return out
+
+    backward = staticmethod(_qkv_backward_by(_bwd_qkv_impl))
 
 
 # ----------------------------------------------------------------------------- public op
@@ -816,23 +893,46 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_l
     Equivalent PyTorch: prefix_attention_ref(q, k, v, prefix_len, scale).
     """
     _check_inputs(q, k, v, prefix_len)
+    registered = use_registered_op()
+    plen, scale = _prefix_and_scale(q, prefix_len, scale, registered)
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    op = _prefix_attention_fwd_op if registered else _PrefixAttentionEager.apply
+    out, _ = op(q, k, v, plen, scale)
+    return out
+
+
+def prefix_attention_qkvpacked(qkv: torch.Tensor, prefix_len, scale: float | None = None) -> torch.Tensor:
+    """`prefix_attention` on the fused projection's output: qkv (B, N, 3, H, D) (e.g.
+    `linear(x).view(B, N, 3, H, D)`) -> (B, H, N, D) stored as (B, N, H, D). The backward returns d_qkv
+    as one (B, N, 3, H, D) tensor written by the kernels, where q, k, v views of qkv would cost autograd
+    a stack of dq, dk, dv and a copy into that layout (2 x 3·B·N·H·D elements read and written).
+    Equivalent PyTorch: prefix_attention_ref(*qkv.permute(2, 0, 3, 1, 4).unbind(0), prefix_len, scale).
+    """
+    check_float("qkv", qkv)
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv: expected a 5-D tensor (B, N, 3, H, D), got shape {tuple(qkv.shape)}")
+    qkv = last_dim_contiguous(qkv)
+    q, k, v = _qkv_views(qkv)
+    _check_inputs(q, k, v, prefix_len)
+    registered = use_registered_op()
+    plen, scale = _prefix_and_scale(q, prefix_len, scale, registered)
+    op = _prefix_attention_qkv_fwd_op if registered else _PrefixAttentionQKVEager.apply
+    out, _ = op(qkv, plen, scale)
+    return out
+
+
+def _prefix_and_scale(q: torch.Tensor, prefix_len, scale, registered: bool) -> tuple[torch.Tensor, float]:
+    """The prefix as an int32 (B,) tensor on q's device and the softmax scale (default 1 / sqrt(D))."""
     B, H, N, D = q.shape
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a Python float or None, got {type(scale).__name__}")
-    registered = use_registered_op()
-    if isinstance(prefix_len, int):
-        if registered or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-            plen = torch.full((B,), prefix_len, dtype=torch.int32, device=q.device)     # (B,)
-        else:
-            plen = _constant_prefix(B, prefix_len, q.device)                            # (B,)
-    else:
-        plen = prefix_len.contiguous()
-    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    op = _prefix_attention_fwd_op if registered else _PrefixAttentionEager.apply
-    out, _ = op(q, k, v, plen, float(scale))
-    return out
+    if not isinstance(prefix_len, int):
+        return prefix_len.contiguous(), float(scale)
+    if registered or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return torch.full((B,), prefix_len, dtype=torch.int32, device=q.device), float(scale)      # (B,)
+    return _constant_prefix(B, prefix_len, q.device), float(scale)                                # (B,)
 
 
 @functools.lru_cache(maxsize=64)

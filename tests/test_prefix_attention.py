@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aimv2.kernels import prefix_attention, prefix_attention_ref, prefix_mask
+from aimv2.kernels import prefix_attention, prefix_attention_qkvpacked, prefix_attention_ref, prefix_mask
 
 PA = importlib.import_module("aimv2.kernels.prefix_attention")   # the module (the package attr is the op)
 
@@ -193,6 +193,54 @@ def test_poisoned_outputs_are_fully_written():
     s = (torch.einsum("bhid,bhjd->bhij", q.double(), k.double()) * 0.125).masked_fill(
         ~prefix_mask(plen, B, N, q.device), float("-inf"))
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1) / math.log(2), rtol=0, atol=1e-5)
+
+
+def _run_qkv(fn, qkv, do, plen):
+    """Forward + backward of fn(qkv (B, N, 3, H, D), plen); returns [out, dq, dk, dv, d_qkv]."""
+    qkv = qkv.detach().requires_grad_()
+    out = fn(qkv, plen)
+    out.backward(do.to(out.dtype))
+    return [out.detach(), *qkv.grad.permute(2, 0, 3, 1, 4).unbind(0), qkv.grad]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", [[7, 30], 0], ids=["mixed", "causal"])
+def test_qkvpacked_matches_fp64_reference_and_writes_one_d_qkv(dtype, spec):
+    """prefix_attention_qkvpacked on one (B, N, 3, H, D) tensor (here a view into a wider projection
+    output): the output and dq, dk, dv (the three slots of d_qkv) within the error rule of the unbound
+    op; d_qkv comes back as one contiguous tensor (no stack + copy in autograd), and the forward is
+    bit-equal to prefix_attention on the q, k, v views."""
+    B, H, N, D = 2, 3, 41, 32
+    wide = torch.randn(B, N, 3 * H * D + 8, device=DEV, dtype=torch.float64).to(dtype)
+    qkv = wide[..., 8:].view(B, N, 3, H, D)                         # row stride 3HD + 8: a strided view
+    do = torch.randn(B, H, N, D, device=DEV, dtype=torch.float64).to(dtype)
+    plen = _prefix(spec, B, N)
+    got = _run_qkv(prefix_attention_qkvpacked, qkv, do, plen)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    _check_against_truth(got[:4], q, k, v, do, plen)
+    assert got[4].shape == qkv.shape and got[4].is_contiguous()
+    views = _run(prefix_attention, q, k, v, do, plen)
+    torch.testing.assert_close(got[0], views[0], rtol=0, atol=0)
+
+
+def test_qkvpacked_compile_opcheck_eager_twin_and_errors():
+    B, H, N, D = 2, 2, 20, 32
+    qkv = torch.randn(B, N, 3, H, D, device=DEV)
+    do = torch.randn(B, H, N, D, device=DEV)
+    plen = torch.tensor([3, 17], device=DEV, dtype=torch.int32)
+    eager = _run_qkv(prefix_attention_qkvpacked, qkv, do, plen)
+    f = torch.compile(lambda qkv, p: prefix_attention_qkvpacked(qkv, p) * 1.0, fullgraph=True)
+    registered = _run_qkv(lambda x, p: PA._prefix_attention_qkv_fwd_op(x, p, D ** -0.5)[0], qkv, do, plen)
+    for got in (_run_qkv(f, qkv, do, plen), registered):
+        for name, g, e in zip(["out", "dq", "dk", "dv", "dqkv"], got, eager):
+            torch.testing.assert_close(g, e, rtol=0, atol=0, msg=name)
+    torch.library.opcheck(PA._prefix_attention_qkv_fwd_op, (qkv.clone().requires_grad_(), plen, 0.2))
+    out, lse = PA._prefix_attention_qkv_fwd_op(qkv, plen, 0.2)
+    torch.library.opcheck(PA._prefix_attention_qkv_bwd_op, (do, qkv, out, lse, plen, 0.2))
+    with pytest.raises(ValueError, match=r"qkv: expected a 5-D tensor \(B, N, 3, H, D\)"):
+        prefix_attention_qkvpacked(qkv[:, :, :2], plen)
+    with pytest.raises(ValueError, match="head dim D=24 not supported"):
+        prefix_attention_qkvpacked(torch.randn(B, N, 3, H, 24, device=DEV), plen)
 
 
 # ----------------------------------------------------------------------------- tile skipping
