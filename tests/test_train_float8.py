@@ -291,6 +291,8 @@ def test_config_and_cli():
         TrainConfig().set(["run.float8=fp8"])
     with pytest.raises(ValueError, match=r"run\.float8_min_dim must be >= 16"):
         TrainConfig().set(["run.float8_min_dim=8"])
+    with pytest.raises(ValueError, match=r"run\.float8=rowwise with model\.fused_fc13=true: the fused fc1/fc3 GEMM"):
+        TrainConfig().set(["model.fused_fc13=true", "run.float8=rowwise"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--preset", "aimv2-tiny", "--float8", "fp8"])
     with pytest.raises(ValueError, match="run.float8: expected one of"):

@@ -313,6 +313,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(r.float8 in FLOAT8, f"run.float8 must be one of {FLOAT8}, got {r.float8!r}")
     need(r.float8_min_dim >= 16, f"run.float8_min_dim must be >= 16 (float8 GEMM dims are multiples of 16), "
                                  f"got {r.float8_min_dim}")
+    need(r.float8 == "off" or not cfg.model.fused_fc13,
+         f"run.float8={r.float8} with model.fused_fc13=true: the fused fc1/fc3 GEMM bypasses the float8 "
+         f"linears; set model.fused_fc13=false")
     need(r.distributed in DISTRIBUTED, f"run.distributed must be one of {DISTRIBUTED}, got {r.distributed!r}")
     need(d.batch_size > 0, f"data.batch_size must be > 0, got {d.batch_size}")
     need(cfg.model.native or not d.native,
