@@ -165,3 +165,22 @@ def test_native_packs_fsdp_matches_ddp(tmp_path):
         assert f"cpu x2 ({mode}) | native: 2 x 1 packs of <= 50 patches" in p.stderr
         runs[mode] = losses(tmp_path / mode)
     _close(runs["fsdp"], runs["ddp"])
+
+
+def test_fsdp_float8_matches_ddp_float8(tmp_path):
+    """run.float8 composes with FSDP2 (tensorwise: float8 all-gather of the sharded weights, scales
+    refreshed after each optimizer step) as with DDP: 2 ranks each, torchao's emulation, the same
+    losses to fp32 summation order, and fp32 checkpoints (tests/test_train_float8.py has the numerics)."""
+    from aimv2.train import float8 as F8
+    if F8.torchao_version() is None:
+        pytest.skip("torchao is not installed (pip install 'aimv2[fp8]'; make setup installs it)")
+    runs = {}
+    for mode in ("ddp", "fsdp"):
+        out = tmp_path / mode
+        p = _torchrun(_args(out, 3, "--float8", "tensorwise", "--set", "run.float8_emulate=true",
+                            "--set", "run.float8_min_dim=16", "--set", f"run.distributed={mode}"))
+        assert "float8 tensorwise (emulated)" in p.stderr
+        runs[mode] = losses(out)
+        sd = ck.load_checkpoint(ck.latest_checkpoint(out))[0]
+        assert all(t.dtype == torch.float32 and type(t) is torch.Tensor for t in sd.values())
+    _close(runs["fsdp"], runs["ddp"])
