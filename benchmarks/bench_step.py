@@ -286,8 +286,12 @@ def run_recipe(recipe, B, args, device, ceilings, common):
     ips = B / (ms / 1e3)
     tflops = flops_per_sample(cfg) * ips / 1e12
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    share, top = (profile_step(step, batch, device, trace_dir=args.trace, tag=f"{recipe}-B{B}")
-                  if args.profile else ({}, []))
+    share, top = {}, []
+    if args.profile:                    # the timing is the row; a failed profile only leaves its fields empty
+        try:
+            share, top = profile_step(step, batch, device, trace_dir=args.trace, tag=f"{recipe}-B{B}")
+        except Exception as e:          # noqa: BLE001
+            print(f"{recipe:>10}  profile failed ({type(e).__name__}: {e}); row kept without it", file=sys.stderr)
     row = result_row(op="train_step", pass_="step", shape=f"B={B},S={cfg.img_size},N={cfg.num_patches}",
                      dtype="bf16" if device.type == "cuda" else "fp32",
                      provider=f"{recipe}_{float8['mode']}" if float8 else recipe, ms=ms,
