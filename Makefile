@@ -7,7 +7,7 @@
 #                             the image's python3 as it is (offline editable install, no venv, no
 #                             registry); files to $$OUT, else benchmarks/results/. Dry mode without CUDA.
 #   make gpu-more             the second call (<= 240 s): the stages `make gpu` does not hold (gpu_all.py --call more)
-#   make gpu-fp8              the third (<= 420 s): bf16 vs float8 steps and loss curve (torchao; gpu_all.py --call fp8)
+#   make gpu-extra            the third (<= 480 s): the [fp8] and [hf-backend] rows (gpu_all.py --call extra)
 #   make gpu-wheels           download benchmarks/gpu_wheels.txt into .gpu-wheels/ (carried to the GPU, installed offline)
 #   make gpu GPU_DEADLINE=300 OUT=/tmp/out GPU_ARGS=--dry
 #   TORCH_SPEC=torch==2.11.0 make test    pick another torch (kept if one is already importable)
@@ -24,7 +24,7 @@ OUT ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.aimv2-installed
 
-.PHONY: setup test demo bench gpu gpu-more gpu-fp8 gpu-wheels clean
+.PHONY: setup test demo bench gpu gpu-more gpu-extra gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -64,8 +64,8 @@ gpu:
 gpu-more:
 	@PYTHON="$(PYTHON)" GPU_DEADLINE="$(GPU_DEADLINE)" GPU_ARGS="$(GPU_ARGS)" OUT="$(OUT)" GPU_CALL=more bash benchmarks/gpu_all.sh
 
-gpu-fp8:
-	@PYTHON="$(PYTHON)" GPU_DEADLINE="$(GPU_DEADLINE)" GPU_ARGS="$(GPU_ARGS)" OUT="$(OUT)" GPU_CALL=fp8 bash benchmarks/gpu_all.sh
+gpu-extra:
+	@PYTHON="$(PYTHON)" GPU_DEADLINE="$(GPU_DEADLINE)" GPU_ARGS="$(GPU_ARGS)" OUT="$(OUT)" GPU_CALL=extra bash benchmarks/gpu_all.sh
 
 # the GPU image: CPython 3.12, x86_64 (benchmarks/results/gpu_all-*.log); no dependencies are pulled
 gpu-wheels:

@@ -149,6 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--dry", action="store_true", help="CPU plumbing check: tiny models, fp32, Triton interpreter")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; a temp dir with --dry)")
+    ap.add_argument("--ceilings", default=None, help="a ceilings result file (default: measure them)")
     args = ap.parse_args(argv)
     cases = args.cases.split(",")
     if any(c not in ("llama", "siglip") for c in cases):
@@ -159,8 +160,8 @@ def main(argv=None) -> int:
         print("bench_hf: no CUDA device; use --dry for a CPU plumbing check", file=sys.stderr)
         return 2
     os.environ.setdefault("TRITON_INTERPRET", "0" if cuda else "1")    # before aimv2.kernels' @triton.jit
-    from _common import finish, measure_ceilings, result_file
-    ceilings = measure_ceilings() if cuda else {}
+    from _common import finish, load_ceilings, measure_ceilings, result_file
+    ceilings = (load_ceilings(args.ceilings) if args.ceilings else measure_ceilings()) if cuda else {}
     results = result_file("hf", args.out, args.dry, ceilings)
     command = " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv)))
     # bf16 on a GPU; fp32 in the interpreter (its bf16 tl.dot is broken)

@@ -8,8 +8,9 @@
 
 The stages (SPECS: which call, what each writes, the paths it watches) and the README's "Running on
 a GPU" table: ceilings in both calls; attention_packed, native, tests, attention, step in `make gpu`
-(480 s); sweep_attention, decode, kernels, text_loss, tune_kernels in `make gpu-more` (240 s); fp8
-in `make gpu-fp8` (420 s: the [fp8] issue's own GPU work, for the device time left after the first two).
+(480 s); sweep_attention, decode, kernels, text_loss, tune_kernels in `make gpu-more` (240 s); fp8 and
+hf in `make gpu-extra` (480 s: the [fp8] and [hf-backend] issues' own rows, for the device time left
+after the first two, or a later lease).
 
 Order within a call (order_by_value): ceilings (the later stages read them), then stages never run on
 a GPU ("new"), then those whose watched code changed since their last committed run ("changed"), then
@@ -119,22 +120,28 @@ SPECS = (
               script="tune_kernels"),
     # issue [fp8]: bf16 vs torchao float8 step rows (aimv2-large, aimv2-1b) and the 300-step loss curve.
     # NOTE 360 s is an estimate: the whole benchmark needs ~7 min (its docstring), so the stage does its
-    # parts in order while its box allows. Its own call (make gpu-fp8), after make gpu and make gpu-more,
-    # whose 480 + 240 s leave it the rest of a 15-minute lease. Not in the dry run (tests/test_train_float8.py
-    # runs bench_fp8 --dry).
-    StageSpec("fp8", "fp8", 360, 60, ("fp8",), ("aimv2/train/float8.py", "aimv2/model.py", "benchmarks/bench_fp8.py",
+    # parts in order while its box allows. In the third call (make gpu-extra), after make gpu and
+    # make gpu-more, whose 480 + 240 s fill most of a 15-minute lease. Not in the dry run
+    # (tests/test_train_float8.py runs bench_fp8 --dry).
+    StageSpec("fp8", "extra", 360, 60, ("fp8",), ("aimv2/train/float8.py", "aimv2/model.py", "benchmarks/bench_fp8.py",
                                                  "benchmarks/bench_step.py"),
               needs=("torchao",), script="bench_fp8", dry_args=None, time_left=True),
+    # issue [hf-backend]: transformers models with attn_implementation="aimv2" vs "sdpa" (Llama- and
+    # Siglip-shaped, forward and forward+backward; transformers is in the GPU image). NOTE 75 s is an
+    # estimate (4-layer models, do_bench). Not in the dry run (tests/test_hf_bench.py runs bench_hf --dry).
+    StageSpec("hf", "extra", 75, 60, ("hf",), ("aimv2/hf", "kernels/prefix_attention.py",
+                                              "kernels/prefix_attention_varlen.py", "benchmarks/bench_hf.py"),
+              script="bench_hf", dry_args=None),
 )
-CALLS = {"gpu": "make gpu", "more": "make gpu-more", "fp8": "make gpu-fp8"}
-LOG_NAME = {"gpu": "gpu_all", "more": "gpu_more", "fp8": "gpu_fp8"}             # <name>-<device>-<date>.log
-SUMMARY_NAME = {"gpu": "summary", "more": "summary_more", "fp8": "summary_fp8"}
+CALLS = {"gpu": "make gpu", "more": "make gpu-more", "extra": "make gpu-extra"}
+LOG_NAME = {"gpu": "gpu_all", "more": "gpu_more", "extra": "gpu_extra"}             # <name>-<device>-<date>.log
+SUMMARY_NAME = {"gpu": "summary", "more": "summary_more", "extra": "summary_extra"}
 RESERVE_S = {False: 10.0, True: 5.0}          # kept for the summary (GPU, dry)
 SETUP_S = 15.0                                # set-up and the device report, before the first stage
-DEADLINE_S = {("gpu", False): 480.0, ("more", False): 240.0, ("fp8", False): 420.0,
-              ("gpu", True): 300.0, ("more", True): 200.0, ("fp8", True): 60.0}
+DEADLINE_S = {("gpu", False): 480.0, ("more", False): 240.0, ("extra", False): 480.0,
+              ("gpu", True): 300.0, ("more", True): 200.0, ("extra", True): 60.0}
 GRACE_S = {False: 15.0, True: 10.0}             # SIGINT -> SIGTERM -> SIGKILL
-BASELINES = {"kernels": ("compile_ref", "eager_ref"), "fp8": ("aimv2",),
+BASELINES = {"kernels": ("compile_ref", "eager_ref"), "fp8": ("aimv2",), "hf": ("sdpa",),
              "attention": ("flex", "sdpa_dense", "sdpa_flash_causal", "sdpa_cudnn_causal"),
              "attention_packed": ("aimv2_padded", "flex"), "native": ("padded",),
              "text_loss": ("compile_ref", "eager_ref"), "tune_kernels": ("compile_ref",),
@@ -465,7 +472,7 @@ def _x(base: float | None, ours: float | None) -> str:
 OURS = {"decode": "nvjpeg", "native": "packed"}                    # default "aimv2"
 RATE = {"kernels": ("gbps", "GB/s"), "decode": ("images_per_s", "img/s"), "native": ("images_per_s", "img/s")}
 SUMMARY_KINDS = ("kernels", "attention", "attention_packed", "native", "text_loss", "decode", "sweep_attention",
-                 "step", "fp8")
+                 "step", "fp8", "hf")
 
 
 def sweep_winners(rows: list[dict]) -> list[dict]:
@@ -616,9 +623,9 @@ def measure_ceilings_stage(out: Path, dry: bool) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--call", choices=tuple(CALLS), default="gpu",
-                    help="which prepared call: gpu (`make gpu`, default), more (`make gpu-more`) or fp8 (`make gpu-fp8`)")
+                    help="which prepared call: gpu (`make gpu`, default), more (`make gpu-more`) or extra (`make gpu-extra`)")
     ap.add_argument("--deadline", type=float, default=None,
-                    help="overall seconds (default: gpu 480, more 240, fp8 420 on a GPU; 300 / 200 / 60 dry; env GPU_DEADLINE)")
+                    help="overall seconds (default: gpu 480, more 240, extra 480 on a GPU; 300 / 200 / 60 dry; env GPU_DEADLINE)")
     ap.add_argument("--plan", action="store_true", help="print the call's stages (value, budget, why) and exit")
     ap.add_argument("--out", default=None, help="output folder (default $OUT, else benchmarks/results; "
                     "dry: a temp dir)")
