@@ -151,3 +151,11 @@ class PackedAttentionMask:
             outs.append(mask(qs, ks, vs)[0].transpose(0, 1))                     # (L_s, H, Dh)
             a += n
         return torch.cat(outs) if len(outs) > 1 else outs[0].contiguous()
+
+    def qkvpacked(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv (T, 3, H, Dh), one projection's output -> (T, H, Dh). "triton": the qkv-packed kernel op
+        (its backward writes d_qkv in one piece); the others: this mask on the q, k, v views."""
+        if self.backend == "triton":
+            from aimv2.kernels import prefix_attention_varlen_qkvpacked
+            return prefix_attention_varlen_qkvpacked(qkv, self.cu_seqlens, self.max_seqlen, self.plen32)
+        return self(*qkv.unbind(1))                                          # 3 x (T, H, Dh) views

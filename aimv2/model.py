@@ -116,8 +116,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, mask) -> torch.Tensor:
         if x.dim() == 2:                                                    # packed (T, D), PackedAttentionMask
             T, D = x.shape
-            qkv = self.qkv(x).view(T, 3, self.num_heads, D // self.num_heads)
-            return self.proj(mask(*qkv.unbind(1)).reshape(T, D))           # 3 x (T, H, Dh) views -> (T, D)
+            qkv = self.qkv(x).view(T, 3, self.num_heads, D // self.num_heads)   # (T, 3, H, Dh)
+            return self.proj(mask.qkvpacked(qkv).reshape(T, D))            # (T, H, Dh) -> (T, D)
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)   # (B, N, 3, H, Dh)
         o = mask.qkvpacked(qkv)                                             # (B, H, N, Dh)

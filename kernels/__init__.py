@@ -11,6 +11,8 @@ Ops (each with a plain-PyTorch `<op>_ref`):
 - prefix_attention_qkvpacked(qkv, prefix_len) the same on one (B, N, 3, H, D) projection output (one d_qkv)
 - prefix_attention_varlen(q, k, v, cu_seqlens, max_seqlen, prefix_len)
                                               the same over images of different sizes packed in one sequence
+- prefix_attention_varlen_qkvpacked(qkv, cu_seqlens, max_seqlen, prefix_len)
+                                              the same on one (T, 3, H, D) projection output (one d_qkv)
 - linear_cross_entropy(hidden, weight, target) fused linear + cross-entropy, no (T, V) logits
 
 Without triton (setup.py installs it on Linux only) the package still imports: the references,
@@ -26,7 +28,8 @@ if __name__ == "aimv2.kernels":
     from .patch_l2_loss_packed import patch_l2_loss_packed, patch_l2_loss_packed_ref
     from .prefix_attention import (ATTENTION_HEAD_DIMS, prefix_attention, prefix_attention_qkvpacked,
                                    prefix_attention_ref, prefix_mask)
-    from .prefix_attention_varlen import prefix_attention_varlen, prefix_attention_varlen_ref
+    from .prefix_attention_varlen import (prefix_attention_varlen, prefix_attention_varlen_qkvpacked,
+                                          prefix_attention_varlen_ref)
     from .rms_norm import rms_norm, rms_norm_ref
     from .swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref
 else:

@@ -44,7 +44,8 @@ import math
 import torch
 
 from ._compat import tl, triton
-from ._utils import check_launchable, check_pack_values, check_same_device, last_dim_contiguous, use_registered_op
+from ._utils import (check_float, check_launchable, check_pack_values, check_same_device, last_dim_contiguous,
+                     use_registered_op)
 from .prefix_attention import (_LOG2E, _bwd_mode, _cdiv, _check_qkv, _delta_launch, _dkdv_program, _dot_precision,
                                _dq_program, _fwd_program, _interpreter_needs_fp32, _query_tile_start, _tiles, _use_tma,
                                prefix_attention_ref)
@@ -244,18 +245,45 @@ def _varlen_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return _varlen_fwd_launch(q, k, v, cu_seqlens, prefix_len, max_seqlen, scale)
 
 
-def _varlen_bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                     lse: torch.Tensor, cu_seqlens: torch.Tensor, prefix_len: torch.Tensor, max_seqlen: int,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dq, dk, dv, each (T, H, D) contiguous."""
+def _varlen_bwd_into(dout, q, k, v, out, lse, cu_seqlens, prefix_len, max_seqlen: int, scale: float,
+                     dq, dk, dv) -> None:
+    """dq, dk, dv (T, H, D), any strides with a contiguous last dim, written in place."""
     if q.numel() == 0:
-        return tuple(torch.zeros_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+        for g in (dq, dk, dv):
+            g.zero_()
+        return
     dout = last_dim_contiguous(dout)
     if _interpreter_needs_fp32(q):
         grads = _varlen_bwd_launch(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, cu_seqlens,
                                    prefix_len, max_seqlen, scale)
-        return tuple(g.to(q.dtype) for g in grads)
-    return _varlen_bwd_launch(dout, q, k, v, out, lse, cu_seqlens, prefix_len, max_seqlen, scale)
+        for g, g32 in zip((dq, dk, dv), grads):
+            g.copy_(g32)
+        return
+    _varlen_bwd_launch(dout, q, k, v, out, lse, cu_seqlens, prefix_len, max_seqlen, scale, dq=dq, dk=dk, dv=dv)
+
+
+def _varlen_bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, cu_seqlens: torch.Tensor, prefix_len: torch.Tensor, max_seqlen: int,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv, each (T, H, D) contiguous."""
+    grads = tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+    _varlen_bwd_into(dout, q, k, v, out, lse, cu_seqlens, prefix_len, max_seqlen, scale, *grads)
+    return grads
+
+
+def _varlen_fwd_qkv_impl(qkv: torch.Tensor, cu_seqlens: torch.Tensor, prefix_len: torch.Tensor, max_seqlen: int,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv (T, 3, H, D) -> out (T, H, D), lse (H, T)."""
+    return _varlen_fwd_impl(*qkv.unbind(1), cu_seqlens, prefix_len, max_seqlen, scale)
+
+
+def _varlen_bwd_qkv_impl(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                         cu_seqlens: torch.Tensor, prefix_len: torch.Tensor, max_seqlen: int,
+                         scale: float) -> torch.Tensor:
+    """-> d_qkv (T, 3, H, D) contiguous, dq, dk, dv written straight into its slots (no stack)."""
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)        # (T, 3, H, D)
+    _varlen_bwd_into(dout, *qkv.unbind(1), out, lse, cu_seqlens, prefix_len, max_seqlen, scale, *dqkv.unbind(1))
+    return dqkv
 
 
 _varlen_fwd_op = torch.library.custom_op("aimv2::prefix_attention_varlen_fwd", _varlen_fwd_impl, mutates_args=())
@@ -293,16 +321,55 @@ def _backward_by(bwd):
 
 _varlen_fwd_op.register_autograd(_backward_by(_varlen_bwd_op), setup_context=_setup_context)
 
+_varlen_qkv_fwd_op = torch.library.custom_op("aimv2::prefix_attention_varlen_qkv_fwd", _varlen_fwd_qkv_impl,
+                                             mutates_args=())
+_varlen_qkv_bwd_op = torch.library.custom_op("aimv2::prefix_attention_varlen_qkv_bwd", _varlen_bwd_qkv_impl,
+                                             mutates_args=())
 
-class _VarlenAttentionEager(torch.autograd.Function):
-    """The registered op's eager twin: same impl, same saved tensors and backward, no library dispatch."""
-    @staticmethod
+
+@_varlen_qkv_fwd_op.register_fake
+def _(qkv, cu_seqlens, prefix_len, max_seqlen, scale):
+    T, _, H, D = qkv.shape
+    return qkv.new_empty(T, H, D), qkv.new_empty(H, T, dtype=torch.float32)
+
+
+@_varlen_qkv_bwd_op.register_fake
+def _(dout, qkv, out, lse, cu_seqlens, prefix_len, max_seqlen, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_qkv_context(ctx, inputs, output):
+    qkv, cu_seqlens, prefix_len, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, cu_seqlens, prefix_len, out, lse)
+    ctx.mark_non_differentiable(lse)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+
+
+def _qkv_backward_by(bwd):
+    def backward(ctx, dout, dlse):
+        qkv, cu_seqlens, prefix_len, out, lse = ctx.saved_tensors
+        return bwd(dout, qkv, out, lse, cu_seqlens, prefix_len, ctx.max_seqlen, ctx.scale), None, None, None, None
+    return backward
+
+
+_varlen_qkv_fwd_op.register_autograd(_qkv_backward_by(_varlen_qkv_bwd_op), setup_context=_setup_qkv_context)
+
+
+def _eager_twin(name: str, fwd_impl, setup_context, backward):
+    """A registered op's eager twin: an autograd.Function with the same impl, saved tensors and backward,
+    without the library dispatch."""
     def forward(ctx, *inputs):
-        out = _varlen_fwd_impl(*inputs)
-        _setup_context(ctx, inputs, out)
+        out = fwd_impl(*inputs)
+        setup_context(ctx, inputs, out)
         return out
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
-    backward = staticmethod(_backward_by(_varlen_bwd_impl))
+
+_VarlenAttentionEager = _eager_twin("_VarlenAttentionEager", _varlen_fwd_impl, _setup_context,
+                                    _backward_by(_varlen_bwd_impl))
+_VarlenAttentionQKVEager = _eager_twin("_VarlenAttentionQKVEager", _varlen_fwd_qkv_impl, _setup_qkv_context,
+                                       _qkv_backward_by(_varlen_bwd_qkv_impl))
 
 
 # ----------------------------------------------------------------------------- public op
@@ -346,11 +413,35 @@ def prefix_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     Equivalent PyTorch: prefix_attention_varlen_ref(q, k, v, cu_seqlens, prefix_len, scale).
     """
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, prefix_len)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale: expected a Python float or None, got {type(scale).__name__}")
+    scale = _scale(q, scale)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     op = _varlen_fwd_op if use_registered_op() else _VarlenAttentionEager.apply
-    out, _ = op(q, k, v, cu_seqlens.contiguous(), prefix_len.contiguous(), max_seqlen, float(scale))
+    out, _ = op(q, k, v, cu_seqlens.contiguous(), prefix_len.contiguous(), max_seqlen, scale)
     return out
+
+
+def prefix_attention_varlen_qkvpacked(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                                      prefix_len: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """`prefix_attention_varlen` on the fused projection's output qkv (T, 3, H, D) -> (T, H, D). The
+    backward returns d_qkv as one (T, 3, H, D) tensor written by the kernels (with `qkv.unbind(1)` views,
+    autograd would stack dq, dk, dv into it: one more pass of 3·T·H·D elements).
+    Equivalent PyTorch: prefix_attention_varlen_ref(*qkv.unbind(1), cu_seqlens, prefix_len, scale).
+    """
+    check_float("qkv", qkv)
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv: expected a 4-D tensor (T, 3, H, D), got shape {tuple(qkv.shape)}")
+    qkv = last_dim_contiguous(qkv)
+    q, k, v = qkv.unbind(1)
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, prefix_len)
+    op = _varlen_qkv_fwd_op if use_registered_op() else _VarlenAttentionQKVEager.apply
+    out, _ = op(qkv, cu_seqlens.contiguous(), prefix_len.contiguous(), max_seqlen, _scale(q, scale))
+    return out
+
+
+def _scale(q: torch.Tensor, scale) -> float:
+    """The softmax scale: default 1 / sqrt(D)."""
+    if scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a Python float or None, got {type(scale).__name__}")
+    return float(scale)

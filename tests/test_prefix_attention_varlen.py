@@ -24,7 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aimv2.kernels import prefix_attention, prefix_attention_varlen, prefix_attention_varlen_ref, prefix_mask
+from aimv2.kernels import (prefix_attention, prefix_attention_varlen, prefix_attention_varlen_qkvpacked,
+                           prefix_attention_varlen_ref, prefix_mask)
 from test_prefix_attention import ON_GPU, assert_within_error_rule, force_bwd, needs_gpu_bf16
 
 PA = importlib.import_module("aimv2.kernels.prefix_attention")
@@ -312,6 +313,42 @@ def test_torch_compile_fullgraph_forward_backward():
                  do.double())
     for name, g, t in zip(["out", "dq", "dk", "dv"], got, truth):
         torch.testing.assert_close(g.double(), t, rtol=0, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qkvpacked_matches_per_image_fp64_reference_and_writes_one_d_qkv(dtype):
+    """prefix_attention_varlen_qkvpacked on one (T, 3, H, D) tensor (a view into a wider projection
+    output): output and dq, dk, dv (d_qkv's slots) within the error rule, d_qkv one contiguous tensor,
+    the forward bit-equal to the op on the unbound views; compiled and registered op equal eager; opcheck."""
+    lens, H, D = [7, 33, 13], 2, 32
+    cu, P = _pack(lens, [3, "len", 0])
+    T = sum(lens)
+    wide = torch.randn(T, 3 * H * D + 8, device=DEV, dtype=torch.float64).to(dtype)
+    qkv = wide[:, 8:].view(T, 3, H, D)                             # row stride 3HD + 8
+    do = torch.randn(T, H, D, device=DEV, dtype=torch.float64).to(dtype)
+
+    def run(fn):
+        x = qkv.detach().requires_grad_()
+        out = fn(x)
+        out.backward(do.to(out.dtype))
+        return [out.detach(), *x.grad.unbind(1), x.grad]
+
+    got = run(lambda x: prefix_attention_varlen_qkvpacked(x, cu, 33, P))
+    _check_against_truth(got[:4], *qkv.unbind(1), do, cu, P)
+    assert got[4].shape == qkv.shape and got[4].is_contiguous()
+    torch.testing.assert_close(got[0], _run(_varlen(cu, P), *qkv.unbind(1), do)[0], rtol=0, atol=0)
+    if dtype != torch.float32:
+        return
+    f = torch.compile(lambda x: prefix_attention_varlen_qkvpacked(x, cu, 33, P) * 1.0, fullgraph=True)
+    for other in (run(f), run(lambda x: PV._varlen_qkv_fwd_op(x, cu, P, 33, D ** -0.5)[0])):
+        for name, g, e in zip(["out", "dq", "dk", "dv", "dqkv"], other, got):
+            torch.testing.assert_close(g, e, rtol=0, atol=0, msg=name)
+    x = qkv.detach().contiguous()
+    torch.library.opcheck(PV._varlen_qkv_fwd_op, (x.clone().requires_grad_(), cu, P, 33, 0.2))
+    out, lse = PV._varlen_qkv_fwd_op(x, cu, P, 33, 0.2)
+    torch.library.opcheck(PV._varlen_qkv_bwd_op, (do, x, out, lse, cu, P, 33, 0.2))
+    with pytest.raises(ValueError, match=r"qkv: expected a 4-D tensor \(T, 3, H, D\)"):
+        prefix_attention_varlen_qkvpacked(x[:, :2], cu, 33, P)
 
 
 def test_opcheck():
