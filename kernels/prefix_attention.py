@@ -818,27 +818,20 @@ _prefix_attention_qkv_fwd_op.register_autograd(_qkv_backward_by(_prefix_attentio
                                                setup_context=_setup_qkv_context)
 
 
-class _PrefixAttentionEager(torch.autograd.Function):
-    """The registered op's eager twin: same impl, same saved tensors and backward, no library dispatch.
-    (forward takes ctx: a separate setup_context would make every apply() inspect the signature.)"""
-    @staticmethod
-    def forward(ctx, q, k, v, prefix_len, scale):
-        out = _fwd_impl(q, k, v, prefix_len, scale)
-        _setup_context(ctx, (q, k, v, prefix_len, scale), out)
+def _eager_twin(name: str, fwd_impl, setup_context, backward):
+    """A registered op's eager twin: an autograd.Function with the same impl, saved tensors and backward,
+    without the library dispatch (also used by prefix_attention_varlen.py). forward takes ctx: a separate
+    setup_context would make every apply() inspect the signature."""
+    def forward(ctx, *inputs):
+        out = fwd_impl(*inputs)
+        setup_context(ctx, inputs, out)
         return out
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
-    backward = staticmethod(_backward_by(_bwd_impl))
 
-
-class _PrefixAttentionQKVEager(torch.autograd.Function):
-    """The qkv-packed op's eager twin (see _PrefixAttentionEager)."""
-    @staticmethod
-    def forward(ctx, qkv, prefix_len, scale):
-        out = _fwd_qkv_impl(qkv, prefix_len, scale)
-        _setup_qkv_context(ctx, (qkv, prefix_len, scale), out)
-        return out
-
-    backward = staticmethod(_qkv_backward_by(_bwd_qkv_impl))
+_PrefixAttentionEager = _eager_twin("_PrefixAttentionEager", _fwd_impl, _setup_context, _backward_by(_bwd_impl))
+_PrefixAttentionQKVEager = _eager_twin("_PrefixAttentionQKVEager", _fwd_qkv_impl, _setup_qkv_context,
+                                       _qkv_backward_by(_bwd_qkv_impl))
 
 
 # ----------------------------------------------------------------------------- public op

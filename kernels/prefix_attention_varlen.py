@@ -47,8 +47,8 @@ from ._compat import tl, triton
 from ._utils import (check_float, check_launchable, check_pack_values, check_same_device, last_dim_contiguous,
                      use_registered_op)
 from .prefix_attention import (_LOG2E, _bwd_mode, _cdiv, _check_qkv, _delta_launch, _dkdv_program, _dot_precision,
-                               _dq_program, _fwd_program, _interpreter_needs_fp32, _query_tile_start, _tiles, _use_tma,
-                               prefix_attention_ref)
+                               _dq_program, _eager_twin, _fwd_program, _interpreter_needs_fp32, _query_tile_start,
+                               _tiles, _use_tma, prefix_attention_ref)
 
 
 def _split(t: torch.Tensor, cu: list[int]):
@@ -354,16 +354,6 @@ def _qkv_backward_by(bwd):
 
 
 _varlen_qkv_fwd_op.register_autograd(_qkv_backward_by(_varlen_qkv_bwd_op), setup_context=_setup_qkv_context)
-
-
-def _eager_twin(name: str, fwd_impl, setup_context, backward):
-    """A registered op's eager twin: an autograd.Function with the same impl, saved tensors and backward,
-    without the library dispatch."""
-    def forward(ctx, *inputs):
-        out = fwd_impl(*inputs)
-        setup_context(ctx, inputs, out)
-        return out
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
 _VarlenAttentionEager = _eager_twin("_VarlenAttentionEager", _varlen_fwd_impl, _setup_context,
