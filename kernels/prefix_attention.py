@@ -826,7 +826,8 @@ def _eager_twin(name: str, fwd_impl, setup_context, backward):
         out = fwd_impl(*inputs)
         setup_context(ctx, inputs, out)
         return out
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
 _PrefixAttentionEager = _eager_twin("_PrefixAttentionEager", _fwd_impl, _setup_context, _backward_by(_bwd_impl))
