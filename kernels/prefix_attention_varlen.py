@@ -32,8 +32,10 @@ Registered as torch.library custom ops aimv2::prefix_attention_varlen_fwd / _bwd
 torch.compile(fullgraph=True) traces through with no graph break; eager calls run the same
 implementation as an autograd.Function (no library dispatch, as the fixed op); nothing reads a device
 tensor on the host. The forward's TMA form (`fwd_tma`) makes its descriptors over each image's own
-rows, so a tile past the image end reads zeros as the masked pointer loads do. Limits: S, H <= 65535 (launch grid). On a CPU tensor cu_seqlens, prefix_len and max_seqlen
-are checked; on CUDA that would sync, so they are not: the kernels clamp start_s, end_s to [0, T]
+rows, so a tile past the image end reads zeros as the masked pointer loads do. The qkv-packed entry
+point (aimv2::prefix_attention_varlen_qkv_fwd / _bwd) writes dq, dk, dv into one d_qkv.
+Limits: S, H <= 65535 (launch grid). On a CPU tensor cu_seqlens, prefix_len and max_seqlen are
+checked; on CUDA that would sync, so they are not: the kernels clamp start_s, end_s to [0, T]
 and P_s to [0, len_s] (no out-of-bounds access), and rows of an image longer than max_seqlen past
 max_seqlen are left unwritten. In the Triton interpreter bf16 is computed in fp32 and stored as bf16.
 """
