@@ -6,11 +6,16 @@ bf16 autocast) on data already on the GPU, for three recipes side by side in one
     eager_ref   eager PyTorch, SDPA with the dense (B, 1, N, N) prefix mask (the reference frameworks)
     flex        torch.compile per block + FlexAttention with the prefix BlockMask
     aimv2       torch.compile per block + our Triton kernels (attention, RMSNorm+residual, SwiGLU, loss)
-    aimv2_fc13  aimv2 with the MLP's fc1 and fc3 as one GEMM (model.fused_fc13; `--gpu-quick` runs it
-                after the other three, when its --time-left allows)
+    aimv2_fc13  aimv2 with the MLP's fc1 and fc3 as one GEMM (model.fused_fc13)
+    aimv2_attn  torch.compile per block + our attention kernel only; the rest are the references as in
+                flex (RMSNorm, SwiGLU compiled in the blocks, losses eager): do the fused kernels earn
+                their place in the step?
 
-`--also-batch 256,...` then times the aimv2 recipe at more batch sizes (the throughput curve;
-`--gpu-quick` adds B=256 last, when its --time-left allows; one that does not fit is said and skipped).
+A `--recipes` entry `name@B` runs that recipe at batch B; `--also-batch 256,...` appends `aimv2@B`
+entries (the throughput curve). An entry whose batch does not fit is said and skipped. `--gpu-quick`
+runs eager_ref, aimv2, flex, aimv2_fc13, aimv2@256, aimv2_attn in that order; under --time-left an
+entry starts only when the time left covers its estimate (RECIPE_MIN_S until a compiled recipe has
+run in this process, then 1.2 x the measured time of one, with its steps scaled to the batch).
 
 For each: images/s, achieved TFLOP/s and MFU (FLOPs from `aimv2.model.flops_per_sample`, against the
 bf16 matmul ceiling measured in the same run and against the datasheet peak), peak memory, and the
@@ -20,8 +25,8 @@ largest batch (halving on OOM). `--real-data SHARDS` then runs the `aimv2` recip
 pipeline (DALI when installed, else the torch backend) and reports the data-wait share.
 
     python benchmarks/bench_step.py --preset aimv2-large --batch 128 [--max-batch] [--real-data 'shards/{0..9}.tar']
-    python benchmarks/bench_step.py --gpu-quick      # `make gpu`: aimv2-large, B=128, eager_ref, aimv2,
-                                                     # then flex only if --time-left allows
+    python benchmarks/bench_step.py --gpu-quick      # `make gpu`: aimv2-large, B=128, GPU_QUICK_RUNS in
+                                                     # order, each while --time-left covers it
     python benchmarks/bench_step.py --quick          # CPU smoke run (tiny model), results to a temp dir
 
 Dynamo is reset before each recipe is built: every recipe compiles `Block.forward` (fullgraph) into
@@ -52,12 +57,44 @@ RECIPES = {  # name -> (attn_backend, impl, compile, other ModelConfig fields)
     "flex": ("flex", "torch", True, {}),
     "aimv2": ("triton", "triton", True, {}),
     "aimv2_fc13": ("triton", "triton", True, {"fused_fc13": True}),     # fc1 + fc3 as one GEMM (model.py)
+    "aimv2_attn": ("triton", "torch", True, {}),        # our attention, the references elsewhere
 }
+GPU_QUICK_RUNS = "eager_ref,aimv2,flex,aimv2_fc13,aimv2@256,aimv2_attn"
 
-# NOTE (an estimate, not measured yet): a compiled recipe of aimv2-large needs about a minute on an
-# H100-class GPU (Inductor compile of the encoder and decoder blocks, forward and backward, then
-# 13 steps and the profile); --time-left skips one that would start with less than this left.
+# NOTE: what a compiled recipe of aimv2-large is assumed to need (Inductor compile of the encoder and
+# decoder blocks, forward and backward, then 13 steps and the profile) until one has run in this
+# process; the H200 call of 2026-11-29 ran eager_ref, aimv2 and flex in 92 s of stage time in all.
 RECIPE_MIN_S = 60.0
+
+
+class RecipeClock:
+    """Estimates of a recipe entry's wall time, from the compiled entries this process has run."""
+
+    def __init__(self, default_s: float = RECIPE_MIN_S):
+        self.default_s, self.runs = default_s, []        # (wall s, batch, seconds of timed steps)
+
+    def record(self, wall_s: float, B: int, step_ms: float, steps: int) -> None:
+        self.runs.append((wall_s, B, step_ms * steps / 1e3))
+
+    def estimate(self, B: int) -> float:
+        """1.2 x the slowest compiled entry so far, its steps' time scaled from its batch to B
+        (compilation does not grow with the batch); RECIPE_MIN_S before any has run."""
+        if not self.runs:
+            return self.default_s
+        return max(1.2 * (wall + steps_s * (B / b - 1.0)) for wall, b, steps_s in self.runs)
+
+
+def parse_runs(spec: str, batch: int) -> list[tuple[str, int]]:
+    """'eager_ref,aimv2@256' -> [('eager_ref', batch), ('aimv2', 256)]; ValueError names a bad entry."""
+    runs = []
+    for entry in (e.strip() for e in spec.split(",") if e.strip()):
+        name, _, b = entry.partition("@")
+        if name not in RECIPES:
+            raise ValueError(f"unknown recipe {name!r}; expected names from {list(RECIPES)}")
+        if b and not (b.isdigit() and int(b) > 0):
+            raise ValueError(f"{entry!r}: the batch after @ must be a positive integer")
+        runs.append((name, int(b) if b else batch))
+    return runs
 
 CATEGORIES = [  # first match wins; lower-case substring rules on GPU kernel names
     ("attention", ("prefix_attention", "flash", "fmha", "attn", "flex", "sdpa", "cudnn_mha", "softmax")),
@@ -336,17 +373,51 @@ def run_real_data(args, device, B, common):
     return row
 
 
+def time_for(args, clock: RecipeClock, t_start: float, recipe: str, B: int) -> bool:
+    """False (said so) when --time-left does not cover a compiled entry's estimated time."""
+    left = None if args.time_left is None else args.time_left - (time.monotonic() - t_start)
+    need = clock.estimate(B)
+    if left is not None and RECIPES[recipe][2] and left < need:
+        print(f"{recipe:>10}  B={B:<4} skipped: {left:.0f} s left, it needs ~{need:.0f} s")
+        return False
+    return True
+
+
+def run_entries(runs, args, device, ceilings, common, results, clock: RecipeClock, t_start: float) -> None:
+    """Each (recipe, batch) entry in order, its row (with `wall_s`, the entry's seconds) added as it
+    ends; an entry at another batch than --batch that does not fit is said and skipped."""
+    steps_per_run = args.warmup + args.iters + (3 if args.profile else 0)
+    for r, B in runs:
+        if not time_for(args, clock, t_start, r, B):
+            continue
+        t0 = time.monotonic()
+        try:
+            row = run_recipe(r, B, args, device, ceilings, common)
+        except Exception as e:    # noqa: BLE001 - OOM surfaces as several exception types
+            if B == args.batch or not is_oom(e):
+                raise
+            print(f"{r:>10}  B={B:<4} does not fit in device memory (skipped)")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        row["wall_s"] = round(time.monotonic() - t0, 1)
+        if RECIPES[r][2]:
+            clock.record(row["wall_s"], B, row["ms"], steps_per_run)
+        results.add(row)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="aimv2-large")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--recipes", default=None,
-                    help="comma-separated (default eager_ref,flex,aimv2; --gpu-quick: eager_ref,aimv2,flex,aimv2_fc13)")
+                    help="comma-separated, each `name` or `name@B` (default eager_ref,flex,aimv2; --gpu-quick: "
+                         f"{GPU_QUICK_RUNS})")
     ap.add_argument("--max-batch", action="store_true", help="also each recipe at its largest batch")
     ap.add_argument("--also-batch", default=None,
                     help="comma-separated batch sizes at which the aimv2 recipe is also timed, after the recipes "
-                         "(default none; --gpu-quick: 256); one that does not fit is said and skipped")
+                         "(appends aimv2@B entries); one that does not fit is said and skipped")
     ap.add_argument("--real-data", default=None, help="shards for the decode-pipeline run")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=5)
@@ -358,58 +429,41 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-quick", action="store_true",
                     help="the short GPU profile of `make gpu`: 3 warm-up and 10 timed steps per recipe")
     ap.add_argument("--time-left", type=float, default=None,
-                    help="seconds this run may take: a compiled recipe that would start with less than "
-                         f"{RECIPE_MIN_S:.0f} s left is skipped (said so), the others still run")
+                    help="seconds this run may take: a compiled entry whose estimate (RecipeClock) exceeds "
+                         "the time left is skipped (said so), the others still run")
     ap.add_argument("--ceilings", default=None, help="a ceilings result file (default: measure them)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; temp dir with --quick)")
     args = ap.parse_args(argv)
     t_start = time.monotonic()
     if args.gpu_quick:
         args.warmup, args.iters = 3, 10
-    args.also_batch = [int(b) for b in (args.also_batch or ("256" if args.gpu_quick else "")).split(",") if b]
+    also = [f"aimv2@{b.strip()}" for b in (args.also_batch or "").split(",") if b.strip()]
 
     from _common import finish, load_ceilings, result_file
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.quick:
         print("bench_step: no CUDA device; use --quick for a CPU smoke run", file=sys.stderr)
         return 2
-    recipes = (args.recipes or ("eager_ref,aimv2,flex,aimv2_fc13" if args.gpu_quick else "eager_ref,flex,aimv2")).split(",")
-    unknown = [r for r in recipes if r not in RECIPES]
-    if unknown:
-        ap.error(f"--recipes: unknown {unknown}; expected names from {list(RECIPES)}")
     if args.quick:
         os.environ.setdefault("TRITON_INTERPRET", "1") if device.type == "cpu" else None
         args.preset, args.img_size, args.batch, args.warmup, args.iters = "aimv2-tiny", 56, 2, 1, 2
-        if device.type == "cpu":       # FlexAttention has no backward on CPU; compile is slow there
-            recipes = [r for r in recipes if r == "eager_ref"]
+    spec = ",".join([args.recipes or (GPU_QUICK_RUNS if args.gpu_quick else "eager_ref,flex,aimv2"), *also])
+    try:
+        runs = parse_runs(spec, args.batch)
+    except ValueError as e:
+        ap.error(f"--recipes / --also-batch: {e}")
+    if args.quick and device.type == "cpu":  # FlexAttention has no backward on CPU; compile is slow there
+        runs = [(r, B) for r, B in runs if r == "eager_ref" or B != args.batch]
     ceilings = load_ceilings(args.ceilings) if device.type == "cuda" or args.ceilings else {}
     common = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
     results = result_file("step", args.out, args.quick, ceilings)
 
-    def time_for(recipe) -> bool:
-        left = None if args.time_left is None else args.time_left - (time.monotonic() - t_start)
-        if left is not None and RECIPES[recipe][2] and left < RECIPE_MIN_S:
-            print(f"{recipe:>10}  skipped: {left:.0f} s left, a compiled recipe needs ~{RECIPE_MIN_S:.0f} s")
-            return False
-        return True
-
+    clock = RecipeClock()
     try:
-        for r in recipes:
-            if time_for(r):
-                results.add(run_recipe(r, args.batch, args, device, ceilings, common))
-        for B in args.also_batch:             # the throughput curve of our recipe
-            if B != args.batch and time_for("aimv2"):
-                try:
-                    results.add(run_recipe("aimv2", B, args, device, ceilings, common))
-                except Exception as e:    # noqa: BLE001 - OOM surfaces as several exception types
-                    if not is_oom(e):
-                        raise
-                    print(f"     aimv2  B={B:<4} does not fit in device memory (skipped)")
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+        run_entries(runs, args, device, ceilings, common, results, clock, t_start)
         if args.max_batch and device.type == "cuda":
-            for r in recipes:
-                B = largest_batch(r, args, device, 512) if time_for(r) else 0
+            for r in dict.fromkeys(r for r, _ in runs):
+                B = largest_batch(r, args, device, 512) if time_for(args, clock, t_start, r, 512) else 0
                 if B and B != args.batch:
                     results.add(run_recipe(r, B, args, device, ceilings, common))
         if args.real_data:

@@ -196,6 +196,56 @@ def test_step_recipes_build_their_model_configs():
         assert cfg.fused_fc13 == extra.get("fused_fc13", False) == model.encoder.trunk.blocks[0].mlp.fused_fc13
 
 
+def test_step_entries_run_in_order_and_the_time_box_uses_measured_times(tmp_path, monkeypatch, capsys):
+    """`name@B` entries run in order; under --time-left a compiled entry starts only when the time left
+    covers 1.2 x the slowest compiled entry so far (its steps scaled to the batch), RECIPE_MIN_S before
+    any: the clock and run_recipe are stubbed, so this is the driver's arithmetic."""
+    import bench_step
+
+    class Clock:
+        t = 0.0
+
+        def monotonic(self):
+            return self.t
+
+    clock, calls = Clock(), []
+
+    def fake(recipe, B, args, device, ceilings, common):
+        calls.append((recipe, B))
+        clock.t += 30.0 if bench_step.RECIPES[recipe][2] else 5.0
+        return {"provider": recipe, "batch": B, "pass": "step", "op": "train_step", "ms": 100.0}
+
+    monkeypatch.setattr(bench_step, "run_recipe", fake)
+    monkeypatch.setattr(bench_step, "time", clock)
+    # 6 steps of 0.1 s a run (1 warm-up, 2 timed, 3 profiled). t=5: aimv2@3 needs 60 (none measured),
+    # 97 left; t=35: fc13 needs 1.2 x 30 = 36, 67 left; t=65: aimv2@6 needs 1.2 x (30 + 0.6) = 36.7,
+    # 37 left; t=95: aimv2_attn@3 needs 36 (the B=6 run scaled back to B=3 gives 35.6), 7 left
+    assert bench_step.main(["--quick", "--recipes", "eager_ref,aimv2@3,aimv2_fc13@3,aimv2@6,aimv2_attn@3",
+                            "--time-left", "102", "--out", str(tmp_path)]) == 0
+    assert calls == [("eager_ref", 2), ("aimv2", 3), ("aimv2_fc13", 3), ("aimv2", 6)]
+    assert "aimv2_attn  B=3    skipped: 7 s left, it needs ~36 s" in capsys.readouterr().out
+    (f,) = tmp_path.glob("step-*.json")
+    assert [(r["provider"], r["batch"], r["wall_s"]) for r in json.loads(f.read_text())] == [
+        ("eager_ref", 2, 5.0), ("aimv2", 3, 30.0), ("aimv2_fc13", 3, 30.0), ("aimv2", 6, 30.0)]
+
+
+@pytest.mark.parametrize("spec", ["nope", "aimv2@0", "aimv2@x", "flex@-3"])
+def test_step_bad_recipe_entries_are_refused(spec, capsys):
+    import bench_step
+    with pytest.raises(SystemExit) as e:
+        bench_step.main(["--quick", "--recipes", spec])
+    assert e.value.code == 2 and "--recipes / --also-batch" in capsys.readouterr().err
+
+
+def test_step_gpu_quick_runs_every_recipe_once_and_the_curve():
+    """`make gpu`'s step stage: every recipe at B=128 (ours first after the eager reference, so a short
+    box still compares aimv2 with it), then aimv2 at B=256."""
+    import bench_step
+    runs = bench_step.parse_runs(bench_step.GPU_QUICK_RUNS, 128)
+    assert sorted(r for r, B in runs if B == 128) == sorted(bench_step.RECIPES)
+    assert runs[:2] == [("eager_ref", 128), ("aimv2", 128)] and ("aimv2", 256) in runs
+
+
 def test_step_also_batch_times_aimv2_and_skips_what_does_not_fit(tmp_path, monkeypatch, capsys):
     """--also-batch: the aimv2 recipe at each extra batch after the recipes; an OOM there is said and
     skipped, the rows measured before it are kept (run_recipe stubbed: this is the driver's logic)."""
