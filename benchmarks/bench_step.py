@@ -85,7 +85,8 @@ class RecipeClock:
 
 
 def parse_runs(spec: str, batch: int) -> list[tuple[str, int]]:
-    """'eager_ref,aimv2@256' -> [('eager_ref', batch), ('aimv2', 256)]; ValueError names a bad entry."""
+    """'eager_ref,aimv2@256' -> [('eager_ref', batch), ('aimv2', 256)], each (recipe, batch) once (as
+    `--also-batch` at --batch's own size did before: not timed twice); ValueError names a bad entry."""
     runs = []
     for entry in (e.strip() for e in spec.split(",") if e.strip()):
         name, _, b = entry.partition("@")
@@ -94,7 +95,7 @@ def parse_runs(spec: str, batch: int) -> list[tuple[str, int]]:
         if b and not (b.isdigit() and int(b) > 0):
             raise ValueError(f"{entry!r}: the batch after @ must be a positive integer")
         runs.append((name, int(b) if b else batch))
-    return runs
+    return list(dict.fromkeys(runs))
 
 CATEGORIES = [  # first match wins; lower-case substring rules on GPU kernel names
     ("attention", ("prefix_attention", "flash", "fmha", "attn", "flex", "sdpa", "cudnn_mha", "softmax")),

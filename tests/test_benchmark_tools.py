@@ -244,6 +244,8 @@ def test_step_gpu_quick_runs_every_recipe_once_and_the_curve():
     runs = bench_step.parse_runs(bench_step.GPU_QUICK_RUNS, 128)
     assert sorted(r for r, B in runs if B == 128) == sorted(bench_step.RECIPES)
     assert runs[:2] == [("eager_ref", 128), ("aimv2", 128)] and ("aimv2", 256) in runs
+    assert bench_step.parse_runs("aimv2,flex,aimv2@128,aimv2@256", 128) == [("aimv2", 128), ("flex", 128),
+                                                                         ("aimv2", 256)]
 
 
 def test_step_also_batch_times_aimv2_and_skips_what_does_not_fit(tmp_path, monkeypatch, capsys):
